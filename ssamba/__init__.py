@@ -1,0 +1,39 @@
+"""SSAMBA: self-supervised audio representation learning with a bidirectional Mamba encoder.
+
+Pure PyTorch; this package never imports Ray, MLflow or boto3. The public API:
+"""
+
+from ssamba.checkpoint import Checkpoint, OfficialImport, import_official_checkpoint, load_checkpoint, save_checkpoint
+from ssamba.encoder import EncoderConfig, PatchGrid, SSAMBAEncoder
+from ssamba.features import FbankConfig, NORM_PRESETS, crop_or_pad, fbank, normalize, norm_stats, waveform_to_fbank
+from ssamba.finetune import AudioClassifier, ClassifierConfig, adapt_encoder_state, adapt_pos_embed
+from ssamba.pretrain import VALIDATION_MASK_COUNT, PretrainConfig, PretrainOutput, SSAMBAPretrainModel
+from ssamba.ssast import SSASTConfig, SSASTEncoder
+
+__all__ = [
+    "AudioClassifier",
+    "Checkpoint",
+    "ClassifierConfig",
+    "EncoderConfig",
+    "FbankConfig",
+    "NORM_PRESETS",
+    "OfficialImport",
+    "PatchGrid",
+    "PretrainConfig",
+    "PretrainOutput",
+    "SSAMBAEncoder",
+    "SSAMBAPretrainModel",
+    "SSASTConfig",
+    "SSASTEncoder",
+    "VALIDATION_MASK_COUNT",
+    "adapt_encoder_state",
+    "adapt_pos_embed",
+    "crop_or_pad",
+    "fbank",
+    "import_official_checkpoint",
+    "load_checkpoint",
+    "normalize",
+    "norm_stats",
+    "save_checkpoint",
+    "waveform_to_fbank",
+]

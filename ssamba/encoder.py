@@ -1,0 +1,227 @@
+"""The SSAMBA encoder: patch embedding, [CLS] + positional embedding, Mamba blocks, final norm.
+
+The default reproduces the official topology exactly (spec §2.2), quirks included, so that official
+checkpoints load and give the same outputs:
+
+* 24 blocks used as 12 *flip-pairs*: block 2i reads the sequence, block 2i+1 reads it reversed, and
+  both their hidden states and their residual streams are summed (the residual doubles per pair);
+* a final residual add with drop-path 0.1, then the final norm applied twice.
+
+``topology="sequential"`` is the plain 24-block stack, an option, never the default.
+Token order is frequency-major: all time steps of the lowest 16-bin band first, then the next band.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ssamba.mixer import BiMambaMixer, init_mixer_weights
+
+EMBED_DIMS: dict[str, int] = {"tiny": 192, "small": 384, "base": 768}
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """How a ``(frames, mel)`` spectrogram becomes tokens: kernel and stride per axis.
+
+    16×16 patches with stride 16 in pretraining (8×64 = 512 tokens for 1024 frames), stride 10 in
+    fine-tuning; ``fshape=128, tshape=2`` gives SSAST-style frame tokens."""
+
+    num_mel_bins: int = 128
+    target_length: int = 1024
+    fshape: int = 16
+    tshape: int = 16
+    fstride: int = 16
+    tstride: int = 16
+
+    def __post_init__(self) -> None:
+        if self.fshape > self.num_mel_bins or self.tshape > self.target_length:
+            raise ValueError(f"patch {self.fshape}×{self.tshape} larger than the input {self}")
+        if min(self.fshape, self.tshape, self.fstride, self.tstride) < 1:
+            raise ValueError(f"patch shapes and strides must be positive: {self}")
+
+    @property
+    def freq_patches(self) -> int:
+        return (self.num_mel_bins - self.fshape) // self.fstride + 1
+
+    @property
+    def time_patches(self) -> int:
+        return (self.target_length - self.tshape) // self.tstride + 1
+
+    @property
+    def num_patches(self) -> int:
+        return self.freq_patches * self.time_patches
+
+    @property
+    def patch_size(self) -> int:
+        return self.fshape * self.tshape
+
+    @property
+    def overlapping(self) -> bool:
+        return self.fstride < self.fshape or self.tstride < self.tshape
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Everything that fixes the encoder's parameters and computation; stored in checkpoints."""
+
+    embed_dim: int = 768
+    depth: int = 24
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    grid: PatchGrid = PatchGrid()
+    drop_path_rate: float = 0.1
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    topology: Literal["flip_pairs", "sequential"] = "flip_pairs"
+    divide_out: bool = True
+
+    def __post_init__(self) -> None:
+        if self.topology == "flip_pairs" and self.depth % 2:
+            raise ValueError(f"flip_pairs topology needs an even depth, got {self.depth}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.topology not in ("flip_pairs", "sequential"):
+            raise ValueError(f"topology must be 'flip_pairs' or 'sequential', got {self.topology!r}")
+
+    @classmethod
+    def from_size(cls, size: str, **overrides) -> "EncoderConfig":
+        """``tiny`` / ``small`` / ``base`` (D = 192 / 384 / 768), depth 24 for all three."""
+        if size not in EMBED_DIMS:
+            raise ValueError(f"unknown model size {size!r}; choose from {sorted(EMBED_DIMS)}")
+        return cls(embed_dim=EMBED_DIMS[size], **overrides)
+
+    def with_grid(self, grid: PatchGrid) -> "EncoderConfig":
+        return replace(self, grid=grid)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EncoderConfig":
+        data = dict(data)
+        data["grid"] = PatchGrid(**data.get("grid", {}))
+        return cls(**data)
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample: zero a sample's branch with probability ``rate``, rescale the rest."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+def make_norm(config: EncoderConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.embed_dim, eps=config.norm_eps)
+    return nn.LayerNorm(config.embed_dim, eps=config.norm_eps)
+
+
+class Block(nn.Module):
+    """Vim's block, non-fused path: add the residual, normalise, mix ("Add → Norm → Mixer")."""
+
+    def __init__(self, config: EncoderConfig, drop_path_rate: float) -> None:
+        super().__init__()
+        self.norm = make_norm(config)
+        self.mixer = BiMambaMixer(
+            config.embed_dim, config.d_state, config.d_conv, config.expand, divide_out=config.divide_out
+        )
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+        else:
+            residual = residual + drop_path(hidden, self.drop_path_rate, self.training)
+        return self.mixer(self.norm(residual)), residual
+
+
+class PatchEmbed(nn.Module):
+    """``(batch, frames, mel)`` → ``(batch, tokens, D)`` with a strided Conv2d, frequency-major order."""
+
+    def __init__(self, grid: PatchGrid, embed_dim: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.proj = nn.Conv2d(
+            1, embed_dim, kernel_size=(grid.fshape, grid.tshape), stride=(grid.fstride, grid.tstride)
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        image = features.unsqueeze(1).transpose(2, 3)  # (batch, 1, mel, frames): frequency = height
+        return self.proj(image).flatten(2).transpose(1, 2)
+
+
+class SSAMBAEncoder(nn.Module):
+    """The SSAMBA encoder. ``forward`` returns all tokens, [CLS] at position 0, after the final norm.
+
+    Pretraining and fine-tuning models use the two halves separately: :meth:`embed_patches` (so
+    masked tokens can be replaced) and :meth:`forward_tokens` (the rest)."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.embed_dim
+        self.patch_embed = PatchEmbed(config.grid, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.grid.num_patches + 1, dim))
+        self.layers = nn.ModuleList(
+            Block(config, rate) for rate in self.drop_path_schedule(config.depth, config.drop_path_rate)
+        )
+        self.norm_f = make_norm(config)
+        self._init_weights()
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @staticmethod
+    def drop_path_schedule(depth: int, rate: float) -> list[float]:
+        """Vim's per-block rates: ``[0] + linspace(0, rate, depth)``, truncated to ``depth``."""
+        return [0.0] + torch.linspace(0, rate, depth).tolist()[: depth - 1]
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.layers.apply(partial(init_mixer_weights, n_layer=self.config.depth))
+
+    def embed_patches(self, features: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(features)
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``(batch, N, D)`` → encoded ``(batch, N + 1, D)`` with [CLS] at 0."""
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        hidden = torch.cat([cls, tokens], dim=1) + self.pos_embed
+        if self.config.topology == "flip_pairs":
+            hidden, residual = self._run_flip_pairs(hidden)
+        else:
+            hidden, residual = self._run_sequential(hidden)
+        residual = residual + drop_path(hidden, self.config.drop_path_rate, self.training)
+        return self.norm_f(self.norm_f(residual))  # the official code normalises twice (spec G6)
+
+    def _run_flip_pairs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = None
+        for forward_block, backward_block in zip(self.layers[0::2], self.layers[1::2]):
+            hidden_f, residual_f = forward_block(hidden, residual)
+            hidden_b, residual_b = backward_block(hidden.flip(1), None if residual is None else residual.flip(1))
+            hidden, residual = hidden_f + hidden_b.flip(1), residual_f + residual_b.flip(1)
+        return hidden, residual
+
+    def _run_sequential(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = None
+        for block in self.layers:
+            hidden, residual = block(hidden, residual)
+        return hidden, residual
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(batch, frames, mel)`` normalised fbank → ``(batch, N + 1, D)``."""
+        return self.forward_tokens(self.embed_patches(features))

@@ -1,0 +1,100 @@
+"""The two sequence operators of the Mamba mixer, dispatched to CUDA kernels when they can run.
+
+With CUDA tensors and ``mamba_ssm`` / ``causal_conv1d`` importable, :func:`selective_scan` and
+:func:`causal_conv1d` call their kernels; otherwise they run the pure-PyTorch versions beside this
+file, which compute the same function. Set ``SSAMBA_PURE_OPS=1`` (or call
+:func:`force_pure_ops`) to always use the pure path, e.g. to compare the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+from ssamba.ops.causal_conv1d import causal_conv1d as causal_conv1d_pure
+from ssamba.ops.selective_scan import selective_scan as selective_scan_pure
+from ssamba.ops.selective_scan import selective_scan_reference
+
+__all__ = [
+    "causal_conv1d",
+    "causal_conv1d_pure",
+    "force_pure_ops",
+    "kernels_available",
+    "selective_scan",
+    "selective_scan_pure",
+    "selective_scan_reference",
+]
+
+log = logging.getLogger(__name__)
+_force_pure = os.environ.get("SSAMBA_PURE_OPS", "").lower() in ("1", "true", "yes")
+_announced: set[str] = set()
+
+
+def force_pure_ops(enabled: bool = True) -> None:
+    """Use the pure-PyTorch ops even where the CUDA kernels could run."""
+    global _force_pure
+    _force_pure = enabled
+
+
+@lru_cache(maxsize=1)
+def _kernels() -> tuple[Callable | None, Callable | None]:
+    """The CUDA kernels, or None each. Imported lazily and only with CUDA present: importing
+    mamba_ssm without its compiled extension raises, and that must never break the CPU path."""
+    if not torch.cuda.is_available():
+        return None, None
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as error:  # noqa: BLE001 - any import failure means "no kernel"
+        log.info("mamba_ssm selective scan kernel unavailable: %s", error)
+        selective_scan_fn = None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception as error:  # noqa: BLE001
+        log.info("causal_conv1d kernel unavailable: %s", error)
+        causal_conv1d_fn = None
+    return selective_scan_fn, causal_conv1d_fn
+
+
+def kernels_available() -> bool:
+    return all(kernel is not None for kernel in _kernels())
+
+
+def _announce(op: str, path: str) -> None:
+    key = f"{op}:{path}"
+    if key not in _announced:
+        _announced.add(key)
+        log.info("%s runs on the %s path", op, path)
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    kernel = _kernels()[0]
+    if u.is_cuda and kernel is not None and not _force_pure:
+        _announce("selective_scan", "mamba_ssm CUDA kernel")
+        return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    _announce("selective_scan", "pure PyTorch")
+    return selective_scan_pure(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    kernel = _kernels()[1]
+    if x.is_cuda and kernel is not None and not _force_pure:
+        _announce("causal_conv1d", "causal_conv1d CUDA kernel")
+        return kernel(x, weight, bias, activation=activation)
+    _announce("causal_conv1d", "pure PyTorch")
+    return causal_conv1d_pure(x, weight, bias, activation)

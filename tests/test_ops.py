@@ -1,0 +1,110 @@
+"""The pure-PyTorch ops against independent references: a float64 sequential scan and F.conv1d."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssamba import ops
+from ssamba.ops.selective_scan import selective_scan, selective_scan_reference
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def scan_inputs(batch, d_inner, length, d_state, seed, dtype=torch.float32, full=True):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
+    inputs = dict(
+        u=rand(batch, d_inner, length),
+        delta=0.5 * rand(batch, d_inner, length) if full else 0.5 * rand(batch, d_inner, length).abs(),
+        A=-torch.exp(rand(d_inner, d_state).clamp(-2, 2)),
+        B=rand(batch, d_state, length),
+        C=rand(batch, d_state, length),
+    )
+    if full:
+        inputs.update(D=rand(d_inner), z=rand(batch, d_inner, length), delta_bias=0.1 * rand(d_inner), delta_softplus=True)
+    return inputs
+
+
+SHAPES = [(1, 3, 1, 1), (2, 5, 7, 4), (2, 8, 16, 16), (1, 6, 33, 8), (3, 4, 100, 16), (2, 16, 300, 16)]
+
+
+@pytest.mark.parametrize("batch,d_inner,length,d_state", SHAPES)
+@pytest.mark.parametrize("full", [True, False])
+def test_pure_scan_matches_float64_reference_forward_and_gradients(batch, d_inner, length, d_state, full):
+    seed = batch * 1000 + length
+    inputs32 = {k: v.requires_grad_() if torch.is_tensor(v) else v for k, v in scan_inputs(batch, d_inner, length, d_state, seed, full=full).items()}
+    inputs64 = {k: v.detach().double().requires_grad_() if torch.is_tensor(v) else v for k, v in inputs32.items()}
+    out32 = selective_scan(**inputs32)
+    out64 = selective_scan_reference(**inputs64)
+    assert out32.dtype == torch.float32
+    assert relative_error(out32, out64) <= 1e-5
+    weights = torch.randn(out64.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (out32 * weights.float()).sum().backward()
+    (out64 * weights).sum().backward()
+    for name, tensor in inputs32.items():
+        if torch.is_tensor(tensor):
+            grad = torch.zeros_like(tensor) if tensor.grad is None else tensor.grad  # L = 1: A is unused
+            assert relative_error(grad, inputs64[name].grad) <= 1e-5, name
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 4, 16])
+def test_chunk_size_changes_nothing(chunk):
+    inputs = scan_inputs(2, 4, 77, 8, seed=7, dtype=torch.float64)
+    torch.testing.assert_close(selective_scan(**inputs, chunk=chunk), selective_scan_reference(**inputs), rtol=1e-12, atol=1e-12)
+
+
+def test_strong_decay_does_not_overflow():
+    inputs = scan_inputs(1, 4, 256, 16, seed=3)
+    inputs["delta"] = inputs["delta"].abs() * 50  # exp(Δ·A) underflows to 0 in places
+    out = selective_scan(**inputs)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, selective_scan_reference(**{k: v.double() if torch.is_tensor(v) else v for k, v in inputs.items()})) <= 1e-5
+
+
+def test_bfloat16_inputs_scan_in_float32_and_return_bfloat16():
+    inputs = scan_inputs(1, 4, 40, 8, seed=5)
+    bf16 = {k: v.bfloat16() if torch.is_tensor(v) and k in ("u", "delta", "z") else v for k, v in inputs.items()}
+    out = selective_scan(**bf16)
+    assert out.dtype == torch.bfloat16
+    reference = selective_scan_reference(**{k: v.double() if torch.is_tensor(v) else v for k, v in bf16.items()})
+    assert relative_error(out, reference) < 1e-2
+
+
+@pytest.mark.parametrize("width", [2, 4])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv_matches_conv1d(width, activation):
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(2, 6, 29, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, width, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    expected = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=6)[..., :29]
+    if activation:
+        expected = F.silu(expected)
+    actual = ops.causal_conv1d_pure(x, weight, bias, activation)
+    torch.testing.assert_close(actual, expected)
+    grads = torch.autograd.grad(actual.sum(), (x, weight, bias))
+    expected_grads = torch.autograd.grad(expected.sum(), (x, weight, bias))
+    for a, e in zip(grads, expected_grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_causal_conv_never_looks_ahead():
+    x = torch.zeros(1, 1, 10)
+    x[..., 5] = 1.0
+    out = ops.causal_conv1d_pure(x, torch.ones(1, 4))
+    assert torch.equal(out[0, 0], torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 0.0]))
+
+
+def test_cpu_dispatch_uses_pure_path_and_says_so_once(caplog):
+    inputs = scan_inputs(1, 2, 5, 2, seed=1)
+    ops._announced.clear()
+    with caplog.at_level(logging.INFO, logger="ssamba.ops"):
+        out = ops.selective_scan(**inputs)
+        ops.selective_scan(**inputs)
+    torch.testing.assert_close(out, selective_scan(**inputs))
+    messages = [r.getMessage() for r in caplog.records if "selective_scan runs on" in r.getMessage()]
+    assert messages == ["selective_scan runs on the pure PyTorch path"]
