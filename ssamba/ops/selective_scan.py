@@ -93,7 +93,7 @@ def _sequential_scan(decay: torch.Tensor, drive: torch.Tensor, dim: int = -2) ->
     state = drives[0]
     states = [state]
     for step in range(1, len(drives)):
-        state = decays[step] * state + drives[step]
+        state = torch.addcmul(drives[step], decays[step], state)
         states.append(state)
     return torch.stack(states, dim=dim)
 

@@ -1,0 +1,116 @@
+"""URIs → pyarrow filesystems: ``s3://bucket/prefix`` (AWS or any S3-compatible endpoint), ``file://``
+and plain local paths.
+
+For a custom endpoint the store is addressed path-style, with an explicit region (otherwise
+pyarrow asks AWS where the bucket lives) and AWS's standard retry strategy for transient errors.
+Credentials come from the config or the environment and are never printed: ``str(location)`` is
+safe to log.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from pipeline.config import S3Config
+
+DEFAULT_REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem and a path on it (``bucket/key`` for S3, absolute for local)."""
+
+    filesystem: pafs.FileSystem
+    path: str
+    uri: str
+    endpoint: str | None = None
+
+    def join(self, *parts: str) -> "Location":
+        return Location(self.filesystem, posixpath.join(self.path, *parts), _rejoin(self.uri, *parts), self.endpoint)
+
+    def __str__(self) -> str:
+        """The URI and endpoint, never credentials: safe to log."""
+        return self.uri if self.endpoint is None else f"{self.uri} (endpoint {self.endpoint})"
+
+    @property
+    def is_s3(self) -> bool:
+        return isinstance(self.filesystem, pafs.S3FileSystem)
+
+    def exists(self) -> bool:
+        return self.filesystem.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def read_bytes(self) -> bytes:
+        with self.filesystem.open_input_stream(self.path) as stream:
+            return stream.read()
+
+    def write_bytes(self, data: bytes) -> None:
+        """Whole-object write: atomic on object stores; on local disks written beside and renamed."""
+        if self.is_s3:
+            with self.filesystem.open_output_stream(self.path) as stream:
+                stream.write(data)
+            return
+        self.filesystem.create_dir(posixpath.dirname(self.path), recursive=True)
+        partial = self.path + ".partial"
+        with self.filesystem.open_output_stream(partial) as stream:
+            stream.write(data)
+        self.filesystem.move(partial, self.path)
+
+    def delete_contents(self) -> None:
+        if self.exists():
+            self.filesystem.delete_dir_contents(self.path, missing_dir_ok=True)
+
+
+def _rejoin(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def _endpoint(config: S3Config) -> str | None:
+    return config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_filesystem(config: S3Config) -> pafs.S3FileSystem:
+    """An S3 filesystem for ``config``; fields left unset fall back to the AWS environment."""
+    options: dict = {
+        "region": config.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION,
+        "connect_timeout": config.connect_timeout_s,
+        "request_timeout": config.request_timeout_s,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=config.max_attempts),
+    }
+    endpoint = _endpoint(config)
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options.update(endpoint_override=parsed.netloc + parsed.path.rstrip("/"), scheme=parsed.scheme,
+                       force_virtual_addressing=False)
+    if config.access_key_id is not None:
+        options.update(access_key=config.access_key_id.get_secret_value(),
+                       secret_key=config.secret_access_key.get_secret_value())
+        if config.session_token is not None:
+            options["session_token"] = config.session_token.get_secret_value()
+    return pafs.S3FileSystem(**options)
+
+
+def resolve(uri: str, s3: S3Config | None = None) -> Location:
+    """Turn a URI into a :class:`Location`. Only ``s3://``, ``file://`` and local paths are accepted."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"{uri!r} has no bucket")
+        if "?" in uri:
+            raise ValueError(f"{uri!r}: put S3 options in the config's storage section, not in the URI")
+        s3 = s3 or S3Config()
+        path = parsed.netloc + parsed.path.rstrip("/")
+        return Location(s3_filesystem(s3), path, uri.rstrip("/"), _endpoint(s3))
+    if parsed.scheme == "file":
+        local = Path(parsed.path)
+    elif parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        local = Path(uri)
+    else:
+        raise ValueError(f"unsupported URI scheme {parsed.scheme!r} in {uri!r} (use s3://, file:// or a local path)")
+    local = local.expanduser().resolve()
+    return Location(pafs.LocalFileSystem(), local.as_posix(), local.as_posix())
