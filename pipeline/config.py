@@ -76,6 +76,33 @@ class AudioConfig(Strict):
     min_seconds: float = Field(0.025, gt=0, description="shorter audio is quarantined (one 25 ms frame)")
 
 
+class AugmentConfig(Strict):
+    """Training-time augmentation of stored features (spec §1.5): SpecAugment widths in bins/frames
+    (applied before normalisation, as the official loader does) and the noise augmentation."""
+
+    freq_mask: int = Field(0, ge=0)
+    time_mask: int = Field(0, ge=0)
+    noise: bool = False
+
+
+class ExamplesConfig(Strict):
+    """Training examples: from featurize output (``features``, the default at scale) or straight
+    from audio (``audio``, on the fly, for small data). Exactly one of the two."""
+
+    features: str | None = Field(None, description="a featurize destination URI")
+    audio: InputConfig | None = None
+    target_length: int = Field(1024, ge=16, description="frames per example (crop the end or zero-pad)")
+    norm: Literal["audioset", "esc50", "speechcommands", "urban8k"] = "audioset"
+    augment: AugmentConfig = AugmentConfig()
+    shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> "ExamplesConfig":
+        if (self.features is None) == (self.audio is None):
+            raise ValueError("give exactly one of features (featurize output) and audio (on the fly)")
+        return self
+
+
 def _format_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors():

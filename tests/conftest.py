@@ -128,6 +128,15 @@ def s3_server(tmp_path_factory) -> S3Server:
 
 
 @pytest.fixture(scope="session")
+def collection(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    """The test audio collection on disk, and each file's bytes by relative name."""
+    from audio_files import BAD, GOOD, write_collection
+
+    root = write_collection(tmp_path_factory.mktemp("audio"))
+    return root, {name: (root / name).read_bytes() for name in [*GOOD, *BAD]}
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """One local Ray cluster for the session, started after the S3 variables are exported."""
     import ray

@@ -12,7 +12,7 @@ import soundfile
 import torch
 import torchaudio
 
-from audio_files import BAD, GOOD, write_collection
+from audio_files import BAD, GOOD
 from conftest import ACCESS_KEY, SECRET_KEY
 from pipeline import featurize
 from pipeline.config import FeaturizeConfig, load_config
@@ -49,12 +49,6 @@ def check_output(config: FeaturizeConfig, files: dict[str, bytes], uri_of) -> No
         torch.testing.assert_close(stored.float(), expected, atol=2e-2, rtol=2e-3)
         assert row["duration_s"] == pytest.approx(GOOD[name][4], abs=0.06)
         assert row["source_sample_rate"] == GOOD[name][2] and row["source_channels"] == GOOD[name][3]
-
-
-@pytest.fixture(scope="module")
-def collection(tmp_path_factory):
-    root = write_collection(tmp_path_factory.mktemp("audio"))
-    return root, {name: (root / name).read_bytes() for name in [*GOOD, *BAD]}
 
 
 def test_featurize_from_s3_quarantines_bad_files_and_resumes(s3_server, ray_cluster, collection):

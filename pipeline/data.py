@@ -1,0 +1,86 @@
+"""Training input: Ray Datasets of normalised, augmented fbank examples for Ray Train.
+
+Two sources give the same examples:
+
+* featurize output (the default at scale): Parquet shards read with file-level shuffling, so each
+  epoch only crops, normalises and augments stored features;
+* on the fly (small data, demos): audio files decoded and featurized inside the pipeline, every
+  epoch again. Files that fail to decode are dropped and counted in the logs.
+
+Either way rows come out as ``{"fbank": float32 (target_length, mel), "label": str | None, "uri": str}``,
+ready for ``ray.train.get_dataset_shard(...).iter_torch_batches``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import ray
+import torch
+
+from pipeline.config import AudioConfig, ExamplesConfig, S3Config
+from pipeline.featurize import SourceReader, featurize_source
+from pipeline.sources import AudioSource, list_sources
+from pipeline.storage import resolve
+from ssamba.features import FbankConfig, add_noise, crop_or_pad, norm_stats, normalize, spec_augment
+
+log = logging.getLogger(__name__)
+
+
+def to_examples(batch: dict[str, np.ndarray], config: ExamplesConfig) -> dict[str, np.ndarray]:
+    """Stored raw log-mel rows → fixed-length, normalised, augmented float32 examples."""
+    stats = norm_stats(config.norm)
+    augment = config.augment
+    examples = []
+    for data, n_frames, n_mels in zip(batch["fbank"], batch["n_frames"], batch["n_mels"]):
+        features = torch.from_numpy(np.frombuffer(data, dtype=np.float16).reshape(int(n_frames), int(n_mels)).astype(np.float32))
+        features = crop_or_pad(features, config.target_length)
+        if augment.freq_mask or augment.time_mask:
+            features = spec_augment(features, augment.freq_mask, augment.time_mask)
+        features = normalize(features, stats)
+        if augment.noise:
+            features = add_noise(features)
+        examples.append(features.numpy())
+    return {"fbank": np.stack(examples), "label": batch["label"], "uri": batch["uri"]}
+
+
+class _FeaturizeOnTheFly:
+    """Decode + fbank inside the training input pipeline (one actor per CPU)."""
+
+    def __init__(self, storage: S3Config, audio: AudioConfig) -> None:
+        torch.set_num_threads(1)
+        self.reader, self.audio, self.fbank_config = SourceReader(storage), audio, FbankConfig(sample_rate=audio.sample_rate)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = []
+        for item in batch["source"]:
+            source = AudioSource(**json.loads(item))
+            try:
+                rows.extend(featurize_source(self.reader.read(source.uri), source, self.audio, self.fbank_config))
+            except Exception as error:  # noqa: BLE001 - a bad file is dropped, never the epoch
+                log.warning("on-the-fly: skipping %s (%s)", source.uri, error)
+        columns = ("uri", "label", "n_frames", "n_mels", "fbank")
+        return {name: [row[name] for row in rows] for name in columns}
+
+
+def examples_dataset(config: ExamplesConfig, storage: S3Config, audio: AudioConfig = AudioConfig()) -> ray.data.Dataset:
+    """A Ray Dataset of training examples (see the module docstring)."""
+    if config.features is not None:
+        location = resolve(config.features, storage).join("features")
+        dataset = ray.data.read_parquet(
+            location.path, filesystem=location.filesystem, columns=["uri", "label", "n_frames", "n_mels", "fbank"],
+            shuffle="files" if config.shuffle else None,
+        )
+    else:
+        sources = list_sources(config.audio, storage)
+        dataset = ray.data.from_items([{"source": json.dumps(source.to_dict())} for source in sources])
+        if config.shuffle:
+            dataset = dataset.random_shuffle()  # file order; the rows are tiny until featurized
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        dataset = dataset.map_batches(
+            _FeaturizeOnTheFly, fn_constructor_kwargs={"storage": storage, "audio": audio},
+            batch_size=8, num_cpus=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+        )
+    return dataset.map_batches(to_examples, fn_kwargs={"config": config}, batch_size=32)
