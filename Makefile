@@ -22,6 +22,7 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/scan.py
+	$(BIN)/python benchmarks/featurize.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -27,6 +27,7 @@ import io
 import json
 import platform
 import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,13 +135,18 @@ class ShardFeaturizer:
         self.output = resolve(config.output, config.storage)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        files, started, finished = [], [], []
         for shard, sources_json in zip(batch["shard"], batch["sources"]):
+            started.append(time.time())
             sources = [AudioSource(**item) for item in json.loads(sources_json)]
             features, quarantine = featurize_shard(sources, self.reader, self.config.audio, self.fbank_config)
             # Quarantine first: the features object is the shard's completion marker.
             self.output.join("quarantine", shard_name(int(shard))).write_bytes(_parquet_bytes(quarantine))
             self.output.join("features", shard_name(int(shard))).write_bytes(_parquet_bytes(features))
-        return {"shard": batch["shard"]}
+            files.append(len(sources))
+            finished.append(time.time())
+        return {"shard": batch["shard"], "files": np.array(files), "started": np.array(started),
+                "finished": np.array(finished)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,15 +163,18 @@ class Summary:
     quarantined: dict[str, int] = field(default_factory=dict)
     shards_written: int = 0
     shards_skipped: int = 0
+    files_per_second: float | None = None  # this run, from the first shard started to the last written
 
     def to_dict(self) -> dict:
         return {"files": self.files, "rows": self.rows, "hours": self.hours, "quarantined": self.quarantined,
-                "shards_written": self.shards_written, "shards_skipped": self.shards_skipped}
+                "shards_written": self.shards_written, "shards_skipped": self.shards_skipped,
+                "files_per_second": self.files_per_second}
 
     def table(self) -> str:
         lines = [
             f"featurize summary for {self.destination}",
-            f"  shards      {self.shards_written} written, {self.shards_skipped} already done",
+            f"  shards      {self.shards_written} written, {self.shards_skipped} already done"
+            + (f" ({self.files_per_second:.1f} files/s)" if self.files_per_second else ""),
             f"  processed   {self.files} files → {self.rows} rows, {self.hours:.3f} h of audio",
             f"  quarantined {sum(self.quarantined.values())} files",
         ]
@@ -252,13 +261,16 @@ def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
         workers = config.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         rows = [{"shard": index, "sources": json.dumps([s.to_dict() for s in shards[index]])} for index in pending]
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-        dataset.map_batches(
+        done_shards = dataset.map_batches(
             ShardFeaturizer, fn_constructor_kwargs={"config": config}, batch_size=1, num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(workers, len(rows))),
-        ).materialize()
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),
+        ).take_all()
 
     summary = summarize(output)
     summary.shards_written, summary.shards_skipped = len(pending), len(shards) - len(pending)
+    if pending:
+        busy = max(r["finished"] for r in done_shards) - min(r["started"] for r in done_shards)
+        summary.files_per_second = sum(int(r["files"]) for r in done_shards) / max(busy, 1e-9)
     record.update(status="complete", finished=dt.datetime.now(dt.timezone.utc).isoformat(), summary=summary.to_dict())
     output.join(RUN_RECORD).write_bytes(json.dumps(record, indent=2).encode())
     return summary

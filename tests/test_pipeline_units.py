@@ -92,3 +92,12 @@ def test_split_long_audio():
     assert [len(p) for _, p in split_long_audio(wave, 10, 1.0, "chunk", 0.6)] == [10, 10, 10]  # tail dropped
     assert [len(p) for _, p in split_long_audio(wave, 10, 1.0, "crop", 0.3)] == [10]
     assert len(split_long_audio(wave, 10, None, "crop", 0.3)[0][1]) == 35
+
+
+def test_shipped_featurize_presets_validate():
+    from pathlib import Path
+
+    presets = sorted(Path(__file__).parent.parent.joinpath("configs", "featurize").glob("*.yaml"))
+    assert presets
+    for preset in presets:
+        load_config(FeaturizeConfig, preset)
