@@ -101,3 +101,10 @@ def test_shipped_featurize_presets_validate():
     assert presets
     for preset in presets:
         load_config(FeaturizeConfig, preset)
+
+
+def test_featurize_cli_rejects_invalid_config_before_any_work(capsys):
+    from pipeline import featurize
+
+    assert featurize.main(["--set", "input.uri=/nowhere", "--set", "output=/out", "--set", "num_workers=-1"]) == 2
+    assert "num_workers" in capsys.readouterr().err
