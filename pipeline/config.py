@@ -200,3 +200,127 @@ class FeaturizeConfig(Strict):
     shard_size: int = Field(256, ge=1, description="audio files per output shard (the unit of resume)")
     num_workers: int | None = Field(None, ge=1, description="featurizer actors; default: every CPU in the cluster")
     ray_address: str | None = Field(None, description="cluster to join; default: the current one or a new local one")
+
+
+class ModelConfig(Strict):
+    """The SSAMBA encoder: a named size (D = 192/384/768) or an explicit width, official topology."""
+
+    size: Literal["tiny", "small", "base"] = "tiny"
+    embed_dim: int | None = Field(None, ge=8, description="overrides the size's width (small experiments)")
+    depth: int = Field(24, ge=2)
+    num_mel_bins: int = Field(128, ge=16)
+    target_length: int = Field(1024, ge=16)
+    patch: int = Field(16, ge=2, description="square patch size = stride in pretraining")
+    topology: Literal["flip_pairs", "sequential"] = "flip_pairs"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+
+
+class MaskingConfig(Strict):
+    """Masked patches per clip (count or ratio), the official two passes or one, and the fixed
+    validation count (400 of 512 officially; capped to the grid for small models)."""
+
+    mask_patches: int | None = Field(400, ge=1)
+    mask_ratio: float | None = Field(None, gt=0, lt=1)
+    two_pass: bool = True
+    validation_mask_patches: int = Field(400, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ratio_replaces_count(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mask_ratio") is not None and "mask_patches" not in data:
+            data = {**data, "mask_patches": None}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "MaskingConfig":
+        if (self.mask_patches is None) == (self.mask_ratio is None):
+            raise ValueError("give exactly one of mask_patches and mask_ratio")
+        return self
+
+
+class OptimConfig(Strict):
+    """AdamW with linear warm-up, then the official plateau schedule on validation accuracy, cosine
+    decay, or a constant rate (spec §3.4)."""
+
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(5e-8, ge=0)
+    betas: tuple[float, float] = (0.95, 0.999)
+    warmup_steps: int = Field(1000, ge=0)
+    schedule: Literal["plateau", "cosine", "constant"] = "plateau"
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_patience: int = Field(2, ge=0, description="evaluations without improvement before decaying")
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm (off officially)")
+
+
+class TrainLoopConfig(Strict):
+    batch_size: int = Field(64, ge=1, description="per worker and micro-step")
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(..., ge=1, description="optimizer steps in all (the run resumes up to it)")
+    eval_every: int = Field(4000, ge=1)
+    eval_batches: int | None = Field(None, ge=1, description="cap on validation batches per evaluation")
+    checkpoint_every: int = Field(4000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(50, ge=1)
+    figure_every: int = Field(4000, ge=1, description="steps between reconstruction figures")
+    precision: Literal["bf16", "fp32"] = "bf16"
+    seed: int = 0
+
+
+class ScalingSection(Strict):
+    """Ray Train workers. ``num_workers: 0`` runs the loop in the driver process (local mode: no
+    fault tolerance, checkpoints kept in memory)."""
+
+    num_workers: int = Field(1, ge=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = unlimited")
+
+
+class TrackingConfig(Strict):
+    """MLflow: the tracking URI defaults to ``MLFLOW_TRACKING_URI``, else a SQLite file in ``outputs/``."""
+
+    tracking_uri: str | None = None
+    experiment: str = "ssamba-pretrain"
+
+
+class FaultInjectionConfig(Strict):
+    """Switches for tests only."""
+
+    fail_at_step: int | None = Field(None, ge=1, description="raise in the last worker at this step, first attempt only")
+
+
+class PretrainJobConfig(Strict):
+    """``python -m pipeline.pretrain``: masked-patch pretraining on Ray Train, tracked in MLflow."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="deterministic run name: relaunching with it resumes the run")
+    storage_path: str = Field(..., description="checkpoint root (local folder or s3://bucket/prefix)")
+    storage: S3Config = S3Config()
+    data: ExamplesConfig
+    validation: ExamplesConfig | None = None
+    model: ModelConfig = ModelConfig()
+    masking: MaskingConfig = MaskingConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainLoopConfig
+    scaling: ScalingSection = ScalingSection()
+    tracking: TrackingConfig = TrackingConfig()
+    testing: FaultInjectionConfig = FaultInjectionConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PretrainJobConfig":
+        if self.data.target_length != self.model.target_length:
+            raise ValueError(f"data.target_length ({self.data.target_length}) must equal model.target_length "
+                             f"({self.model.target_length})")
+        if self.validation is not None and self.validation.target_length != self.model.target_length:
+            raise ValueError("validation.target_length must equal model.target_length")
+        patches = (self.model.num_mel_bins // self.model.patch) * (self.model.target_length // self.model.patch)
+        if self.masking.mask_patches is not None and self.masking.mask_patches >= patches:
+            raise ValueError(f"masking.mask_patches ({self.masking.mask_patches}) must be below the {patches} patches")
+        if self.scaling.num_workers == 0 and self.scaling.max_failures:
+            raise ValueError("scaling.max_failures needs Ray Train workers (num_workers ≥ 1); local mode cannot restart")
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.train.batch_size * max(1, self.scaling.num_workers) * self.train.grad_accum

@@ -1,71 +1,85 @@
-"""`make demo`: a small end-to-end run of the model library on generated audio, on the CPU.
+"""`make demo`: the whole pipeline on one machine, on generated audio, in a few minutes on the CPU.
 
-Synthesises a few dozen short clips (harmonic tones with vibrato and noise bursts), computes their
-Kaldi fbanks, and runs masked-patch pretraining of a small SSAMBA encoder for a minute or so,
-printing the losses as they fall. It needs no data, no network and no GPU.
+1. writes a small audio set (harmonic tones with vibrato and noise bursts, WAV and FLAC) to
+   ``outputs/demo/audio``;
+2. featurizes it with Ray Data (``configs/featurize/local.yaml``);
+3. pretrains the ``local-tiny`` preset on Ray Train, tracked in a local MLflow store;
+4. prints where the checkpoints are and the ``mlflow ui`` command to look at the run.
+
+It needs no data, no network and no GPU. Each call starts a new, timestamped run, so runs can be
+compared side by side in MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
-import time
+import datetime as dt
+import os
+from pathlib import Path
 
-import torch
+import numpy as np
+import soundfile
+from mlflow.tracking import MlflowClient
 
-from ssamba import EncoderConfig, PatchGrid, PretrainConfig, SSAMBAEncoder, SSAMBAPretrainModel
-from ssamba.features import crop_or_pad, norm_stats, normalize, waveform_to_fbank
+from pipeline import featurize, pretrain
+from pipeline.config import FeaturizeConfig, PretrainJobConfig, load_config
+from pipeline.storage import resolve
+from pipeline.tracking import resolve_tracking_uri
 
 SAMPLE_RATE = 16_000
+FEATURIZE_PRESET = Path("configs/featurize/local.yaml")
+PRETRAIN_PRESET = Path("configs/pretrain/local-tiny.yaml")
 
 
-def synthetic_clip(rng: torch.Generator, seconds: float) -> torch.Tensor:
-    """A harmonic tone with vibrato, an amplitude envelope and a burst of noise."""
-    t = torch.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    pitch = 100 + 700 * torch.rand((), generator=rng)
-    vibrato = 1 + 0.02 * torch.sin(2 * torch.pi * (2 + 4 * torch.rand((), generator=rng)) * t)
-    phase = 2 * torch.pi * torch.cumsum(pitch * vibrato, 0) / SAMPLE_RATE
-    harmonics = sum(torch.sin(k * phase) / k for k in range(1, 6))
-    envelope = torch.sigmoid(20 * (t - seconds * torch.rand((), generator=rng) * 0.5))
-    burst_start = torch.rand((), generator=rng) * seconds
-    burst = ((t > burst_start) & (t < burst_start + 0.2)).float() * torch.randn(len(t), generator=rng)
-    return 0.3 * harmonics * envelope + 0.1 * burst
+def synthetic_clip(rng: np.random.Generator, seconds: float) -> np.ndarray:
+    """A harmonic tone with vibrato and an onset, plus a short burst of noise."""
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    pitch = rng.uniform(100, 800)
+    vibrato = 1 + 0.02 * np.sin(2 * np.pi * rng.uniform(2, 6) * t)
+    phase = 2 * np.pi * np.cumsum(pitch * vibrato) / SAMPLE_RATE
+    harmonics = sum(np.sin(k * phase) / k for k in range(1, 6))
+    envelope = 1 / (1 + np.exp(-20 * (t - rng.uniform(0, seconds / 2))))
+    burst_start = rng.uniform(0, seconds)
+    burst = ((t > burst_start) & (t < burst_start + 0.2)) * rng.standard_normal(len(t))
+    return (0.3 * harmonics * envelope + 0.1 * burst).astype(np.float32)
 
 
-def make_dataset(num_clips: int, grid: PatchGrid, seed: int) -> torch.Tensor:
-    rng = torch.Generator().manual_seed(seed)
-    seconds = (grid.target_length + 2) / 100
-    clips = [crop_or_pad(waveform_to_fbank(synthetic_clip(rng, seconds)), grid.target_length) for _ in range(num_clips)]
-    return normalize(torch.stack(clips), norm_stats("audioset"))
+def write_audio(folder: Path, clips: int, seed: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(clips):
+        path = folder / f"clip{index:03d}.{'flac' if index % 4 == 0 else 'wav'}"
+        if not path.exists():
+            soundfile.write(path, synthetic_clip(rng, 3.0), SAMPLE_RATE)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clips", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's max_steps")
     args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-    torch.manual_seed(args.seed)
-    grid = PatchGrid(num_mel_bins=128, target_length=128)  # 8 × 8 patches of 16 × 16
-    encoder_config = EncoderConfig(embed_dim=64, depth=4, grid=grid, drop_path_rate=0.0)
-    model = SSAMBAPretrainModel(SSAMBAEncoder(encoder_config), grid, PretrainConfig(mask_patches=24))
-    print(f"SSAMBA demo: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{grid.num_patches} patches per clip, {model.num_mask} masked")
+    featurize_config = load_config(FeaturizeConfig, FEATURIZE_PRESET)
+    write_audio(Path(featurize_config.input.uri), args.clips)
+    print(featurize.run(featurize_config).table())
 
-    features = make_dataset(48, grid, args.seed)
-    print(f"featurized {len(features)} generated clips → fbank {tuple(features.shape[1:])}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=5e-8, betas=(0.95, 0.999))
-    mask_rng = random.Random(args.seed)
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        batch = features[torch.randint(len(features), (8,))]
-        out = model(batch, mask_rng)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        if step == 1 or step % 10 == 0:
-            print(f"step {step:4d}  loss {out.loss.item():8.4f}  nce {out.nce.item():7.4f}  "
-                  f"mse {out.mse.item():7.4f}  acc {out.accuracy.item():6.3f}  ({time.perf_counter() - start:5.1f} s)")
+    overrides = [f"name=local-tiny-{dt.datetime.now():%Y%m%d-%H%M%S}"]
+    if args.steps is not None:
+        overrides.append(f"train.max_steps={args.steps}")
+    config = load_config(PretrainJobConfig, PRETRAIN_PRESET, overrides)
+    result = pretrain.run(config)
+
+    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.ray_run_name = '{config.name}'")
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    print(f"\npretrained {config.name} for {result.metrics['step']} steps: "
+          f"loss {losses[0].value:.3f} (step {losses[0].step}) → {losses[-1].value:.3f} (step {losses[-1].step}), "
+          f"validation masked-patch accuracy {result.metrics.get('val_accuracy', float('nan')):.3f}")
+    print(f"  checkpoints: {resolve(config.storage_path).join(config.name)}")
+    print(f"  look at it:  mlflow ui --backend-store-uri {tracking_uri}")
 
 
 if __name__ == "__main__":

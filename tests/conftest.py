@@ -149,3 +149,23 @@ def ray_cluster(s3_server):
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pretrain_features(ray_cluster, tmp_path_factory) -> str:
+    """24 generated 2.6-s clips, featurized once: the training data of the pretraining tests."""
+    import numpy as np
+    import soundfile
+
+    from pipeline import featurize
+    from pipeline.config import FeaturizeConfig, load_config
+
+    audio = tmp_path_factory.mktemp("pretrain-audio")
+    rng = np.random.default_rng(0)
+    t = np.arange(int(2.6 * 16_000)) / 16_000
+    for index in range(24):
+        tone = 0.3 * np.sin(2 * np.pi * (150 + 40 * index) * t * (1 + 0.1 * np.sin(3 * t)))
+        soundfile.write(audio / f"clip{index:02d}.wav", (tone + 0.02 * rng.standard_normal(len(t))).astype(np.float32), 16_000)
+    output = tmp_path_factory.mktemp("pretrain-features")
+    featurize.run(load_config(FeaturizeConfig, None, [f"input.uri={audio}", f"output={output}"]))
+    return str(output)

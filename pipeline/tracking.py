@@ -1,0 +1,90 @@
+"""MLflow tracking: one run per training run, resumed by name, written from rank 0 only.
+
+The tracking URI is always explicit and absolute: the config's, else ``MLFLOW_TRACKING_URI``, else a
+SQLite file under ``outputs/`` (resolved on the driver, so Ray workers, whose working directory
+differs, write to the same store). A remote ``mlflow server`` URI (http://...) works unchanged; it
+is what multi-node clusters need.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+RUN_NAME_TAG = "ray_run_name"
+DEFAULT_STORE = Path("outputs") / "mlflow.db"
+_MAX_PARAMS_PER_CALL = 100
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """An absolute tracking URI (see the module docstring)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        DEFAULT_STORE.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{DEFAULT_STORE.resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:
+        raise ValueError(f"tracking URI {uri!r}: use sqlite:///<path>.db or an http(s):// server "
+                         "(MLflow 3 no longer starts a plain folder store)")
+    return uri
+
+
+class RunTracker:
+    """The MLflow run of one named training run. Reopens the run with the same name (tag
+    ``ray_run_name``) when a run resumes, so one training run is one MLflow run."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                 parent_run_id: str | None = None) -> None:
+        self.client = MlflowClient(tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        existing = self.client.search_runs([experiment_id], filter_string=f"tags.{RUN_NAME_TAG} = '{run_name}'",
+                                           max_results=1)
+        self.resumed = bool(existing)
+        if existing:
+            self.run_id = existing[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            run_tags = {RUN_NAME_TAG: run_name, **(tags or {})}
+            if parent_run_id:
+                run_tags["mlflow.parentRunId"] = parent_run_id
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(key, str(value)) for key, value in params.items()]
+        for start in range(0, len(items), _MAX_PARAMS_PER_CALL):
+            self.client.log_batch(self.run_id, params=items[start : start + _MAX_PARAMS_PER_CALL])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_bytes(self, data: bytes, file_name: str, artifact_path: str | None = None) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / file_name
+            path.write_bytes(data)
+            self.log_file(path, artifact_path)
+
+    def finish(self, succeeded: bool = True) -> None:
+        status = RunStatus.to_string(RunStatus.FINISHED if succeeded else RunStatus.FAILED)
+        self.client.set_terminated(self.run_id, status)

@@ -1,0 +1,82 @@
+"""Pretraining on Ray Train with MLflow, on real services: local mode, 2 workers with an injected
+failure, a same-name relaunch that resumes, checkpoints in the S3 test server."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import pretrain
+from pipeline.config import ConfigError, PretrainJobConfig, load_config
+from ssamba import load_checkpoint
+
+pytestmark = pytest.mark.timeout(600)
+
+PRESET = "configs/pretrain/local-tiny.yaml"
+
+
+def job(features: str, tmp_path, *overrides: str) -> PretrainJobConfig:
+    return load_config(PretrainJobConfig, PRESET, [
+        f"data.features={features}", f"validation.features={features}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.batch_size=4", *overrides,
+    ])
+
+
+def run_of(config: PretrainJobConfig):
+    client = MlflowClient(config.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], f"tags.ray_run_name = '{config.name}'")
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_invalid_config_fails_before_ray_with_the_field_named(capsys):
+    with pytest.raises(ConfigError, match="masking.mask_patches|mask_patches"):
+        load_config(PretrainJobConfig, PRESET, ["masking.mask_patches=500"])
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(PretrainJobConfig, PRESET, ["train.batch_size=0"])
+    assert pretrain.main(["--config", PRESET, "--set", "model.target_length=300"]) == 2
+    assert "target_length" in capsys.readouterr().err
+
+
+def test_local_mode_run_tracks_metrics_figure_and_model(pretrain_features, tmp_path):
+    config = job(pretrain_features, tmp_path, "name=local-mode", f"storage_path={tmp_path / 'ckpt'}",
+                 "scaling.num_workers=0", "train.max_steps=6", "train.eval_every=3", "train.figure_every=3",
+                 "train.log_every=2")
+    result = pretrain.run(config)
+    assert result.metrics["step"] == 6 and "val_accuracy" in result.metrics
+    client, run = run_of(config)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.embed_dim"] == "64" and run.data.params["global_batch_size"] == "4"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 4, 6]
+    assert {"lr", "samples_per_s", "tokens_per_s", "nce", "mse", "accuracy", "val_accuracy"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reconstruction")}
+    assert artifacts == {"reconstruction/step-00000003.png", "reconstruction/step-00000006.png"}
+    model_file = client.download_artifacts(run.info.run_id, "model/ssamba_encoder.pt", str(tmp_path))
+    checkpoint = load_checkpoint(model_file)
+    assert checkpoint.encoder_config.embed_dim == 64 and checkpoint.metadata["step"] == 6
+    checkpoint.build_pretrain_model()
+
+
+def test_two_workers_survive_a_failure_and_a_relaunch_resumes(pretrain_features, tmp_path, s3_server):
+    s3_server.create_bucket("checkpoints")
+    config = job(pretrain_features, tmp_path, "name=ddp-ft", "storage_path=s3://checkpoints/runs", "scaling.num_workers=2",
+                 "scaling.max_failures=1", "train.max_steps=8", "train.checkpoint_every=3", "train.eval_every=4",
+                 "train.figure_every=100", "testing.fail_at_step=5")
+    result = pretrain.run(config)
+    assert result.metrics["step"] == 8
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket="checkpoints", Prefix="runs/ddp-ft/")["Contents"]}
+    assert any(key.endswith("step-00000008/state.pt") for key in keys)
+    client, run = run_of(config)
+    assert run.data.tags["checkpoint_location"] == "s3://checkpoints/runs/ddp-ft"
+    assert run.data.tags["resumed_from_step"] == "3"  # the failure at step 5 restarted from step 3
+    assert run.data.params["global_batch_size"] == "8"
+
+    longer = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 11})})
+    resumed = pretrain.run(longer)
+    assert resumed.metrics["step"] == 11
+    client, run = run_of(longer)  # still one MLflow run for the named run
+    assert run.data.tags["resumed_from_step"] == "8"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert steps[-1] == 10 and steps.count(5) == 2  # the restart re-ran step 5; the relaunch went on to 10
