@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """An invalid job configuration; the message names every offending field."""
 
 
+def _require_exactly_one(section: BaseModel, first: str, second: str, names: str) -> None:
+    if (getattr(section, first) is None) == (getattr(section, second) is None):
+        raise ValueError(f"give exactly one of {names}")
+
+
 class Strict(BaseModel):
     """Base for config sections: unknown keys are errors (a typo must not be silently ignored)."""
 
@@ -64,8 +69,7 @@ class InputConfig(Strict):
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "InputConfig":
-        if (self.uri is None) == (self.manifest is None):
-            raise ValueError("give exactly one of input.uri (a prefix) and input.manifest")
+        _require_exactly_one(self, "uri", "manifest", "input.uri (a prefix) and input.manifest")
         return self
 
 
@@ -98,8 +102,7 @@ class ExamplesConfig(Strict):
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "ExamplesConfig":
-        if (self.features is None) == (self.audio is None):
-            raise ValueError("give exactly one of features (featurize output) and audio (on the fly)")
+        _require_exactly_one(self, "features", "audio", "features (featurize output) and audio (on the fly)")
         return self
 
 
@@ -234,8 +237,7 @@ class MaskingConfig(Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "MaskingConfig":
-        if (self.mask_patches is None) == (self.mask_ratio is None):
-            raise ValueError("give exactly one of mask_patches and mask_ratio")
+        _require_exactly_one(self, "mask_patches", "mask_ratio", "mask_patches and mask_ratio")
         return self
 
 

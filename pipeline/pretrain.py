@@ -15,6 +15,7 @@ evaluate, draw a reconstruction and checkpoint.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import sys
@@ -126,10 +127,11 @@ def _restore(model, optimizer, schedule: LearningRate, mask_rng: random.Random) 
     return Progress(step=state["step"], epoch=state["epoch"], restored=True)
 
 
-def _checkpoint_state(model, optimizer, schedule: LearningRate, mask_rng: random.Random, progress: Progress) -> dict:
+def _checkpoint_state(model, optimizer, schedule: LearningRate, mask_rng: random.Random, progress: Progress,
+                      config: PretrainJobConfig) -> dict:
     return {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "mask_rng": mask_rng.getstate(), "torch_rng": torch.get_rng_state(),
-            "step": progress.step, "epoch": progress.epoch}
+            "step": progress.step, "epoch": progress.epoch, "config": json.dumps(public_dict(config))}
 
 
 def _evaluate(model, config: PretrainJobConfig, device: torch.device, autocast) -> dict[str, float]:
@@ -212,7 +214,7 @@ def train_loop(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:
-                torch.save(_checkpoint_state(model, optimizer, schedule, mask_rng, progress), Path(folder) / STATE_FILE)
+                torch.save(_checkpoint_state(model, optimizer, schedule, mask_rng, progress, config), Path(folder) / STATE_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{progress.step:08d}")
 
@@ -309,6 +311,8 @@ def run(config: PretrainJobConfig) -> ray.train.Result:
             storage_filesystem=storage.filesystem if storage.is_s3 else None,
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            # glibc would otherwise fragment the heap with the CPU scan's large temporaries.
+            worker_runtime_env={"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(16 * 1024 * 1024)}},
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),

@@ -9,7 +9,9 @@ import pytest
 
 from audio_files import BAD, GOOD, write_collection
 from pipeline.audio import AudioError, decode_audio, split_long_audio
-from pipeline.config import ConfigError, FeaturizeConfig, InputConfig, S3Config, flatten, load_config, public_dict
+from pipeline.config import (
+    ConfigError, FeaturizeConfig, InputConfig, PretrainJobConfig, S3Config, flatten, load_config, public_dict,
+)
 from pipeline.sources import SourceError, list_sources
 from pipeline.storage import resolve
 
@@ -94,13 +96,41 @@ def test_split_long_audio():
     assert len(split_long_audio(wave, 10, None, "crop", 0.3)[0][1]) == 35
 
 
-def test_shipped_featurize_presets_validate():
+@pytest.mark.parametrize("folder,model", [("featurize", FeaturizeConfig), ("pretrain", PretrainJobConfig)])
+def test_shipped_presets_validate(folder, model):
     from pathlib import Path
 
-    presets = sorted(Path(__file__).parent.parent.joinpath("configs", "featurize").glob("*.yaml"))
+    presets = sorted(Path(__file__).parent.parent.joinpath("configs", folder).glob("*.yaml"))
     assert presets
     for preset in presets:
-        load_config(FeaturizeConfig, preset)
+        load_config(model, preset)
+
+
+def test_paper_recipe_preset():
+    config = load_config(PretrainJobConfig, "configs/pretrain/base.yaml")
+    assert config.global_batch_size == 64 and config.optim.lr == 1e-4 and config.optim.weight_decay == 5e-8
+    assert config.optim.betas == (0.95, 0.999) and config.optim.warmup_steps == 1000 and config.masking.mask_patches == 400
+    with pytest.raises(ConfigError, match="exactly one of mask_patches and mask_ratio"):
+        load_config(PretrainJobConfig, "configs/pretrain/base.yaml", ["masking.mask_ratio=0.5", "masking.mask_patches=300"])
+    ratio = load_config(PretrainJobConfig, "configs/pretrain/base.yaml", ["masking={mask_ratio: 0.6}"])
+    assert ratio.masking.mask_patches is None and ratio.masking.mask_ratio == 0.6
+
+
+def test_learning_rate_warmup_plateau_and_cosine():
+    from pipeline.pretrain import LearningRate
+
+    config = load_config(PretrainJobConfig, "configs/pretrain/local-tiny.yaml",
+                         ["optim.schedule=plateau", "optim.warmup_steps=10", "optim.lr=1.0", "optim.plateau_patience=1"])
+    schedule = LearningRate(config)
+    assert [schedule.at(step) for step in (1, 5, 10, 50)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+    for accuracy in (0.5, 0.4, 0.45):  # best, then two evaluations without improvement > patience 1
+        schedule.observe(accuracy)
+    assert schedule.at(50) == pytest.approx(0.5)
+    restored = LearningRate(config)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.at(50) == pytest.approx(0.5)
+    cosine = LearningRate(config.model_copy(update={"optim": config.optim.model_copy(update={"schedule": "cosine"})}))
+    assert cosine.at(10) == pytest.approx(1.0) and cosine.at(config.train.max_steps) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_featurize_cli_rejects_invalid_config_before_any_work(capsys):

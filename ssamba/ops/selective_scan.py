@@ -13,8 +13,8 @@ u's dtype, like the CUDA kernel.
 :func:`selective_scan` is the fast path: a chunked scan that runs the recurrence inside fixed-size
 chunks for all chunks at once, then links the chunks with the same scan applied recursively to the
 chunk boundaries, so the number of Python-level steps grows like ``chunk · log_chunk(L)`` instead of
-``L``. It performs the same multiply-adds as the recurrence (no division by decays, so no overflow)
-and autograd provides the backward pass. :func:`selective_scan_reference` is the step-by-step
+``L``. It performs the same multiply-adds as the recurrence (no division by decays, so no overflow).
+Autograd provides the backward pass, over a recomputation of the scan (activation checkpointing). :func:`selective_scan_reference` is the step-by-step
 recurrence it is tested against.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK = 16
 
@@ -110,14 +111,38 @@ def selective_scan(
     delta_softplus: bool = False,
     chunk: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
-    """Fast pure-PyTorch selective scan (see the module docstring for the maths and shapes)."""
-    out_dtype = u.dtype
+    """Fast pure-PyTorch selective scan (see the module docstring for the maths and shapes).
+
+    When gradients are needed the scan is recomputed in the backward pass (activation
+    checkpointing), like the CUDA kernel does: autograd would otherwise keep about ten tensors of
+    shape (batch, d_inner, L, d_state) per scan alive until the backward pass, 48 scans per encoder
+    pass, which exhausts a 24 GiB machine for SSAMBA-tiny at batch 2."""
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+    needs_grad = torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in args)
     with torch.autocast(device_type=u.device.type, enabled=False):  # the scan stays in float32
-        u, delta, A, B, C, D, z, delta_bias = _to_compute_dtype(u, delta, A, B, C, D, z, delta_bias)
-        log_decay, drive = _discretize(u, delta, A, B, delta_bias, delta_softplus)
-        states = linear_scan(log_decay, drive, chunk)
-        y = torch.einsum("bdln,bnl->bdl", states, C)
-        return _skip_and_gate(y, u, D, z).to(out_dtype)
+        if needs_grad:
+            return checkpoint(_selective_scan, *args, use_reentrant=False)
+        return _selective_scan(*args)
+
+
+def _selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    chunk: int,
+) -> torch.Tensor:
+    out_dtype = u.dtype
+    u, delta, A, B, C, D, z, delta_bias = _to_compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    log_decay, drive = _discretize(u, delta, A, B, delta_bias, delta_softplus)
+    states = linear_scan(log_decay, drive, chunk)
+    y = torch.einsum("bdln,bnl->bdl", states, C)
+    return _skip_and_gate(y, u, D, z).to(out_dtype)
 
 
 def selective_scan_reference(
