@@ -108,3 +108,15 @@ def test_cpu_dispatch_uses_pure_path_and_says_so_once(caplog):
     torch.testing.assert_close(out, selective_scan(**inputs))
     messages = [r.getMessage() for r in caplog.records if "selective_scan runs on" in r.getMessage()]
     assert messages == ["selective_scan runs on the pure PyTorch path"]
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 5, 16])
+def test_reverse_scan_is_the_forward_scan_backwards_in_time(chunk):
+    from ssamba.ops.selective_scan import linear_scan
+
+    g = torch.Generator().manual_seed(chunk)
+    log_decay = -torch.rand(2, 3, 41, 4, generator=g, dtype=torch.float64)
+    drive = torch.randn(2, 3, 41, 4, generator=g, dtype=torch.float64)
+    expected = linear_scan(log_decay.flip(-2), drive.flip(-2), chunk=10**6).flip(-2)  # sequential
+    torch.testing.assert_close(linear_scan(log_decay, drive, chunk, reverse=True), expected)
+    torch.testing.assert_close(linear_scan(log_decay, drive, chunk), linear_scan(log_decay, drive, chunk=10**6))
