@@ -8,8 +8,9 @@ logs or tracked parameters (:func:`public_dict` drops them).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -183,13 +184,32 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def command_line(description: str) -> argparse.ArgumentParser:
-    """The shared CLI of every entry point: ``--config FILE`` and repeatable ``--set key=value``."""
+def run_command(
+    description: str,
+    config_model: type[ModelT],
+    job: Callable[[ModelT, argparse.Namespace], str],
+    argv: list[str] | None = None,
+    expected_errors: tuple[type[Exception], ...] = (),
+    overwrite_flag: bool = False,
+) -> int:
+    """The shared command line of every entry point: ``--config FILE``, repeatable ``--set key=value``
+    (and ``--overwrite`` where it applies). The config is validated before ``job`` runs; a bad config
+    or an expected error prints one message and exits with 2; otherwise ``job``'s report is printed."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (dotted path), repeatable")
-    return parser
+    if overwrite_flag:
+        parser.add_argument("--overwrite", action="store_true", help="replace whatever the destination holds")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(config_model, args.config, args.overrides)
+        report = job(config, args)
+    except (ConfigError, *expected_errors) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
 
 
 class FeaturizeConfig(Strict):
@@ -326,3 +346,24 @@ class PretrainJobConfig(Strict):
     @property
     def global_batch_size(self) -> int:
         return self.train.batch_size * max(1, self.scaling.num_workers) * self.train.grad_accum
+
+
+class EmbedConfig(Strict):
+    """``python -m pipeline.embed``: scene and/or timestamp embeddings of audio (or of featurize
+    output) with a pretrained encoder, by Ray Data batch inference."""
+
+    input: InputConfig | None = None
+    features: str | None = Field(None, description="a featurize destination URI, instead of audio")
+    output: str
+    model: str = Field("", description="our checkpoint or an official .pth (local or s3://); empty = random tiny")
+    storage: S3Config = S3Config()
+    audio: AudioConfig = AudioConfig()
+    embeddings: Literal["scene", "timestamp", "both"] = "scene"
+    batch_size: int = Field(8, ge=1, description="files per inference call")
+    num_workers: int | None = Field(None, ge=1)
+    use_gpu: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> "EmbedConfig":
+        _require_exactly_one(self, "input", "features", "input (audio) and features (featurize output)")
+        return self

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.audio import AudioError, decode_audio, split_long_audio
-from pipeline.config import AudioConfig, ConfigError, FeaturizeConfig, S3Config, command_line, load_config, public_dict
+from pipeline.config import AudioConfig, FeaturizeConfig, S3Config, public_dict, run_command
 from pipeline.sources import AudioSource, SourceError, list_sources
 from pipeline.storage import Location, resolve
 from ssamba.features import FbankConfig, fbank, remove_dc
@@ -277,17 +277,9 @@ def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = command_line(__doc__.splitlines()[0])
-    parser.add_argument("--overwrite", action="store_true", help="replace whatever the destination holds")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(FeaturizeConfig, args.config, args.overrides)
-        summary = run(config, overwrite=args.overwrite)
-    except (ConfigError, SourceError, FeaturizeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(summary.table())
-    return 0
+    return run_command(__doc__.splitlines()[0], FeaturizeConfig,
+                       lambda config, args: run(config, overwrite=args.overwrite).table(),
+                       argv, (SourceError, FeaturizeError), overwrite_flag=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ConfigError, PretrainJobConfig, command_line, flatten, load_config, public_dict
+from pipeline.config import PretrainJobConfig, flatten, public_dict, run_command
 from pipeline.data import examples_dataset
 from pipeline.storage import resolve
 from pipeline.tracking import RunTracker, resolve_tracking_uri
@@ -321,19 +321,15 @@ def run(config: PretrainJobConfig) -> ray.train.Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = command_line(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(PretrainJobConfig, args.config, args.overrides)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    result = run(config)
-    checkpoints = resolve(config.storage_path, config.storage).join(config.name)
-    print(f"pretraining {config.name}: finished at step {result.metrics.get('step')}")
-    print(f"  checkpoints: {checkpoints}")
-    print(f"  compare runs: mlflow ui --backend-store-uri {resolve_tracking_uri(config.tracking.tracking_uri)}")
-    return 0
+    def job(config: PretrainJobConfig, args) -> str:
+        result = run(config)
+        return "\n".join([
+            f"pretraining {config.name}: finished at step {result.metrics.get('step')}",
+            f"  checkpoints: {resolve(config.storage_path, config.storage).join(config.name)}",
+            f"  compare runs: mlflow ui --backend-store-uri {resolve_tracking_uri(config.tracking.tracking_uri)}",
+        ])
+
+    return run_command(__doc__.splitlines()[0], PretrainJobConfig, job, argv)
 
 
 if __name__ == "__main__":

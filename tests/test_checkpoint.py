@@ -29,8 +29,8 @@ def official_layout(model: SSAMBAPretrainModel) -> dict[str, torch.Tensor]:
     dim = model.encoder.embed_dim
     state["module.v.head.weight"] = torch.randn(1000, dim)
     state["module.v.head.bias"] = torch.randn(1000)
-    state["module.p_input_fdim"] = torch.tensor(GRID.num_mel_bins)
-    state["module.p_input_tdim"] = torch.tensor(GRID.target_length)
+    state["module.p_input_fdim"] = torch.tensor(model.grid.num_mel_bins)
+    state["module.p_input_tdim"] = torch.tensor(model.grid.target_length)
     return state
 
 

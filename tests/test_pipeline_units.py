@@ -10,7 +10,7 @@ import pytest
 from audio_files import BAD, GOOD, write_collection
 from pipeline.audio import AudioError, decode_audio, split_long_audio
 from pipeline.config import (
-    ConfigError, FeaturizeConfig, InputConfig, PretrainJobConfig, S3Config, flatten, load_config, public_dict,
+    ConfigError, EmbedConfig, FeaturizeConfig, InputConfig, PretrainJobConfig, S3Config, flatten, load_config, public_dict,
 )
 from pipeline.sources import SourceError, list_sources
 from pipeline.storage import resolve
@@ -96,7 +96,8 @@ def test_split_long_audio():
     assert len(split_long_audio(wave, 10, None, "crop", 0.3)[0][1]) == 35
 
 
-@pytest.mark.parametrize("folder,model", [("featurize", FeaturizeConfig), ("pretrain", PretrainJobConfig)])
+@pytest.mark.parametrize("folder,model", [("featurize", FeaturizeConfig), ("pretrain", PretrainJobConfig),
+                                          ("embed", EmbedConfig)])
 def test_shipped_presets_validate(folder, model):
     from pathlib import Path
 
