@@ -34,7 +34,7 @@ def _port_pair_free(port: int) -> bool:
     return True
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     ports: list[int] = []
     candidate = 20000 + (os.getpid() * 37) % 9000
     while len(ports) < count:
@@ -87,7 +87,7 @@ def _weed_binary() -> str:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> S3Server:
     data_dir = tmp_path_factory.mktemp("seaweedfs")
-    master, volume, filer, s3, webdav, admin, iceberg, lance = _free_ports(8)
+    master, volume, filer, s3, webdav, admin, iceberg, lance = free_ports(8)
     command = [
         _weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",

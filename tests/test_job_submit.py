@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import _free_ports
+from conftest import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(600)
@@ -29,7 +29,7 @@ def head_node(s3_server):
 
     ``--block`` keeps ``ray start`` in the foreground so that terminating it stops this cluster only
     (``ray stop`` would stop every Ray process on the machine, the test session's cluster included)."""
-    gcs, dashboard, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager, client = _free_ports(9)
+    gcs, dashboard, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager, client = free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)

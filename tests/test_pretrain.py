@@ -3,9 +3,16 @@ failure, a same-name relaunch that resumes, checkpoints in the S3 test server.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import free_ports
 from pipeline import pretrain
 from pipeline.config import ConfigError, PretrainJobConfig, load_config
 from ssamba import load_checkpoint
@@ -80,3 +87,33 @@ def test_two_workers_survive_a_failure_and_a_relaunch_resumes(pretrain_features,
     assert run.data.tags["resumed_from_step"] == "8"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert steps[-1] == 10 and steps.count(5) == 2  # the restart re-ran step 5; the relaunch went on to 10
+
+
+def test_remote_mlflow_server_and_gradient_accumulation(pretrain_features, tmp_path):
+    """Tracking through a real `mlflow server` over HTTP on 127.0.0.1, with accumulation of 2 micro-batches."""
+    port = free_ports(1)[0]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        config = job(pretrain_features, tmp_path, "name=remote", f"storage_path={tmp_path / 'ckpt'}",
+                     "scaling.num_workers=0", "train.max_steps=2", "train.grad_accum=2", "train.eval_every=2",
+                     f"tracking.tracking_uri={uri}")
+        assert pretrain.run(config).metrics["step"] == 2
+        client, run = run_of(config)
+        assert run.info.status == "FINISHED" and run.data.params["global_batch_size"] == "8"
+        assert "model/ssamba_encoder.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
