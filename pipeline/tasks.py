@@ -1,0 +1,111 @@
+"""Downstream task layouts → labelled audio sources, with splits or folds and the class list.
+
+Each reader checks the layout it expects and says exactly what is missing, before any Ray work:
+
+* ``esc50``: ``meta/esc50.csv`` (``filename, fold, target, category, ...``) and ``audio/``; five folds.
+* ``speechcommands_v1`` / ``speechcommands_v2``: one folder per word (30 / 35 words, plus the ignored
+  ``_background_noise_``), ``validation_list.txt`` and ``testing_list.txt``; everything else trains.
+* ``manifest``: any CSV/JSONL manifest with ``uri``, ``label`` and optional ``split``/``fold``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from pipeline.config import InputConfig, S3Config
+from pipeline.sources import AudioSource, SourceError, list_sources
+from pipeline.storage import Location, resolve
+
+SPEECH_COMMANDS_WORDS = {"speechcommands_v1": 30, "speechcommands_v2": 35}
+BACKGROUND_NOISE = "_background_noise_"
+
+
+class LayoutError(SourceError):
+    """A dataset folder does not have the layout its task expects."""
+
+
+@dataclass(frozen=True)
+class TaskData:
+    sources: list[AudioSource]
+    classes: list[str]
+
+    def split(self, name: str) -> list[AudioSource]:
+        return [source for source in self.sources if source.split == name]
+
+    def fold(self, number: int) -> list[AudioSource]:
+        return [source for source in self.sources if source.fold == number]
+
+
+def _uri(location: Location, path: str) -> str:
+    return f"s3://{path}" if location.is_s3 else path
+
+
+def _require(location: Location, relative: str, task: str, kind: pafs.FileType) -> Location:
+    target = location.join(relative)
+    if location.filesystem.get_file_info(target.path).type != kind:
+        what = "folder" if kind == pafs.FileType.Directory else "file"
+        raise LayoutError(f"{task} layout: missing {what} {relative!r} under {location}")
+    return target
+
+
+def read_esc50(root: str, storage: S3Config) -> TaskData:
+    location = resolve(root, storage)
+    meta = _require(location, "meta/esc50.csv", "ESC-50", pafs.FileType.File)
+    audio = _require(location, "audio", "ESC-50", pafs.FileType.Directory)
+    rows = list(csv.DictReader(io.StringIO(meta.read_bytes().decode("utf-8"))))
+    missing_columns = {"filename", "fold", "category"} - set(rows[0] if rows else {})
+    if missing_columns:
+        raise LayoutError(f"ESC-50 layout: meta/esc50.csv lacks the columns {sorted(missing_columns)}")
+    present = {info.base_name for info in location.filesystem.get_file_info(pafs.FileSelector(audio.path))}
+    absent = sorted(row["filename"] for row in rows if row["filename"] not in present)
+    if absent:
+        raise LayoutError(f"ESC-50 layout: {len(absent)} files listed in meta/esc50.csv are missing from audio/, "
+                          f"e.g. {absent[:3]}")
+    sources = [AudioSource(_uri(location, audio.join(row["filename"]).path), row["category"], None, int(row["fold"]))
+               for row in rows]
+    return TaskData(sorted(sources), sorted({row["category"] for row in rows}))
+
+
+def read_speech_commands(root: str, storage: S3Config, task: str) -> TaskData:
+    location = resolve(root, storage)
+    lists = {}
+    for split, name in (("validation", "validation_list.txt"), ("test", "testing_list.txt")):
+        listed = _require(location, name, "Speech Commands", pafs.FileType.File).read_bytes().decode("utf-8")
+        lists[split] = {line.strip() for line in listed.splitlines() if line.strip()}
+    entries = location.filesystem.get_file_info(pafs.FileSelector(location.path))
+    words = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name != BACKGROUND_NOISE)
+    expected = SPEECH_COMMANDS_WORDS[task]
+    if len(words) != expected:
+        raise LayoutError(f"{task} layout: expected {expected} word folders under {location}, found {len(words)}")
+    sources = []
+    for word in words:
+        for info in location.filesystem.get_file_info(pafs.FileSelector(location.join(word).path)):
+            if info.type != pafs.FileType.File or info.extension.lower() != "wav":
+                continue
+            relative = f"{word}/{info.base_name}"
+            split = "test" if relative in lists["test"] else "validation" if relative in lists["validation"] else "train"
+            sources.append(AudioSource(_uri(location, info.path), word, split))
+    return TaskData(sorted(sources), words)
+
+
+def read_manifest_task(manifest: str, storage: S3Config) -> TaskData:
+    sources = list_sources(InputConfig(manifest=manifest), storage)
+    unlabelled = [source.uri for source in sources if source.label is None]
+    if unlabelled:
+        raise LayoutError(f"manifest {manifest}: {len(unlabelled)} rows have no label, e.g. {unlabelled[:3]}")
+    return TaskData(sources, sorted({source.label for source in sources}))
+
+
+def read_task(task: str, root: str, storage: S3Config) -> TaskData:
+    """The labelled sources of ``task`` under ``root`` (a folder, or the manifest for ``manifest``)."""
+    if task == "esc50":
+        return read_esc50(root, storage)
+    if task in SPEECH_COMMANDS_WORDS:
+        return read_speech_commands(root, storage, task)
+    if task == "manifest":
+        return read_manifest_task(root, storage)
+    raise LayoutError(f"unknown task {task!r}; choose from esc50, speechcommands_v1, speechcommands_v2, manifest")

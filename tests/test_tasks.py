@@ -1,0 +1,81 @@
+"""Downstream task layouts: ESC-50, Speech Commands and manifests, generated small in the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from pipeline.config import S3Config
+from pipeline.tasks import LayoutError, read_task
+
+
+def tone(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(8000) / 16_000
+    soundfile.write(path, (0.3 * np.sin(2 * np.pi * (200 + 50 * seed) * t)).astype(np.float32), 16_000)
+
+
+def esc50(root: Path) -> Path:
+    rows = ["filename,fold,target,category,esc10,src_file,take"]
+    for index in range(10):
+        category = ["dog", "rain"][index % 2]
+        name = f"{index // 2 + 1}-{index:04d}-A-{index % 2}.wav"
+        tone(root / "audio" / name, index)
+        rows.append(f"{name},{index // 2 + 1},{index % 2},{category},False,{index},A")
+    (root / "meta").mkdir(parents=True)
+    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def speech_commands(root: Path, words: int) -> Path:
+    for w in range(words):
+        for n in range(3):
+            tone(root / f"word{w:02d}" / f"spk{n}_nohash_0.wav", w + n)
+    tone(root / "_background_noise_" / "noise.wav", 99)
+    (root / "validation_list.txt").write_text("word00/spk1_nohash_0.wav\nword01/spk1_nohash_0.wav\n")
+    (root / "testing_list.txt").write_text("word00/spk2_nohash_0.wav\n")
+    return root
+
+
+def test_esc50_folds_and_classes(tmp_path):
+    data = read_task("esc50", str(esc50(tmp_path)), S3Config())
+    assert data.classes == ["dog", "rain"] and len(data.sources) == 10
+    assert [len(data.fold(k)) for k in range(1, 6)] == [2, 2, 2, 2, 2]
+    assert {s.label for s in data.fold(1)} == {"dog", "rain"}
+
+
+def test_esc50_wrong_layouts_say_what_is_missing(tmp_path):
+    with pytest.raises(LayoutError, match="missing file 'meta/esc50.csv'"):
+        read_task("esc50", str(tmp_path), S3Config())
+    root = esc50(tmp_path / "esc")
+    next((root / "audio").iterdir()).unlink()
+    with pytest.raises(LayoutError, match="1 files listed in meta/esc50.csv are missing from audio/"):
+        read_task("esc50", str(root), S3Config())
+
+
+def test_speech_commands_splits(tmp_path):
+    data = read_task("speechcommands_v2", str(speech_commands(tmp_path, 35)), S3Config())
+    assert len(data.classes) == 35 and "_background_noise_" not in data.classes
+    assert (len(data.split("train")), len(data.split("validation")), len(data.split("test"))) == (102, 2, 1)
+    assert data.split("test")[0].label == "word00"
+    with pytest.raises(LayoutError, match="expected 30 word folders"):
+        read_task("speechcommands_v1", str(tmp_path), S3Config())
+    (tmp_path / "testing_list.txt").unlink()
+    with pytest.raises(LayoutError, match="missing file 'testing_list.txt'"):
+        read_task("speechcommands_v2", str(tmp_path), S3Config())
+
+
+def test_manifest_task_needs_labels(tmp_path):
+    tone(tmp_path / "a.wav", 0)
+    tone(tmp_path / "b.wav", 1)
+    (tmp_path / "m.csv").write_text("uri,label,split\na.wav,x,train\nb.wav,y,test\n")
+    data = read_task("manifest", str(tmp_path / "m.csv"), S3Config())
+    assert data.classes == ["x", "y"] and [s.split for s in data.sources] == ["train", "test"]
+    (tmp_path / "n.csv").write_text("uri\na.wav\n")
+    with pytest.raises(LayoutError, match="no label"):
+        read_task("manifest", str(tmp_path / "n.csv"), S3Config())
+    with pytest.raises(LayoutError, match="unknown task"):
+        read_task("audioset", str(tmp_path), S3Config())
