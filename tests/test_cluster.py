@@ -1,0 +1,95 @@
+"""cluster/: the launcher config against Ray's own schema, the KubeRay manifests against the KubeRay v1
+field names, and every entry point they (and the runbook) name against the project's validation."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+from pipeline.config import EmbedConfig, FeaturizeConfig, PretrainJobConfig, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER = REPO / "cluster"
+
+# Field names of the KubeRay v1 CRDs (ray-operator/apis/ray/v1: raycluster_types.go, rayjob_types.go).
+RAY_CLUSTER_SPEC = {"suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
+                    "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "upgradeStrategy"}
+HEAD_GROUP_SPEC = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
+WORKER_GROUP_SPEC = {"suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
+                     "rayStartParams", "template", "scaleStrategy", "numOfHosts"}
+AUTOSCALER_OPTIONS = {"resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds",
+                      "upscalingMode", "version", "env", "envFrom", "volumeMounts"}
+RAY_JOB_SPEC = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+                "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML",
+                "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
+                "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "preRunningDeadlineSeconds"}
+ENTRY_POINTS = {"pipeline.featurize": FeaturizeConfig, "pipeline.pretrain": PretrainJobConfig, "pipeline.embed": EmbedConfig}
+
+
+def manifests() -> list[dict]:
+    return [doc for path in sorted((CLUSTER / "kuberay").glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def check_cluster_spec(spec: dict) -> None:
+    assert set(spec) <= RAY_CLUSTER_SPEC, set(spec) - RAY_CLUSTER_SPEC
+    assert set(spec["headGroupSpec"]) <= HEAD_GROUP_SPEC
+    assert set(spec.get("autoscalerOptions", {})) <= AUTOSCALER_OPTIONS
+    for group in spec["workerGroupSpecs"]:
+        assert set(group) <= WORKER_GROUP_SPEC, set(group) - WORKER_GROUP_SPEC
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    for template in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+        for container in template["spec"]["containers"]:
+            assert container["resources"]["requests"] == container["resources"]["limits"]  # requests equal limits
+
+
+def test_launcher_config_validates_against_rays_schema():
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    jsonschema.validate(config, schema)
+    assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    assert all("IamInstanceProfile" in node["node_config"] for node in config["available_node_types"].values())
+
+
+def test_kuberay_manifests_use_the_v1_field_names():
+    documents = manifests()
+    kinds = {doc["kind"] for doc in documents}
+    assert {"RayCluster", "RayJob"} <= kinds
+    for doc in documents:
+        if doc["kind"] == "RayCluster":
+            assert doc["apiVersion"] == "ray.io/v1"
+            check_cluster_spec(doc["spec"])
+        elif doc["kind"] == "RayJob":
+            assert doc["apiVersion"] == "ray.io/v1"
+            assert set(doc["spec"]) <= RAY_JOB_SPEC, set(doc["spec"]) - RAY_JOB_SPEC
+            assert doc["spec"]["backoffLimit"] >= 1 and doc["spec"]["submissionMode"] == "K8sJobMode"
+            check_cluster_spec(doc["spec"]["rayClusterSpec"])
+            yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+
+
+def entry_points() -> list[str]:
+    """Every `python -m pipeline.<job> ...` command in the manifests and the runbook."""
+    texts = [doc["spec"]["entrypoint"] for doc in manifests() if doc["kind"] == "RayJob"]
+    texts.append((CLUSTER / "README.md").read_text())
+    commands = []
+    for text in texts:
+        commands += re.findall(r"python -m pipeline\.\w+[^\n&`|;]*", text)
+    return commands
+
+
+def test_every_entry_point_is_a_real_command_with_a_valid_config():
+    commands = entry_points()
+    assert len(commands) >= 3
+    for command in commands:
+        words = shlex.split(command)
+        module = words[2]
+        assert module in ENTRY_POINTS, f"{command!r}: no such entry point"
+        config = words[words.index("--config") + 1] if "--config" in words else None
+        overrides = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
+        load_config(ENTRY_POINTS[module], REPO / config if config else None, overrides)
