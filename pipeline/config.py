@@ -367,3 +367,52 @@ class EmbedConfig(Strict):
     def _exactly_one_source(self) -> "EmbedConfig":
         _require_exactly_one(self, "input", "features", "input (audio) and features (featurize output)")
         return self
+
+
+class FinetuneModelConfig(Strict):
+    """Where the encoder comes from and how it is used: our checkpoint, an official SSAMBA ``.pth``, or
+    random init (``checkpoint: ""``, with ``size``); patch stride 10 as in the recipes; mean or [CLS]
+    pooling; ``freeze_encoder`` for a linear probe."""
+
+    checkpoint: str = ""
+    size: Literal["tiny", "small", "base"] = "tiny"
+    stride: int = Field(10, ge=1, le=16)
+    pooling: Literal["mean", "cls"] = "mean"
+    freeze_encoder: bool = False
+
+
+class FinetuneOptimConfig(Strict):
+    """Adam with a separate head learning rate and the recipes' per-epoch step decay (spec §4)."""
+
+    lr: float = Field(1e-4, gt=0)
+    head_lr_multiplier: float = Field(1.0, gt=0)
+    weight_decay: float = Field(5e-7, ge=0)
+    betas: tuple[float, float] = (0.95, 0.999)
+    decay_start_epoch: int = Field(5, ge=0)
+    decay_every: int = Field(1, ge=1)
+    decay: float = Field(0.85, gt=0, le=1)
+
+
+class FinetuneTrackingConfig(TrackingConfig):
+    experiment: str = "ssamba-finetune"
+
+
+class FinetuneJobConfig(Strict):
+    """``python -m pipeline.finetune``: fine-tune (or linearly probe) an encoder on a labelled task."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    storage_path: str
+    storage: S3Config = S3Config()
+    task: Literal["esc50", "speechcommands_v1", "speechcommands_v2", "manifest"]
+    data_root: str = Field(..., description="the dataset folder, or the manifest for task=manifest")
+    features: str = Field(..., description="where the task's audio is featurized (reused when present)")
+    folds: list[int] | None = Field(None, description="ESC-50-style cross-validation: the test folds to run")
+    target_length: int = Field(512, ge=16)
+    norm: Literal["audioset", "esc50", "speechcommands", "urban8k"] = "audioset"
+    augment: AugmentConfig = AugmentConfig()
+    model: FinetuneModelConfig = FinetuneModelConfig()
+    optim: FinetuneOptimConfig = FinetuneOptimConfig()
+    batch_size: int = Field(48, ge=1)
+    epochs: int = Field(50, ge=1)
+    scaling: ScalingSection = ScalingSection()
+    tracking: FinetuneTrackingConfig = FinetuneTrackingConfig()

@@ -201,3 +201,16 @@ def _infer_encoder_config(
         drop_path_rate=drop_path_rate,
         norm=norm,
     )
+
+
+def load_encoder_weights(source: Source) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
+    """The encoder config and weights of one of our checkpoints or of an official SSAMBA ``.pth``."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as handle:
+            source = handle.read()
+    try:
+        checkpoint = load_checkpoint(source)
+        return checkpoint.encoder_config, checkpoint.encoder_state()
+    except ValueError:
+        official = import_official_checkpoint(source)
+        return official.encoder_config, official.encoder_state

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssamba.encoder import PatchGrid
+from ssamba.encoder import EncoderConfig, PatchGrid, SSAMBAEncoder
 
 
 def adapt_pos_embed(
@@ -60,6 +60,13 @@ def adapt_encoder_state(
     adapted = dict(state)
     adapted["pos_embed"] = adapt_pos_embed(state["pos_embed"], source, target, num_prefix_tokens)
     return adapted
+
+
+def encoder_on_grid(config: EncoderConfig, state: dict[str, torch.Tensor], target: PatchGrid) -> SSAMBAEncoder:
+    """A pretrained encoder moved to another patch grid (stride, clip length) and loaded."""
+    encoder = SSAMBAEncoder(config.with_grid(target))
+    encoder.load_state_dict(adapt_encoder_state(state, config.grid, target))
+    return encoder
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssamba.checkpoint import import_official_checkpoint, load_checkpoint
+from ssamba.checkpoint import load_encoder_weights
 from ssamba.encoder import EncoderConfig, PatchGrid, SSAMBAEncoder
 from ssamba.features import FbankConfig, fbank, norm_stats, normalize, remove_dc
-from ssamba.finetune import adapt_encoder_state
+from ssamba.finetune import encoder_on_grid
 
 SAMPLE_RATE = 16_000
 TIME_STRIDE = 4  # frames: 40 ms between timestamps
@@ -61,13 +61,11 @@ class HEARModel(nn.Module):
 
 
 def _encoder_for_hear(config: EncoderConfig, state: dict[str, torch.Tensor]) -> SSAMBAEncoder:
-    """Move a pretrained encoder to the HEAR grid (same kernel, time stride 4) and load it."""
+    """The pretrained encoder on the HEAR grid: the same kernel with a time stride of 4 frames."""
     source = config.grid
     target = PatchGrid(source.num_mel_bins, source.target_length, source.fshape, source.tshape,
                        source.fstride, TIME_STRIDE)
-    encoder = SSAMBAEncoder(config.with_grid(target))
-    encoder.load_state_dict(adapt_encoder_state(state, source, target))
-    return encoder
+    return encoder_on_grid(config, state, target)
 
 
 def load_model(model_file_path: str = "", windows_per_batch: int = 8) -> HEARModel:
@@ -81,12 +79,7 @@ def load_model(model_file_path: str = "", windows_per_batch: int = 8) -> HEARMod
         state = SSAMBAEncoder(config).state_dict()
         torch.random.set_rng_state(generator_state)
     else:
-        try:
-            checkpoint = load_checkpoint(model_file_path)
-            config, state = checkpoint.encoder_config, checkpoint.encoder_state()
-        except ValueError:
-            official = import_official_checkpoint(model_file_path)
-            config, state = official.encoder_config, official.encoder_state
+        config, state = load_encoder_weights(model_file_path)
     return HEARModel(_encoder_for_hear(config, state), windows_per_batch)
 
 

@@ -13,7 +13,7 @@ import pytest
 import ray
 import yaml
 
-from pipeline.config import EmbedConfig, FeaturizeConfig, PretrainJobConfig, load_config
+from pipeline.config import EmbedConfig, FeaturizeConfig, FinetuneJobConfig, PretrainJobConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -30,7 +30,8 @@ RAY_JOB_SPEC = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "subm
                 "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML",
                 "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
                 "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "preRunningDeadlineSeconds"}
-ENTRY_POINTS = {"pipeline.featurize": FeaturizeConfig, "pipeline.pretrain": PretrainJobConfig, "pipeline.embed": EmbedConfig}
+ENTRY_POINTS = {"pipeline.featurize": FeaturizeConfig, "pipeline.pretrain": PretrainJobConfig,
+                "pipeline.embed": EmbedConfig, "pipeline.finetune": FinetuneJobConfig}
 
 
 def manifests() -> list[dict]:

@@ -10,7 +10,7 @@ import pytest
 from audio_files import BAD, GOOD, write_collection
 from pipeline.audio import AudioError, decode_audio, split_long_audio
 from pipeline.config import (
-    ConfigError, EmbedConfig, FeaturizeConfig, InputConfig, PretrainJobConfig, S3Config, flatten, load_config, public_dict,
+    ConfigError, EmbedConfig, FeaturizeConfig, FinetuneJobConfig, InputConfig, PretrainJobConfig, S3Config, flatten, load_config, public_dict,
 )
 from pipeline.sources import SourceError, list_sources
 from pipeline.storage import resolve
@@ -97,7 +97,7 @@ def test_split_long_audio():
 
 
 @pytest.mark.parametrize("folder,model", [("featurize", FeaturizeConfig), ("pretrain", PretrainJobConfig),
-                                          ("embed", EmbedConfig)])
+                                          ("embed", EmbedConfig), ("finetune", FinetuneJobConfig)])
 def test_shipped_presets_validate(folder, model):
     from pathlib import Path
 
