@@ -158,8 +158,8 @@ def _evaluate(model, config: PretrainJobConfig, device: torch.device, autocast) 
     return {"val_nce": nce / clips, "val_mse": mse / clips, "val_accuracy": accuracy / clips}
 
 
-def _reconstruction_figure(model, features: torch.Tensor, step: int):
-    """Input spectrogram, its mask and the generative head's reconstruction, one above the other."""
+def _log_reconstruction(tracker: RunTracker, model, features: torch.Tensor, step: int) -> None:
+    """An MLflow image of an input spectrogram, its mask and the generative head's reconstruction."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +178,8 @@ def _reconstruction_figure(model, features: torch.Tensor, step: int):
     axes[-1].set_xlabel("frame")
     figure.suptitle(f"step {step}")
     figure.tight_layout()
-    return figure
+    tracker.log_figure(figure, f"reconstruction/step-{step:08d}.png")
+    plt.close(figure)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -264,11 +265,7 @@ def train_loop(loop_config: dict) -> None:
                     if tracker is not None:
                         tracker.log_metrics(validation, step)
             if tracker is not None and (step % config.train.figure_every == 0 or step == config.train.max_steps):
-                figure = _reconstruction_figure(model, batch["fbank"], step)
-                tracker.log_figure(figure, f"reconstruction/step-{step:08d}.png")
-                import matplotlib.pyplot as plt
-
-                plt.close(figure)
+                _log_reconstruction(tracker, model, batch["fbank"], step)
             if step % config.train.checkpoint_every == 0 or step == config.train.max_steps:
                 checkpoint_and_report(metrics)
             if step >= config.train.max_steps:
