@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -39,12 +37,10 @@ from pipeline.sources import AudioSource, SourceError
 from pipeline.storage import resolve
 from pipeline.tasks import TaskData, read_task
 from pipeline.tracking import RunTracker, resolve_tracking_uri
+from pipeline.trainer import report, restored_state, torch_trainer
 from ssamba import AudioClassifier, ClassifierConfig, EncoderConfig, PatchGrid, SSAMBAEncoder
 from ssamba.checkpoint import load_encoder_weights
 from ssamba.finetune import encoder_on_grid
-
-STATE_FILE = "state.pt"
-
 
 def prepare(config: FinetuneJobConfig) -> TaskData:
     """Read the task and featurize its audio (resuming whatever an earlier run wrote)."""
@@ -109,10 +105,8 @@ def train_loop(loop_config: dict) -> None:
         groups.append({"params": encoder, "lr": config.optim.lr, "base_lr": config.optim.lr})
     optimizer = torch.optim.Adam(groups, weight_decay=config.optim.weight_decay, betas=config.optim.betas)
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    state = restored_state()
+    if state is not None:
         getattr(model, "module", model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
@@ -141,13 +135,9 @@ def train_loop(loop_config: dict) -> None:
             metrics["test_accuracy"] = _accuracy(model, test_shard, config.batch_size, device)
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, epoch)
-        with tempfile.TemporaryDirectory() as folder:
-            saved = None
-            if rank == 0:
-                torch.save({"model": getattr(model, "module", model).state_dict(), "optimizer": optimizer.state_dict(),
-                            "epoch": epoch, "classes": classes}, Path(folder) / STATE_FILE)
-                saved = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch-{epoch:04d}")
+        report(metrics, lambda: {"model": getattr(model, "module", model).state_dict(),
+                                 "optimizer": optimizer.state_dict(), "epoch": epoch, "classes": classes},
+               f"epoch-{epoch:04d}")
     if tracker is not None:
         tracker.finish()
 
@@ -158,21 +148,13 @@ def train_once(config: FinetuneJobConfig, run_name: str, classes: list[str], tra
     datasets = {"train": _subset(config, train, classes, True), "eval": _subset(config, evaluate, classes, False)}
     if test:
         datasets["test"] = _subset(config, test, classes, False)
-    trainer = ray.train.torch.TorchTrainer(
+    trainer = torch_trainer(
         train_loop,
-        train_loop_config={"config": config, "classes": classes, "run_name": run_name, "has_test": bool(test),
-                           "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri)},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-                                               resources_per_worker={"CPU": config.scaling.cpus_per_worker,
-                                                                     **({"GPU": 1} if config.scaling.use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage.path if storage.is_s3 else storage.uri,
-            storage_filesystem=storage.filesystem if storage.is_s3 else None,
-            failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_accuracy",
-                                                         checkpoint_score_order="max")),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),
+        {"config": config, "classes": classes, "run_name": run_name, "has_test": bool(test),
+         "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri)},
+        run_name, storage, config.scaling, datasets,
+        ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_accuracy",
+                                   checkpoint_score_order="max"),
     )
     return trainer.fit()
 

@@ -34,10 +34,8 @@ from pipeline.config import PretrainJobConfig, flatten, public_dict, run_command
 from pipeline.data import examples_dataset
 from pipeline.storage import resolve
 from pipeline.tracking import RunTracker, resolve_tracking_uri
+from pipeline.trainer import report, restored_state, torch_trainer
 from ssamba import EncoderConfig, PatchGrid, PretrainConfig, SSAMBAEncoder, SSAMBAPretrainModel, save_checkpoint
-
-STATE_FILE = "state.pt"
-
 
 # --------------------------------------------------------------------------------------------------
 # Model and learning-rate schedule
@@ -114,11 +112,9 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def _restore(model, optimizer, schedule: LearningRate, mask_rng: random.Random) -> Progress:
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    state = restored_state()
+    if state is None:
         return Progress()
-    with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
     _unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
@@ -212,12 +208,8 @@ def train_loop(loop_config: dict) -> None:
         tracker.set_tags({"resumed_from_step": str(progress.step)} if progress.restored else {})
 
     def checkpoint_and_report(metrics: dict) -> None:
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if rank == 0:
-                torch.save(_checkpoint_state(model, optimizer, schedule, mask_rng, progress, config), Path(folder) / STATE_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{progress.step:08d}")
+        report(metrics, lambda: _checkpoint_state(model, optimizer, schedule, mask_rng, progress, config),
+               f"step-{progress.step:08d}")
 
     train_shard = ray.train.get_dataset_shard("train")
     tokens_per_clip = _unwrap(model).grid.num_patches + 1
@@ -295,24 +287,14 @@ def run(config: PretrainJobConfig) -> ray.train.Result:
     datasets = {"train": examples_dataset(config.data, config.storage).select_columns(["fbank"])}
     if config.validation is not None:
         datasets["val"] = examples_dataset(config.validation, config.storage).select_columns(["fbank"])
-    scaling = config.scaling
-    trainer = ray.train.torch.TorchTrainer(
+    trainer = torch_trainer(
         train_loop,
-        train_loop_config={"config": config, "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri),
-                           "checkpoint_location": storage.join(config.name).uri},
-        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=config.name,
-            storage_path=storage.path if storage.is_s3 else storage.uri,
-            storage_filesystem=storage.filesystem if storage.is_s3 else None,
-            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-            # glibc would otherwise fragment the heap with the CPU scan's large temporaries.
-            worker_runtime_env={"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(16 * 1024 * 1024)}},
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),
+        {"config": config, "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri),
+         "checkpoint_location": storage.join(config.name).uri},
+        config.name, storage, config.scaling, datasets,
+        ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+        # glibc would otherwise fragment the heap with the CPU scan's large temporaries.
+        worker_env={"MALLOC_MMAP_THRESHOLD_": str(16 * 1024 * 1024)},
     )
     return trainer.fit()
 
