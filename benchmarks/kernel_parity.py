@@ -55,7 +55,7 @@ def main() -> int:
         rand = lambda *shape, dt=dtype: torch.randn(*shape, generator=g, device=device).to(dt)  # noqa: E731
         scan_inputs = dict(
             u=rand(b, d, L), delta=0.5 * rand(b, d, L), A=-torch.rand(d, n, generator=g, device=device).add(0.5),
-            B=rand(b, n, L, dt=torch.float32), C=rand(b, n, L, dt=torch.float32), D=torch.ones(d, device=device),
+            B=rand(b, n, L), C=rand(b, n, L), D=torch.ones(d, device=device),  # B, C: the input's dtype, as x_proj gives them
             z=rand(b, d, L), delta_bias=0.1 * rand(d, dt=torch.float32),
         )
         outcomes.append(compare("selective_scan", lambda **kw: ops.selective_scan(**kw, delta_softplus=True), scan_inputs, dtype))
