@@ -62,7 +62,7 @@ AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "opus", "mp3", "m4a", "aac", "wma")
 
 class InputConfig(Strict):
     """Either every audio file under a prefix, or a manifest (CSV or JSONL with ``uri`` and optional
-    ``label``, ``split``, ``fold``; relative URIs are resolved against the manifest's folder)."""
+    ``label``, ``split``, ``fold``, ``labels``; relative URIs are resolved against the manifest's folder)."""
 
     uri: str | None = None
     manifest: str | None = None
@@ -107,12 +107,14 @@ class ExamplesConfig(Strict):
         return self
 
 
+def error_lines(error: ValidationError) -> list[str]:
+    """``field.path: message`` for every error pydantic found."""
+    return [f"{'.'.join(str(part) for part in item['loc']) or '(config)'}: {item['msg'].removeprefix('Value error, ')}"
+            for item in error.errors()]
+
+
 def _format_errors(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(config)"
-        lines.append(f"{field}: {item['msg']}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    return "invalid configuration:\n  " + "\n  ".join(error_lines(error))
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -138,19 +140,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping; :class:`ConfigError` if unreadable or not a mapping."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    return data
+
+
 def load_config(model: type[ModelT], path: str | Path | None, overrides: list[str] | None = None) -> ModelT:
     """Read ``path`` (YAML), apply overrides, validate. Raises :class:`ConfigError` naming the fields."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as error:
-            raise ConfigError(f"cannot read config {path}: {error}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config {path} is not valid YAML: {error}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path} must be a mapping at the top level")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(read_yaml(path) if path is not None else {}, overrides or [])
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -312,6 +317,12 @@ class FaultInjectionConfig(Strict):
     fail_at_step: int | None = Field(None, ge=1, description="raise in the last worker at this step, first attempt only")
 
 
+class FinetuneFaultInjectionConfig(Strict):
+    """Switches for tests only."""
+
+    fail_at_epoch: int | None = Field(None, ge=0, description="raise when this epoch starts, unless resumed")
+
+
 class PretrainJobConfig(Strict):
     """``python -m pipeline.pretrain``: masked-patch pretraining on Ray Train, tracked in MLflow."""
 
@@ -381,6 +392,18 @@ class FinetuneModelConfig(Strict):
     freeze_encoder: bool = False
 
 
+class FinetuneAugmentConfig(AugmentConfig):
+    """Per-example augmentation (SpecAugment, noise) plus mixup, which needs the batch: with probability
+    ``mixup`` an example is mixed with another of its batch, λ ~ Beta(10, 10), targets alike (spec §1.5;
+    on stored features rather than waveforms)."""
+
+    mixup: float = Field(0.0, ge=0, le=1, description="probability that a training example is mixed")
+
+    def per_example(self) -> AugmentConfig:
+        """The part the input pipeline applies to each example."""
+        return AugmentConfig(**self.model_dump(exclude={"mixup"}))
+
+
 class FinetuneOptimConfig(Strict):
     """Adam with a separate head learning rate and the recipes' per-epoch step decay (spec §4)."""
 
@@ -403,16 +426,19 @@ class FinetuneJobConfig(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     storage_path: str
     storage: S3Config = S3Config()
-    task: Literal["esc50", "speechcommands_v1", "speechcommands_v2", "manifest"]
+    task: Literal["esc50", "speechcommands_v1", "speechcommands_v2", "audioset20k", "manifest"]
     data_root: str = Field(..., description="the dataset folder, or the manifest for task=manifest")
     features: str = Field(..., description="where the task's audio is featurized (reused when present)")
     folds: list[int] | None = Field(None, description="ESC-50-style cross-validation: the test folds to run")
     target_length: int = Field(512, ge=16)
     norm: Literal["audioset", "esc50", "speechcommands", "urban8k"] = "audioset"
-    augment: AugmentConfig = AugmentConfig()
+    augment: FinetuneAugmentConfig = FinetuneAugmentConfig()
+    loss: Literal["ce", "bce"] = Field("ce", description="softmax cross-entropy, or per-class binary cross-entropy "
+                                       "over one-/multi-hot targets (the Speech Commands and AS-20K recipes)")
     model: FinetuneModelConfig = FinetuneModelConfig()
     optim: FinetuneOptimConfig = FinetuneOptimConfig()
     batch_size: int = Field(48, ge=1)
     epochs: int = Field(50, ge=1)
     scaling: ScalingSection = ScalingSection()
     tracking: FinetuneTrackingConfig = FinetuneTrackingConfig()
+    testing: FinetuneFaultInjectionConfig = FinetuneFaultInjectionConfig()

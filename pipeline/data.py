@@ -56,7 +56,7 @@ class _FeaturizeOnTheFly:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = []
         for item in batch["source"]:
-            source = AudioSource(**json.loads(item))
+            source = AudioSource.from_dict(json.loads(item))
             try:
                 rows.extend(featurize_source(self.reader.read(source.uri), source, self.audio, self.fbank_config))
             except Exception as error:  # noqa: BLE001 - a bad file is dropped, never the epoch

@@ -138,7 +138,7 @@ class ShardFeaturizer:
         files, started, finished = [], [], []
         for shard, sources_json in zip(batch["shard"], batch["sources"]):
             started.append(time.time())
-            sources = [AudioSource(**item) for item in json.loads(sources_json)]
+            sources = [AudioSource.from_dict(item) for item in json.loads(sources_json)]
             features, quarantine = featurize_shard(sources, self.reader, self.config.audio, self.fbank_config)
             # Quarantine first: the features object is the shard's completion marker.
             self.output.join("quarantine", shard_name(int(shard))).write_bytes(_parquet_bytes(quarantine))

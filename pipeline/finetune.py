@@ -3,44 +3,65 @@
     python -m pipeline.finetune --config configs/finetune/<task>.yaml [--set model.checkpoint=s3://...]
 
 1. The task's layout is read and checked (``pipeline.tasks``); its audio goes through the featurize
-   stage once (``features``; a re-run reuses the shards).
+   stage once (``features``; a re-run reuses the shards). Clips a task lists without audio (AudioSet
+   downloads) are skipped and counted in the summary's ``missing_audio``.
 2. Splits: tasks with folds (ESC-50) run one training per test fold, named ``<name>-fold<k>``, and
-   report the mean accuracy; tasks with splits train on ``train``, select on ``validation`` and report
-   ``test`` at the selected epoch.
+   report the mean of the metric; tasks with splits train on ``train``, select on ``validation`` and
+   report ``test`` at the selected epoch (AS-20K has no test split: its eval set is the validation).
 3. Each training runs on Ray Train (DDP): the encoder (our checkpoint, an official ``.pth`` or random
    init) moved to the fine-tuning grid, mean or [CLS] pooling, ``LayerNorm → Linear``; Adam with a
-   head learning-rate multiplier and per-epoch step decay; cross-entropy; accuracy every epoch to
-   MLflow; the best epoch's checkpoint kept (by validation accuracy).
+   head learning-rate multiplier and per-epoch step decay; one-/multi-hot float targets, in-batch
+   mixup (``augment.mixup``) and cross-entropy or binary cross-entropy (``loss``); the task's metric
+   every epoch to MLflow (``val_accuracy``/``test_accuracy``, or ``val_mAP`` for AudioSet); the best
+   epoch's checkpoint kept by :func:`validation_metric`.
 
-Waveform mixup is not applied: the featurize-once path stores fbanks, not waveforms.
+Mixup mixes batches of finished examples (normalised, augmented log-mel features) with partners from
+the same batch, where the official loader mixes waveforms with partners from the whole dataset: the
+featurize-once path stores fbanks, not waveforms.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline import featurize
 from pipeline.config import (
-    ExamplesConfig, FeaturizeConfig, FinetuneJobConfig, InputConfig, flatten, public_dict, run_command,
+    AugmentConfig, ExamplesConfig, FeaturizeConfig, FinetuneJobConfig, InputConfig, flatten, public_dict, run_command,
 )
 from pipeline.data import examples_dataset
 from pipeline.sources import AudioSource, SourceError
 from pipeline.storage import resolve
 from pipeline.tasks import TaskData, read_task
 from pipeline.tracking import RunTracker, resolve_tracking_uri
-from pipeline.trainer import report, restored_state, torch_trainer
+from pipeline.trainer import TrainWorker, TuneTrial, torch_trainer
 from ssamba import AudioClassifier, ClassifierConfig, EncoderConfig, PatchGrid, SSAMBAEncoder
 from ssamba.checkpoint import load_encoder_weights
+from ssamba.features import mix_batch
 from ssamba.finetune import encoder_on_grid
+from ssamba.metrics import accuracy, mean_average_precision
+
+METRICS = {"accuracy": accuracy, "mAP": mean_average_precision}
+LOSSES = {"ce": F.cross_entropy, "bce": F.binary_cross_entropy_with_logits}  # both take float (soft) targets
+
+
+def metric_name(config: FinetuneJobConfig) -> str:
+    """The task's metric (spec §4): mAP for multi-label AudioSet, accuracy for the single-label tasks."""
+    return "mAP" if config.task == "audioset20k" else "accuracy"
+
+
+def validation_metric(config: FinetuneJobConfig) -> str:
+    """The reported metric (higher is better) that selects the best epoch: ``val_accuracy`` or ``val_mAP``."""
+    return f"val_{metric_name(config)}"
+
 
 def prepare(config: FinetuneJobConfig) -> TaskData:
     """Read the task and featurize its audio (resuming whatever an earlier run wrote)."""
@@ -64,48 +85,69 @@ def build_classifier(config: FinetuneJobConfig, num_classes: int) -> AudioClassi
     return AudioClassifier(encoder, ClassifierConfig(num_classes, config.model.pooling, config.model.freeze_encoder))
 
 
-def _targets(batch: dict[str, np.ndarray], classes: list[str]) -> dict[str, np.ndarray]:
-    index = {name: i for i, name in enumerate(classes)}
-    return {"fbank": batch["fbank"], "target": np.array([index[label] for label in batch["label"]], dtype=np.int64)}
+def _with_targets(batch: dict[str, np.ndarray], positives: dict[str, list[int]],
+                  num_classes: int) -> dict[str, np.ndarray]:
+    """Keep the rows of one subset, each with its float multi-hot target (one-hot for single-label tasks).
+
+    Targets come from the task's sources by URI, not from the stored features, so a featurize run
+    serves any labelling of the same audio."""
+    keep = np.array([uri in positives for uri in batch["uri"]], dtype=bool)
+    target = np.zeros((int(keep.sum()), num_classes), dtype=np.float32)
+    for row, uri in enumerate(batch["uri"][keep]):
+        target[row, positives[uri]] = 1.0
+    return {"fbank": batch["fbank"][keep], "target": target}
 
 
 def _subset(config: FinetuneJobConfig, sources: list[AudioSource], classes: list[str], train: bool) -> ray.data.Dataset:
     examples = ExamplesConfig(features=config.features, target_length=config.target_length, norm=config.norm,
-                              augment=config.augment if train else {}, shuffle=train)
-    uris = {source.uri for source in sources}
-    return (examples_dataset(examples, config.storage)
-            .filter(lambda row: row["uri"] in uris)
-            .map_batches(_targets, fn_kwargs={"classes": classes}))
+                              augment=config.augment.per_example() if train else AugmentConfig(), shuffle=train)
+    index = {name: i for i, name in enumerate(classes)}
+    positives = {source.uri: [index[name] for name in source.targets] for source in sources}
+    return examples_dataset(examples, config.storage).map_batches(
+        _with_targets, fn_kwargs={"positives": positives, "num_classes": len(classes)})
 
 
-def _accuracy(model, shard, batch_size: int, device) -> float:
-    correct = torch.zeros(2, dtype=torch.float64, device=device)
+def _gather(rows: torch.Tensor) -> torch.Tensor:
+    """Every worker's ``rows``, concatenated (workers may hold different numbers of rows)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return rows
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    padded = F.pad(rows, (0, 0, 0, int(torch.cat(counts).max()) - rows.shape[0]))
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, counts)])
+
+
+def _evaluate(model, shard, batch_size: int, device, metric: str, num_classes: int) -> float:
+    """``metric`` over the whole split: mAP needs every example's scores, not per-worker partial sums."""
     model.eval()
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
-            correct[0] += (model(batch["fbank"]).argmax(dim=-1) == batch["target"]).sum()
-            correct[1] += batch["target"].shape[0]
+        rows = [torch.cat([model(batch["fbank"]).float(), batch["target"]], dim=1)
+                for batch in shard.iter_torch_batches(batch_size=batch_size, device=device)]
     model.train()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(correct)
-    return (correct[0] / correct[1].clamp_min(1)).item()
+    rows = _gather(torch.cat(rows) if rows else torch.empty(0, 2 * num_classes, device=device))
+    return METRICS[metric](rows[:, :num_classes], rows[:, num_classes:])
 
 
-def train_loop(loop_config: dict) -> None:
+def fit(loop_config: dict, session: TrainWorker | TuneTrial) -> None:
+    """The fine-tuning loop, wherever it runs: a Ray Train worker (``pipeline.finetune``) or a Tune
+    trial (``pipeline.tune``). Restores the last checkpoint, then trains epoch by epoch, reporting the
+    task's metrics (and a checkpoint) after each."""
     config: FinetuneJobConfig = loop_config["config"]
     classes, run_name = loop_config["classes"], loop_config["run_name"]
-    rank = ray.train.get_context().get_world_rank()
-    device = ray.train.torch.get_device()
+    rank, device = session.rank, session.device
     torch.manual_seed(rank)
     classifier = build_classifier(config, len(classes))
     head, encoder = list(classifier.mlp_head.parameters()), list(classifier.encoder.parameters())
-    model = ray.train.torch.prepare_model(classifier)
+    model = session.prepare_model(classifier)
     groups = [{"params": head, "lr": config.optim.lr * config.optim.head_lr_multiplier, "base_lr": config.optim.lr * config.optim.head_lr_multiplier}]
     if not config.model.freeze_encoder:
         groups.append({"params": encoder, "lr": config.optim.lr, "base_lr": config.optim.lr})
     optimizer = torch.optim.Adam(groups, weight_decay=config.optim.weight_decay, betas=config.optim.betas)
     start_epoch = 0
-    state = restored_state()
+    state = session.restored_state()
     if state is not None:
         getattr(model, "module", model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -113,76 +155,129 @@ def train_loop(loop_config: dict) -> None:
     tracker = None
     if rank == 0:
         tracker = RunTracker(loop_config["tracking_uri"], config.tracking.experiment, run_name,
-                             tags={"task": config.task, "classes": str(len(classes))})
+                             tags={"task": config.task, "classes": str(len(classes))},
+                             parent_run_id=loop_config["parent_run_id"])
         if not tracker.resumed:
             tracker.log_params(flatten(public_dict(config)))
-    train_shard, eval_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("eval")
-    test_shard = ray.train.get_dataset_shard("test") if loop_config["has_test"] else None
+    train_shard, eval_shard = session.dataset("train"), session.dataset("eval")
+    test_shard = session.dataset("test") if loop_config["has_test"] else None
+    metric, loss_function = metric_name(config), LOSSES[config.loss]
     for epoch in range(start_epoch, config.epochs):
+        if config.testing.fail_at_epoch == epoch and state is None:
+            raise RuntimeError(f"injected failure at epoch {epoch} (testing.fail_at_epoch)")
         decays = 0 if epoch < config.optim.decay_start_epoch else (epoch - config.optim.decay_start_epoch) // config.optim.decay_every + 1
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * config.optim.decay**decays
-        losses = []
+        losses, mixing = [], np.random.default_rng([rank, epoch])
         for batch in train_shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True, device=device):
-            loss = F.cross_entropy(model(batch["fbank"]), batch["target"])
+            features, targets = mix_batch(batch["fbank"], batch["target"], config.augment.mixup, mixing)
+            loss = loss_function(model(features), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   "val_accuracy": _accuracy(model, eval_shard, config.batch_size, device)}
+                   f"val_{metric}": _evaluate(model, eval_shard, config.batch_size, device, metric, len(classes))}
         if test_shard is not None:
-            metrics["test_accuracy"] = _accuracy(model, test_shard, config.batch_size, device)
+            metrics[f"test_{metric}"] = _evaluate(model, test_shard, config.batch_size, device, metric, len(classes))
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, epoch)
-        report(metrics, lambda: {"model": getattr(model, "module", model).state_dict(),
-                                 "optimizer": optimizer.state_dict(), "epoch": epoch, "classes": classes},
-               f"epoch-{epoch:04d}")
+        session.report(metrics, lambda: {"model": getattr(model, "module", model).state_dict(),
+                                         "optimizer": optimizer.state_dict(), "epoch": epoch, "classes": classes},
+                       f"epoch-{epoch:04d}")
     if tracker is not None:
         tracker.finish()
 
 
-def train_once(config: FinetuneJobConfig, run_name: str, classes: list[str], train: list[AudioSource],
-               evaluate: list[AudioSource], test: list[AudioSource] | None) -> ray.train.Result:
-    storage = resolve(config.storage_path, config.storage)
-    datasets = {"train": _subset(config, train, classes, True), "eval": _subset(config, evaluate, classes, False)}
-    if test:
-        datasets["test"] = _subset(config, test, classes, False)
+def train_loop(loop_config: dict) -> None:
+    fit(loop_config, TrainWorker())
+
+
+@dataclass(frozen=True)
+class Split:
+    """One training: the sources it trains on, selects the best epoch on, and tests that epoch on."""
+
+    suffix: str  # of the run name: "-fold<k>" for a cross-validation fold
+    train: list[AudioSource]
+    evaluate: list[AudioSource]
+    test: list[AudioSource] | None
+
+
+def splits(config: FinetuneJobConfig, data: TaskData) -> list[Split]:
+    """One split per test fold (``folds``, default all) for tasks with folds, else train/validation/test."""
+    folds = sorted({s.fold for s in data.sources if s.fold is not None})
+    if folds:
+        return [Split(f"-fold{fold}", [s for s in data.sources if s.fold != fold], data.fold(fold), None)
+                for fold in config.folds or folds]
+    if not data.split("train") or not data.split("validation"):
+        raise SourceError(f"task {config.task}: needs folds, or train and validation splits")
+    return [Split("", data.split("train"), data.split("validation"), data.split("test") or None)]
+
+
+def _datasets(config: FinetuneJobConfig, classes: list[str], split: Split) -> dict[str, ray.data.Dataset]:
+    datasets = {"train": _subset(config, split.train, classes, True), "eval": _subset(config, split.evaluate, classes, False)}
+    if split.test:
+        datasets["test"] = _subset(config, split.test, classes, False)
+    return datasets
+
+
+def _loop_config(config: FinetuneJobConfig, run_name: str, classes: list[str], split: Split,
+                 parent_run_id: str | None) -> dict:
+    return {"config": config, "classes": classes, "run_name": run_name, "has_test": bool(split.test),
+            "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri), "parent_run_id": parent_run_id}
+
+
+def train_once(config: FinetuneJobConfig, classes: list[str], split: Split,
+               parent_run_id: str | None = None) -> ray.train.Result:
+    """One split on Ray Train, named ``<name><suffix>`` (a relaunch resumes it)."""
+    run_name = config.name + split.suffix
     trainer = torch_trainer(
-        train_loop,
-        {"config": config, "classes": classes, "run_name": run_name, "has_test": bool(test),
-         "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri)},
-        run_name, storage, config.scaling, datasets,
-        ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_accuracy",
+        train_loop, _loop_config(config, run_name, classes, split, parent_run_id),
+        run_name, resolve(config.storage_path, config.storage), config.scaling, _datasets(config, classes, split),
+        ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=validation_metric(config),
                                    checkpoint_score_order="max"),
     )
     return trainer.fit()
 
 
-def best_metrics(result: ray.train.Result) -> dict:
-    """The reported metrics of the epoch with the best validation accuracy (its checkpoint is kept)."""
-    return max((metrics for _, metrics in result.best_checkpoints), key=lambda metrics: metrics["val_accuracy"])
+def train_in_trial(config: FinetuneJobConfig, data: TaskData, parent_run_id: str) -> None:
+    """One fine-tuning inside the current Tune trial, named ``name`` in MLflow (a fine-tuning sweep)."""
+    trial_splits = splits(config, data)
+    if len(trial_splits) != 1:
+        raise SourceError(f"task {config.task} has {len(trial_splits)} folds: a sweep trial trains one, "
+                          "set finetune.folds to one test fold")
+    (split,) = trial_splits
+    fit(_loop_config(config, config.name, data.classes, split, parent_run_id),
+        TuneTrial(_datasets(config, data.classes, split)))
+
+
+def best_metrics(result: ray.train.Result, selector: str) -> dict:
+    """The reported metrics of the epoch with the best ``selector`` metric (its checkpoint is kept)."""
+    return max((metrics for _, metrics in result.best_checkpoints), key=lambda metrics: metrics[selector])
+
+
+def evaluate(config: FinetuneJobConfig, data: TaskData, parent_run_id: str | None = None) -> dict:
+    """Train every split of a prepared task; the summary names the task's metric: per fold and
+    ``mean_<metric>``, or the selected epoch's ``validation_<metric>`` and ``test_<metric>``; plus
+    ``missing_audio`` per split and ``selected``: the validation score that ranks encoders and recipes."""
+    metric, selector = metric_name(config), validation_metric(config)
+    best = {split.suffix: best_metrics(train_once(config, data.classes, split, parent_run_id), selector)
+            for split in splits(config, data)}
+    if list(best) != [""]:
+        folds = {suffix.lstrip("-"): metrics[selector] for suffix, metrics in best.items()}
+        mean = float(np.mean(list(folds.values())))
+        return {"folds": folds, f"mean_{metric}": mean, "selected": mean, "missing_audio": data.missing_audio}
+    chosen = best[""]
+    return {"best_epoch": int(chosen["epoch"]), f"validation_{metric}": chosen[selector],
+            f"test_{metric}": chosen.get(f"test_{metric}"), "selected": chosen[selector],
+            "missing_audio": data.missing_audio}
 
 
 def run(config: FinetuneJobConfig) -> dict:
-    """Fine-tune as configured; returns the summary (per fold or the selected epoch's test accuracy)."""
+    """Fine-tune as configured (see :func:`evaluate` for the summary)."""
     if not ray.is_initialized():
         ray.init()
-    data = prepare(config)
-    folds = sorted({s.fold for s in data.sources if s.fold is not None})
-    if folds:
-        results = {}
-        for fold in config.folds or folds:
-            best = best_metrics(train_once(config, f"{config.name}-fold{fold}", data.classes,
-                                           [s for s in data.sources if s.fold != fold], data.fold(fold), None))
-            results[f"fold{fold}"] = best["val_accuracy"]
-        return {"folds": results, "mean_accuracy": float(np.mean(list(results.values())))}
-    if not data.split("train") or not data.split("validation"):
-        raise SourceError(f"task {config.task}: needs folds, or train and validation splits")
-    best = best_metrics(train_once(config, config.name, data.classes, data.split("train"), data.split("validation"),
-                                   data.split("test") or None))
-    return {"best_epoch": int(best["epoch"]), "validation_accuracy": best["val_accuracy"],
-            "test_accuracy": best.get("test_accuracy")}
+    return evaluate(config, prepare(config))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,8 +34,10 @@ from pipeline.config import PretrainJobConfig, flatten, public_dict, run_command
 from pipeline.data import examples_dataset
 from pipeline.storage import resolve
 from pipeline.tracking import RunTracker, resolve_tracking_uri
-from pipeline.trainer import report, restored_state, torch_trainer
+from pipeline.trainer import TrainWorker, torch_trainer
 from ssamba import EncoderConfig, PatchGrid, PretrainConfig, SSAMBAEncoder, SSAMBAPretrainModel, save_checkpoint
+
+ENCODER_FILE = "ssamba_encoder.pt"
 
 # --------------------------------------------------------------------------------------------------
 # Model and learning-rate schedule
@@ -112,7 +114,7 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def _restore(model, optimizer, schedule: LearningRate, mask_rng: random.Random) -> Progress:
-    state = restored_state()
+    state = TrainWorker().restored_state()
     if state is None:
         return Progress()
     _unwrap(model).load_state_dict(state["model"])
@@ -200,7 +202,8 @@ def train_loop(loop_config: dict) -> None:
     tracker = None
     if rank == 0:
         tracker = RunTracker(loop_config["tracking_uri"], config.tracking.experiment, config.name,
-                             tags={"checkpoint_location": loop_config["checkpoint_location"]})
+                             tags={"checkpoint_location": loop_config["checkpoint_location"]},
+                             parent_run_id=loop_config.get("parent_run_id"))
         if not tracker.resumed:
             tracker.log_params({**flatten(public_dict(config)), "global_batch_size": config.global_batch_size,
                                 "world_size": world, "encoder_parameters": sum(p.numel() for p in _unwrap(model).encoder.parameters())})
@@ -208,8 +211,8 @@ def train_loop(loop_config: dict) -> None:
         tracker.set_tags({"resumed_from_step": str(progress.step)} if progress.restored else {})
 
     def checkpoint_and_report(metrics: dict) -> None:
-        report(metrics, lambda: _checkpoint_state(model, optimizer, schedule, mask_rng, progress, config),
-               f"step-{progress.step:08d}")
+        TrainWorker().report(metrics, lambda: _checkpoint_state(model, optimizer, schedule, mask_rng, progress, config),
+                             f"step-{progress.step:08d}")
 
     train_shard = ray.train.get_dataset_shard("train")
     tokens_per_clip = _unwrap(model).grid.num_patches + 1
@@ -266,9 +269,10 @@ def train_loop(loop_config: dict) -> None:
 
     if tracker is not None:
         with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "ssamba_encoder.pt"
+            path = Path(folder) / ENCODER_FILE
             inner = _unwrap(model)
             save_checkpoint(path, inner, inner.encoder.config, inner.config, metadata={"step": progress.step, "run": config.name})
+            resolve(encoder_uri(config), config.storage).write_bytes(path.read_bytes())
             tracker.log_file(path, "model")
         tracker.log_dict(inner.encoder.config.to_dict(), "model/encoder_config.json")
         tracker.finish()
@@ -279,8 +283,15 @@ def train_loop(loop_config: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def run(config: PretrainJobConfig) -> ray.train.Result:
-    """Launch (or resume) the named run and wait for it."""
+def encoder_uri(config: PretrainJobConfig) -> str:
+    """Where a finished run leaves its weights for fine-tuning (``model.checkpoint`` of a finetune job)."""
+    return resolve(config.storage_path, config.storage).join(config.name, ENCODER_FILE).uri
+
+
+def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | None = None,
+        parent_run_id: str | None = None) -> ray.train.Result:
+    """Launch (or resume) the named run and wait for it. A sweep trial passes Tune's report callback
+    and its parent MLflow run (the run is then nested under the sweep's)."""
     if not ray.is_initialized():
         ray.init()
     storage = resolve(config.storage_path, config.storage)
@@ -290,11 +301,12 @@ def run(config: PretrainJobConfig) -> ray.train.Result:
     trainer = torch_trainer(
         train_loop,
         {"config": config, "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri),
-         "checkpoint_location": storage.join(config.name).uri},
+         "checkpoint_location": storage.join(config.name).uri, "parent_run_id": parent_run_id},
         config.name, storage, config.scaling, datasets,
         ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
         # glibc would otherwise fragment the heap with the CPU scan's large temporaries.
         worker_env={"MALLOC_MMAP_THRESHOLD_": str(16 * 1024 * 1024)},
+        callbacks=callbacks,
     )
     return trainer.fit()
 
@@ -305,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return "\n".join([
             f"pretraining {config.name}: finished at step {result.metrics.get('step')}",
             f"  checkpoints: {resolve(config.storage_path, config.storage).join(config.name)}",
+            f"  encoder for fine-tuning: {encoder_uri(config)}",
             f"  compare runs: mlflow ui --backend-store-uri {resolve_tracking_uri(config.tracking.tracking_uri)}",
         ])
 

@@ -1,7 +1,8 @@
 """Which audio files a job reads: every file under a prefix, or the rows of a manifest.
 
 A manifest is CSV (header row) or JSON Lines with a ``uri`` per row and optional ``label``,
-``split`` and ``fold``. Relative URIs are resolved against the manifest's own folder, so a dataset
+``split``, ``fold`` and ``labels`` (the classes of a multi-label clip: a JSON list, or one
+comma-separated CSV field). Relative URIs are resolved against the manifest's own folder, so a dataset
 folder with its manifest can be moved or uploaded as a whole.
 """
 
@@ -26,13 +27,30 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True, order=True)
 class AudioSource:
+    """One audio file; ``label`` for single-label tasks, ``labels`` (every positive class) for multi-label ones."""
+
     uri: str
     label: str | None = None
     split: str | None = None
     fold: int | None = None
+    labels: tuple[str, ...] = ()
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The positive classes, whichever way the source is labelled."""
+        return self.labels or ((self.label,) if self.label is not None else ())
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """A manifest row; ``labels`` only when there are some, so single-label rows (and the featurize
+        fingerprints made of them) are what they were before multi-label sources existed."""
+        row = asdict(self)
+        if not self.labels:
+            del row["labels"]
+        return row
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "AudioSource":
+        return cls(**{**row, "labels": tuple(row.get("labels", ()))})
 
 
 def list_sources(config: InputConfig, storage: S3Config) -> list[AudioSource]:
@@ -102,9 +120,9 @@ def _manifest_row(manifest_uri: str, number: int, row: dict) -> AudioSource:
     where = f"{manifest_uri} line {number}"
     if not isinstance(row, dict) or not row.get("uri"):
         raise SourceError(f"{where}: every row needs a 'uri'")
-    unknown = set(row) - {"uri", "label", "split", "fold"}
+    unknown = set(row) - {"uri", "label", "split", "fold", "labels"}
     if unknown:
-        raise SourceError(f"{where}: unknown columns {sorted(unknown)} (allowed: uri, label, split, fold)")
+        raise SourceError(f"{where}: unknown columns {sorted(unknown)} (allowed: uri, label, split, fold, labels)")
     fold = row.get("fold")
     if fold not in (None, ""):
         try:
@@ -119,4 +137,16 @@ def _manifest_row(manifest_uri: str, number: int, row: dict) -> AudioSource:
         label=None if label in (None, "") else str(label),
         split=row.get("split") or None,
         fold=fold,
+        labels=_labels(where, row.get("labels")),
     )
+
+
+def _labels(where: str, value: object) -> tuple[str, ...]:
+    """A multi-label row's classes: a JSON list of strings, or a comma-separated CSV field."""
+    if value in (None, ""):
+        return ()
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",")]
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise SourceError(f"{where}: labels must be a list of class names, got {value!r}")
+    return tuple(value)

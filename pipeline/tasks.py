@@ -5,6 +5,14 @@ Each reader checks the layout it expects and says exactly what is missing, befor
 * ``esc50``: ``meta/esc50.csv`` (``filename, fold, target, category, ...``) and ``audio/``; five folds.
 * ``speechcommands_v1`` / ``speechcommands_v2``: one folder per word (30 / 35 words, plus the ignored
   ``_background_noise_``), ``validation_list.txt`` and ``testing_list.txt``; everything else trains.
+* ``audioset20k``: AudioSet's ``class_labels_indices.csv`` (``index, mid, display_name``; the classes
+  are the mids in index order), the official segment lists ``balanced_train_segments.csv`` and
+  ``eval_segments.csv`` (``#`` comment lines; rows ``YTID, start_seconds, end_seconds,
+  "positive_labels"``) and the clips as ``audio/balanced_train/<YTID>.<ext>`` and
+  ``audio/eval/<YTID>.<ext>`` (any audio extension; each file holds its segment, as download scripts
+  save them). Multi-label. ``balanced_train`` trains and ``eval`` is the validation split that selects
+  the model; there is no separate test split. Downloads always miss some clips: a listed segment
+  without a file is skipped and counted in ``TaskData.missing_audio``, not an error.
 * ``manifest``: any CSV/JSONL manifest with ``uri``, ``label`` and optional ``split``/``fold``.
 """
 
@@ -12,16 +20,20 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
-from pipeline.config import InputConfig, S3Config
+from pipeline.config import AUDIO_EXTENSIONS, InputConfig, S3Config
 from pipeline.sources import AudioSource, SourceError, list_sources
 from pipeline.storage import Location, resolve
 
 SPEECH_COMMANDS_WORDS = {"speechcommands_v1": 30, "speechcommands_v2": 35}
 BACKGROUND_NOISE = "_background_noise_"
+AUDIOSET_SPLITS = {"train": "balanced_train", "validation": "eval"}  # our split → AudioSet's list and folder
+
+log = logging.getLogger(__name__)
 
 
 class LayoutError(SourceError):
@@ -30,8 +42,11 @@ class LayoutError(SourceError):
 
 @dataclass(frozen=True)
 class TaskData:
+    """A task's sources and classes; ``missing_audio`` counts listed clips without a file, per split."""
+
     sources: list[AudioSource]
     classes: list[str]
+    missing_audio: dict[str, int] = field(default_factory=dict)
 
     def split(self, name: str) -> list[AudioSource]:
         return [source for source in self.sources if source.split == name]
@@ -92,6 +107,57 @@ def read_speech_commands(root: str, storage: S3Config, task: str) -> TaskData:
     return TaskData(sorted(sources), words)
 
 
+def _audioset_classes(csv_file: Location) -> list[str]:
+    rows = list(csv.DictReader(io.StringIO(csv_file.read_bytes().decode("utf-8"))))
+    missing_columns = {"index", "mid", "display_name"} - set(rows[0] if rows else {})
+    if missing_columns:
+        raise LayoutError(f"AudioSet layout: class_labels_indices.csv lacks the columns {sorted(missing_columns)}")
+    return [row["mid"] for row in sorted(rows, key=lambda row: int(row["index"]))]
+
+
+def _audioset_segments(csv_file: Location, name: str) -> dict[str, tuple[str, ...]]:
+    """YTID → positive mids of an official segments CSV."""
+    segments = {}
+    for number, line in enumerate(csv_file.read_bytes().decode("utf-8").splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        row = next(csv.reader([line], skipinitialspace=True))
+        if len(row) != 4:
+            raise LayoutError(f"AudioSet layout: {name} line {number}: expected "
+                              f'YTID, start_seconds, end_seconds, "positive_labels", got {line!r}')
+        segments[row[0]] = tuple(mid.strip() for mid in row[3].split(",") if mid.strip())
+    return segments
+
+
+def _audio_files(folder: Location) -> dict[str, str]:
+    """File stem → path of the audio files directly in ``folder``."""
+    entries = folder.filesystem.get_file_info(pafs.FileSelector(folder.path))
+    return {e.base_name.rsplit(".", 1)[0]: e.path for e in sorted(entries, key=lambda e: e.path)
+            if e.type == pafs.FileType.File and e.extension.lower() in AUDIO_EXTENSIONS}
+
+
+def read_audioset(root: str, storage: S3Config) -> TaskData:
+    location = resolve(root, storage)
+    classes = _audioset_classes(_require(location, "class_labels_indices.csv", "AudioSet", pafs.FileType.File))
+    known = set(classes)
+    sources, missing = [], {}
+    for split, name in AUDIOSET_SPLITS.items():
+        segments = _audioset_segments(_require(location, f"{name}_segments.csv", "AudioSet", pafs.FileType.File),
+                                      f"{name}_segments.csv")
+        files = _audio_files(_require(location, f"audio/{name}", "AudioSet", pafs.FileType.Directory))
+        unknown = sorted({mid for mids in segments.values() for mid in mids} - known)
+        if unknown:
+            raise LayoutError(f"AudioSet layout: {name}_segments.csv uses {len(unknown)} labels that "
+                              f"class_labels_indices.csv lacks, e.g. {unknown[:3]}")
+        missing[split] = sum(ytid not in files for ytid in segments)
+        if missing[split]:
+            log.warning("AudioSet: %d of the %d segments of %s_segments.csv have no audio under audio/%s/; skipped",
+                        missing[split], len(segments), name, name)
+        sources += [AudioSource(_uri(location, files[ytid]), split=split, labels=mids)
+                    for ytid, mids in segments.items() if ytid in files]
+    return TaskData(sorted(sources), classes, missing)
+
+
 def read_manifest_task(manifest: str, storage: S3Config) -> TaskData:
     sources = list_sources(InputConfig(manifest=manifest), storage)
     unlabelled = [source.uri for source in sources if source.label is None]
@@ -106,6 +172,9 @@ def read_task(task: str, root: str, storage: S3Config) -> TaskData:
         return read_esc50(root, storage)
     if task in SPEECH_COMMANDS_WORDS:
         return read_speech_commands(root, storage, task)
+    if task == "audioset20k":
+        return read_audioset(root, storage)
     if task == "manifest":
         return read_manifest_task(root, storage)
-    raise LayoutError(f"unknown task {task!r}; choose from esc50, speechcommands_v1, speechcommands_v2, manifest")
+    raise LayoutError(f"unknown task {task!r}; choose from esc50, speechcommands_v1, speechcommands_v2, "
+                      "audioset20k, manifest")

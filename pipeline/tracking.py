@@ -73,6 +73,11 @@ class RunTracker:
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
 
+    def log_table(self, table, file_name: str) -> None:
+        """A pandas DataFrame as ``{"columns": [...], "data": [...]}`` JSON, replaced on every call
+        (MLflow's own ``log_table`` appends to an existing table: a resumed run would repeat rows)."""
+        self.log_bytes(table.to_json(orient="split", index=False).encode(), file_name)
+
     def log_figure(self, figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 

@@ -1,7 +1,9 @@
-"""What every Ray Train job here shares: building the ``TorchTrainer`` and reporting a checkpoint.
+"""What every training job here shares: building the ``TorchTrainer``, and the place a training loop
+runs in — a Ray Train worker or a Ray Tune trial — behind one small interface.
 
-Checkpoints live under ``<storage_path>/<name>`` (local or S3): a run relaunched with the same name
-resumes from them, and ``scaling.max_failures`` restarts a failed worker group from the last one.
+Checkpoints of Ray Train runs live under ``<storage_path>/<name>`` (local or S3): a run relaunched
+with the same name resumes from them, and ``scaling.max_failures`` restarts a failed worker group
+from the last one. A Tune trial's checkpoints live with its sweep and are restored with it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Callable
 import ray.data
 import ray.train
 import ray.train.torch
+import ray.tune
 import torch
 
 from pipeline.config import ScalingSection
@@ -30,8 +33,10 @@ def torch_trainer(
     datasets: dict[str, ray.data.Dataset],
     checkpoint_config: ray.train.CheckpointConfig,
     worker_env: dict[str, str] | None = None,
+    callbacks: list[ray.train.UserCallback] | None = None,
 ) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer whose every dataset is split across the workers."""
+    """A TorchTrainer whose every dataset is split across the workers. ``callbacks``: Train callbacks,
+    e.g. Tune's ``TuneReportCallback`` when a sweep trial drives the run."""
     return ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -45,26 +50,79 @@ def torch_trainer(
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=checkpoint_config,
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),
     )
 
 
-def report(metrics: dict, state: Callable[[], dict] | None, checkpoint_dir_name: str) -> None:
-    """``ray.train.report`` on every rank (it is a barrier); rank 0 passes ``state()`` as the checkpoint."""
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if state is not None and ray.train.get_context().get_world_rank() == 0:
-            torch.save(state(), Path(folder) / STATE_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name)
+def _saved(state: dict, folder: str) -> str:
+    torch.save(state, Path(folder) / STATE_FILE)
+    return folder
 
 
-def restored_state() -> dict | None:
-    """The state saved by :func:`report` in the run's last checkpoint, if the run has one."""
-    checkpoint = ray.train.get_checkpoint()
+def _loaded(checkpoint: ray.train.Checkpoint | None) -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
         return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+class TrainWorker:
+    """A training loop inside a Ray Train worker: DDP across the run's workers, the datasets split
+    between them, reports from every rank with rank 0's checkpoint."""
+
+    @property
+    def rank(self) -> int:
+        return ray.train.get_context().get_world_rank()
+
+    @property
+    def device(self) -> torch.device:
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model)
+
+    def dataset(self, name: str):
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict, state: Callable[[], dict] | None, checkpoint_dir_name: str) -> None:
+        """``ray.train.report`` on every rank (it is a barrier); rank 0 passes ``state()`` as the checkpoint."""
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if state is not None and self.rank == 0:
+                checkpoint = ray.train.Checkpoint.from_directory(_saved(state(), folder))
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name)
+
+    def restored_state(self) -> dict | None:
+        """The state saved by :meth:`report` in the run's last checkpoint, if the run has one."""
+        return _loaded(ray.train.get_checkpoint())
+
+
+class TuneTrial:
+    """A training loop inside a Ray Tune trial: one process on the trial's resources, whole datasets,
+    every report a Tune result (what ASHA decides on) with a checkpoint to restore the trial from."""
+
+    rank = 0
+
+    def __init__(self, datasets: dict[str, ray.data.Dataset]) -> None:
+        self.datasets = datasets
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def dataset(self, name: str):
+        return self.datasets[name]
+
+    def report(self, metrics: dict, state: Callable[[], dict] | None, checkpoint_dir_name: str) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = ray.tune.Checkpoint.from_directory(_saved(state(), folder)) if state is not None else None
+            ray.tune.report(metrics, checkpoint=checkpoint)
+
+    def restored_state(self) -> dict | None:
+        return _loaded(ray.tune.get_checkpoint())

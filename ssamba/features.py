@@ -5,7 +5,8 @@ SSAMBA compute with ``torchaudio.compliance.kaldi.fbank`` (spec §1.2). Batching
 featurize many clips at once on a CPU worker or a GPU; the test suite checks it against torchaudio.
 
 Order of operations used by the official data loader (spec §1.5):
-mixup (waveform) → fbank → crop/pad → SpecAugment → normalise → noise.
+mixup (waveform) → fbank → crop/pad → SpecAugment → normalise → noise. Here features are stored once,
+so mixup acts on batches of finished examples instead (:func:`mix_batch`).
 """
 
 from __future__ import annotations
@@ -227,21 +228,24 @@ def add_noise(features: torch.Tensor, generator: torch.Generator | None = None) 
     return torch.roll(features + noise * scale, shifts=shift, dims=-2)
 
 
-def sample_mixup_lambda(rng: np.random.Generator, alpha: float = 10.0) -> float:
-    """λ ~ Beta(10, 10), the official mixup weight."""
-    return float(rng.beta(alpha, alpha))
+def mix_batch(
+    features: torch.Tensor, targets: torch.Tensor, probability: float, generator: np.random.Generator,
+    alpha: float = 10.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-batch mixup of examples and their float (one-/multi-hot) targets.
 
+    Each example is, with ``probability``, mixed with another example of the batch drawn uniformly:
+    ``λ·x_i + (1−λ)·x_j`` and ``λ·y_i + (1−λ)·y_j`` with λ ~ Beta(alpha, alpha) (the official 10, 10).
+    The official loader mixes waveforms with partners from the whole dataset (spec §1.5); stored
+    fbanks leave the batch as the pool and the finished features as what is mixed."""
+    size = features.shape[0]
+    if size < 2 or probability <= 0:
+        return features, targets
+    partner = (np.arange(size) + generator.integers(1, size, size)) % size  # never the example itself
+    lam = np.where(generator.random(size) < probability, generator.beta(alpha, alpha, size), 1.0)
 
-def mix_waveforms(first: torch.Tensor, second: torch.Tensor, lam: float) -> torch.Tensor:
-    """Waveform mixup of two mono clips: both DC-removed, the partner zero-padded or cut to the
-    first clip's length, ``λ·first + (1−λ)·second``, DC removed again (spec §1.5)."""
-    first, second = remove_dc(first), remove_dc(second)
-    if second.shape[-1] < first.shape[-1]:
-        second = torch.nn.functional.pad(second, (0, first.shape[-1] - second.shape[-1]))
-    second = second[..., : first.shape[-1]]
-    return remove_dc(lam * first + (1.0 - lam) * second)
+    def mix(values: torch.Tensor) -> torch.Tensor:
+        weight = torch.as_tensor(lam, dtype=values.dtype, device=values.device).view(-1, *[1] * (values.dim() - 1))
+        return weight * values + (1.0 - weight) * values[torch.as_tensor(partner, device=values.device)]
 
-
-def mix_labels(first: torch.Tensor, second: torch.Tensor, lam: float) -> torch.Tensor:
-    """Label mixup matching :func:`mix_waveforms` (additive over multi-hot targets)."""
-    return lam * first + (1.0 - lam) * second
+    return mix(features), mix(targets)

@@ -169,3 +169,17 @@ def pretrain_features(ray_cluster, tmp_path_factory) -> str:
     output = tmp_path_factory.mktemp("pretrain-features")
     featurize.run(load_config(FeaturizeConfig, None, [f"input.uri={audio}", f"output={output}"]))
     return str(output)
+
+
+@pytest.fixture(scope="session")
+def small_encoder(tmp_path_factory) -> str:
+    """A small random encoder checkpoint (width 32, 2 blocks): the starting point of fine-tuning tests."""
+    import torch
+
+    from ssamba import EncoderConfig, PatchGrid, SSAMBAEncoder, save_checkpoint
+
+    torch.manual_seed(0)
+    config = EncoderConfig(embed_dim=32, depth=2, grid=PatchGrid(target_length=128))
+    path = tmp_path_factory.mktemp("encoder") / "encoder.pt"
+    save_checkpoint(path, SSAMBAEncoder(config), config)
+    return str(path)

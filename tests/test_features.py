@@ -113,12 +113,24 @@ def test_add_noise_is_small_positive_and_rolls_time():
     assert (noise >= 0).all() and (noise < 0.1).all()
 
 
-def test_mixup_pads_partner_and_recentres():
-    rng = np.random.default_rng(0)
-    lam = F.sample_mixup_lambda(rng)
-    assert 0.0 < lam < 1.0
-    first, second = torch.randn(100) + 3.0, torch.randn(60)
-    mixed = F.mix_waveforms(first, second, lam)
-    assert mixed.shape == first.shape and abs(mixed.mean().item()) < 1e-5
-    torch.testing.assert_close(F.mix_waveforms(first, second, 1.0), F.remove_dc(first))
-    assert torch.allclose(F.mix_labels(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.25), torch.tensor([0.25, 0.75]))
+def test_mix_batch_with_probability_zero_changes_nothing():
+    features, targets = torch.randn(6, 10, 4), torch.eye(6)
+    mixed, soft = F.mix_batch(features, targets, 0.0, np.random.default_rng(0))
+    assert torch.equal(mixed, features) and torch.equal(soft, targets)
+
+
+def test_mix_batch_mixes_every_row_with_another_by_one_lambda():
+    rng = np.random.default_rng(1)
+    features = torch.randn(8, 10, 4, dtype=torch.float64)
+    # One-hot columns identify each row's partner and λ; the multi-hot columns must mix the same way.
+    multi_hot = torch.from_numpy(rng.integers(0, 2, (8, 3))).double()
+    targets = torch.cat([torch.eye(8, dtype=torch.float64), multi_hot], dim=1)
+    mixed, soft = F.mix_batch(features, targets, 1.0, rng)
+    assert mixed.shape == features.shape and soft.shape == targets.shape
+    torch.testing.assert_close(soft[:, :8].sum(dim=1), torch.ones(8, dtype=torch.float64))  # one-hot sums kept
+    for row in range(8):
+        (partner,) = [j for j in range(8) if j != row and soft[row, j] > 0]
+        lam = soft[row, row].item()
+        assert 0.0 < lam < 1.0
+        torch.testing.assert_close(mixed[row], lam * features[row] + (1 - lam) * features[partner])
+        torch.testing.assert_close(soft[row], lam * targets[row] + (1 - lam) * targets[partner])

@@ -1,27 +1,16 @@
-"""Fine-tuning and linear probing end to end on generated ESC-50 and Speech Commands layouts."""
+"""Fine-tuning and linear probing end to end on generated ESC-50, Speech Commands and AudioSet layouts."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import finetune
-from pipeline.config import FinetuneJobConfig, load_config
+from pipeline.config import ConfigError, FinetuneJobConfig, load_config
 from pipeline.sources import SourceError
-from ssamba import EncoderConfig, PatchGrid, SSAMBAEncoder, save_checkpoint
-from test_tasks import esc50, speech_commands
+from test_tasks import audioset, esc50, speech_commands
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module")
-def small_encoder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = EncoderConfig(embed_dim=32, depth=2, grid=PatchGrid(target_length=128))
-    path = tmp_path_factory.mktemp("finetune") / "encoder.pt"
-    save_checkpoint(path, SSAMBAEncoder(config), config)
-    return str(path)
 
 
 def job(tmp_path, encoder: str, *overrides: str) -> FinetuneJobConfig:
@@ -50,6 +39,29 @@ def test_full_finetuning_on_speech_commands(ray_cluster, small_encoder, tmp_path
     config = job(tmp_path, small_encoder, "task=speechcommands_v2", f"data_root={root}", "name=sc")
     summary = finetune.run(config)
     assert summary["best_epoch"] in (0, 1) and summary["test_accuracy"] is not None
+
+
+def test_multi_label_finetuning_on_audioset_selects_by_map(ray_cluster, small_encoder, tmp_path):
+    root = audioset(tmp_path / "as")
+    config = job(tmp_path, small_encoder, "task=audioset20k", f"data_root={root}", "name=as", "loss=bce",
+                 "augment.mixup=0.5", "batch_size=2", "scaling.num_workers=2")
+    summary = finetune.run(config)
+    assert 0.0 <= summary["validation_mAP"] <= 1.0 and summary["test_mAP"] is None
+    assert summary["missing_audio"] == {"train": 0, "validation": 1}
+    client = MlflowClient(config.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name("ssamba-finetune")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.ray_run_name = 'as'")
+    history = client.get_metric_history(run.info.run_id, "val_mAP")
+    assert [m.step for m in history] == [0, 1] and all(0.0 <= m.value <= 1.0 for m in history)
+    assert summary["validation_mAP"] == max(m.value for m in history)  # the selected epoch is the best one
+
+
+def test_recipes_select_on_their_task_metric():
+    assert finetune.validation_metric(load_config(FinetuneJobConfig, "configs/finetune/audioset20k.yaml")) == "val_mAP"
+    for preset in ("esc50", "speechcommands_v1", "speechcommands_v2", "manifest"):
+        assert finetune.validation_metric(load_config(FinetuneJobConfig, f"configs/finetune/{preset}.yaml")) == "val_accuracy"
+    with pytest.raises(ConfigError, match="augment.mixup"):
+        load_config(FinetuneJobConfig, "configs/finetune/esc50.yaml", ["augment.mixup=1.5"])
 
 
 def test_wrong_layout_fails_before_training(ray_cluster, small_encoder, tmp_path):

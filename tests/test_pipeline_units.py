@@ -12,7 +12,7 @@ from pipeline.audio import AudioError, decode_audio, split_long_audio
 from pipeline.config import (
     ConfigError, EmbedConfig, FeaturizeConfig, FinetuneJobConfig, InputConfig, PretrainJobConfig, S3Config, flatten, load_config, public_dict,
 )
-from pipeline.sources import SourceError, list_sources
+from pipeline.sources import AudioSource, SourceError, list_sources
 from pipeline.storage import resolve
 
 
@@ -75,6 +75,20 @@ def test_list_prefix_and_manifest(tmp_path):
         list_sources(InputConfig(manifest=str(root / "dup.csv")), S3Config())
     with pytest.raises(SourceError, match="does not exist"):
         list_sources(InputConfig(uri=str(root / "missing")), S3Config())
+
+
+def test_multi_label_manifest_rows_round_trip(tmp_path):
+    source = AudioSource("/a.wav", split="train", labels=("/m/x", "/m/y"))
+    (tmp_path / "m.jsonl").write_text(json.dumps(source.to_dict()) + "\n")
+    (tmp_path / "m.csv").write_text('uri,split,labels\n/a.wav,train,"/m/x,/m/y"\n')
+    for manifest in ("m.jsonl", "m.csv"):
+        assert list_sources(InputConfig(manifest=str(tmp_path / manifest)), S3Config()) == [source]
+    assert AudioSource.from_dict(json.loads(json.dumps(source.to_dict()))) == source
+    assert AudioSource("/b.wav", "dog").to_dict() == {"uri": "/b.wav", "label": "dog", "split": None, "fold": None}
+    assert AudioSource("/b.wav", "dog").targets == ("dog",)
+    (tmp_path / "bad.jsonl").write_text('{"uri": "/a.wav", "labels": [1, 2]}\n')
+    with pytest.raises(SourceError, match="labels must be a list of class names"):
+        list_sources(InputConfig(manifest=str(tmp_path / "bad.jsonl")), S3Config())
 
 
 def test_decode_classifies_every_bad_file(tmp_path):

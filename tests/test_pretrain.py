@@ -64,6 +64,7 @@ def test_local_mode_run_tracks_metrics_figure_and_model(pretrain_features, tmp_p
     checkpoint = load_checkpoint(model_file)
     assert checkpoint.encoder_config.embed_dim == 64 and checkpoint.metadata["step"] == 6
     checkpoint.build_pretrain_model()
+    assert Path(model_file).read_bytes() == Path(pretrain.encoder_uri(config)).read_bytes()  # for fine-tuning
 
 
 def test_two_workers_survive_a_failure_and_a_relaunch_resumes(pretrain_features, tmp_path, s3_server):

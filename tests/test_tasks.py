@@ -1,4 +1,4 @@
-"""Downstream task layouts: ESC-50, Speech Commands and manifests, generated small in the tests."""
+"""Downstream task layouts: ESC-50, Speech Commands, AudioSet and manifests, generated small in the tests."""
 
 from __future__ import annotations
 
@@ -40,6 +40,29 @@ def speech_commands(root: Path, words: int) -> Path:
     return root
 
 
+AUDIOSET_CLASSES = ["/m/09x0r", "/m/05zppz", "/t/dd00088"]
+
+
+def audioset(root: Path) -> Path:
+    """AS-20K in the official CSV formats: 8 balanced_train and 4 eval segments with 1–2 labels each.
+    The last eval segment's clip was never downloaded; one clip is FLAC."""
+    root.mkdir(parents=True)
+    (root / "class_labels_indices.csv").write_text(
+        "index,mid,display_name\n" + "".join(f'{i},{mid},"Class {i}, sound"\n' for i, mid in enumerate(AUDIOSET_CLASSES)))
+    for name, count in (("balanced_train", 8), ("eval", 4)):
+        lines = ["# Segments csv created Sun Mar  5 10:54:31 2017",
+                 f"# num_ytids={count}, num_segs={count}, num_unique_labels=3, num_positive_labels=12",
+                 "# YTID, start_seconds, end_seconds, positive_labels"]
+        for n in range(count):
+            ytid = f"-{name[:2]}_{n}x"
+            mids = AUDIOSET_CLASSES[n % 3] + ("," + AUDIOSET_CLASSES[(n + 1) % 3] if n % 2 else "")
+            lines.append(f'{ytid}, {10 * n}.000, {10 * n + 10}.000, "{mids}"')
+            if (name, n) != ("eval", count - 1):
+                tone(root / "audio" / name / f"{ytid}.{'flac' if n == 1 else 'wav'}", n)
+        (root / f"{name}_segments.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
 def test_esc50_folds_and_classes(tmp_path):
     data = read_task("esc50", str(esc50(tmp_path)), S3Config())
     assert data.classes == ["dog", "rain"] and len(data.sources) == 10
@@ -66,6 +89,33 @@ def test_speech_commands_splits(tmp_path):
     (tmp_path / "testing_list.txt").unlink()
     with pytest.raises(LayoutError, match="missing file 'testing_list.txt'"):
         read_task("speechcommands_v2", str(tmp_path), S3Config())
+
+
+def test_audioset_multi_labels_splits_and_missing_clips(tmp_path):
+    data = read_task("audioset20k", str(audioset(tmp_path / "as")), S3Config())
+    assert data.classes == AUDIOSET_CLASSES
+    assert (len(data.split("train")), len(data.split("validation")), len(data.split("test"))) == (8, 3, 0)
+    assert data.missing_audio == {"train": 0, "validation": 1}  # skipped and counted, not an error
+    by_name = {Path(s.uri).name: s for s in data.sources}
+    assert by_name["-ba_1x.flac"].labels == ("/m/05zppz", "/t/dd00088") and by_name["-ba_1x.flac"].label is None
+    assert by_name["-ev_0x.wav"].targets == ("/m/09x0r",) and "-ev_3x.wav" not in by_name
+
+
+def test_audioset_wrong_layouts_say_what_is_missing(tmp_path):
+    root = audioset(tmp_path / "as")
+    (root / "class_labels_indices.csv").unlink()
+    with pytest.raises(LayoutError, match="missing file 'class_labels_indices.csv'"):
+        read_task("audioset20k", str(root), S3Config())
+    root = audioset(tmp_path / "as2")
+    segments = root / "eval_segments.csv"
+    segments.write_text(segments.read_text() + 'zzz, 0.000, 10.000, "/m/unknown"\n')
+    with pytest.raises(LayoutError, match=r"eval_segments.csv uses 1 labels .*'/m/unknown'"):
+        read_task("audioset20k", str(root), S3Config())
+    for clip in (root / "audio" / "eval").iterdir():
+        clip.unlink()
+    (root / "audio" / "eval").rmdir()
+    with pytest.raises(LayoutError, match="missing folder 'audio/eval'"):
+        read_task("audioset20k", str(root), S3Config())
 
 
 def test_manifest_task_needs_labels(tmp_path):

@@ -1,0 +1,213 @@
+"""The typed config of ``python -m pipeline.tune``: which job a trial runs, the search space over that
+job's config fields, the search algorithm and scheduler, and the resources of one trial.
+
+The space names fields of the trial's job config by dotted path (``optim.lr``,
+``masking.mask_patches``). Every value a dimension can take (grid and choice values, both ends of a
+range) is applied to the base config and validated here, so a typo or an out-of-range bound fails
+before any cluster work, naming ``search.space.<field>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar, get_args
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from ray import tune
+
+from pipeline.config import (
+    ConfigError, FinetuneJobConfig, PretrainJobConfig, S3Config, Strict, TrackingConfig, error_lines, read_yaml,
+)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+_JOB_SECTIONS = ("pretrain", "probe", "finetune")
+
+
+class Dimension(Strict):
+    """One field's values: ``grid`` (every value in every sample), ``choice`` (one at random),
+    ``uniform`` / ``loguniform`` ``[low, high]``, or ``randint`` ``[low, high)``. Exactly one."""
+
+    grid: list[Any] | None = Field(None, min_length=1)
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind_with_valid_bounds(self) -> "Dimension":
+        given = [kind for kind in _KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(_KINDS)}")
+        bounds = self.uniform or self.loguniform or self.randint
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"{given[0]}: low must be below high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform: bounds must be positive")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in _KINDS if getattr(self, kind) is not None)
+
+    def domain(self) -> Any:
+        """The Ray Tune search-space object."""
+        values = getattr(self, self.kind)
+        if self.kind == "grid":
+            return tune.grid_search(list(values))
+        if self.kind == "choice":
+            return tune.choice(list(values))
+        return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[self.kind](*values)
+
+    def extremes(self) -> list[Any]:
+        """The values to check against the job config: every listed value, or both range ends."""
+        if self.kind == "randint":
+            return [self.randint[0], self.randint[1] - 1]
+        return list(getattr(self, self.kind))
+
+    def describe(self) -> str:
+        return f"{self.kind}{list(getattr(self, self.kind))}"
+
+
+class SearchConfig(Strict):
+    """How trials are drawn and stopped. ``num_samples`` counts random draws (with a grid: repeats of
+    the whole grid). ASHA stops weak trials early on the metric reported every epoch (fine-tuning
+    sweeps); Optuna replaces random draws with a TPE search (ranges and choices only)."""
+
+    space: dict[str, Dimension] = Field(..., min_length=1)
+    num_samples: int = Field(1, ge=1)
+    algorithm: Literal["random", "optuna"] = "random"
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2, gt=1, description="ASHA: keep 1/reduction_factor of the trials per rung")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's resources fit")
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _optuna_has_no_grid(self) -> "SearchConfig":
+        if self.algorithm == "optuna" and any(d.grid is not None for d in self.space.values()):
+            raise ValueError("search.algorithm optuna cannot search a grid: use choice")
+        return self
+
+
+class TrialResources(Strict):
+    """What Tune reserves for one trial. Fine-tuning trials train inside the trial (give the GPU
+    here); mask-sweep trials only drive a Ray Train run (``pretrain.scaling`` sizes it), so they
+    default to a sliver of a CPU, or to no CPU when ``custom`` pins them to nodes that advertise a
+    resource (the clusters in ``cluster/`` give their CPU-less head ``TRAIN_DRIVER``)."""
+
+    cpu: float | None = Field(None, ge=0)
+    gpu: float = Field(0, ge=0)
+    custom: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "TrialResources":
+        if self.cpu == 0 and not self.gpu and not any(self.custom.values()):
+            raise ValueError("a trial must reserve something: cpu, gpu or a custom resource")
+        return self
+
+
+class SweepTrackingConfig(TrackingConfig):
+    experiment: str = "ssamba-tune"
+
+
+class TuneJobConfig(Strict):
+    """``python -m pipeline.tune``: a mask sweep (each trial pretrains with its masking and is scored
+    by a linear probe) or a fine-tuning sweep (each trial fine-tunes with its recipe)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="the sweep's name: relaunching with it resumes the sweep")
+    sweep: Literal["mask", "finetune"]
+    storage_path: str = Field(..., description="where Tune keeps the sweep's state (local folder or s3://)")
+    storage: S3Config = S3Config()
+    pretrain: PretrainJobConfig | None = Field(None, description="mask sweeps: the base pretraining run")
+    probe: FinetuneJobConfig | None = Field(None, description="mask sweeps: the linear probe that scores a trial")
+    finetune: FinetuneJobConfig | None = Field(None, description="fine-tuning sweeps: the base fine-tuning run")
+    search: SearchConfig
+    resources: TrialResources = TrialResources()
+    metric: str | None = Field(None, description="default: probe_<validation metric> (mask) or the validation metric")
+    mode: Literal["max", "min"] = "max"
+    max_failures: int = Field(0, ge=-1, description="restarts of a failed trial (from its last checkpoint)")
+    tracking: SweepTrackingConfig = SweepTrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_bases(cls, data: Any) -> Any:
+        """``pretrain: {base: configs/pretrain/tiny.yaml, <changes>}``: a job preset with changes. The
+        path is relative to the working directory, like ``--config`` (the repository root)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for section in _JOB_SECTIONS:
+            value = data.get(section)
+            if isinstance(value, dict) and "base" in value:
+                changes = {key: item for key, item in value.items() if key != "base"}
+                try:
+                    data[section] = merged(read_yaml(value["base"]), changes)
+                except ConfigError as error:
+                    raise ValueError(f"{section}.base: {error}") from None
+        return data
+
+    @model_validator(mode="after")
+    def _job_matches_sweep(self) -> "TuneJobConfig":
+        if self.sweep == "mask":
+            if self.pretrain is None or self.probe is None:
+                raise ValueError("a mask sweep needs pretrain (the base run) and probe (the scoring task)")
+            if self.finetune is not None:
+                raise ValueError("finetune belongs to fine-tuning sweeps (sweep: finetune)")
+            if self.search.scheduler != "fifo" or self.search.algorithm != "random":
+                raise ValueError("a mask sweep is scored once, after pretraining: use scheduler fifo and "
+                                 "algorithm random (grid or random values)")
+        else:
+            if self.finetune is None:
+                raise ValueError("a fine-tuning sweep needs finetune (the base run)")
+            if self.pretrain is not None or self.probe is not None:
+                raise ValueError("pretrain and probe belong to mask sweeps (sweep: mask)")
+            if self.finetune.task == "esc50" and len(self.finetune.folds or []) != 1:
+                raise ValueError("finetune.folds: a fine-tuning trial trains one cross-validation split; "
+                                 "give exactly one test fold")
+        for field, dimension in self.search.space.items():
+            for value in dimension.extremes():
+                try:
+                    with_values(self.trial_base, {field: value})
+                except ValueError as error:
+                    raise ValueError(f"search.space.{field} = {value!r}: {error}") from None
+        return self
+
+    @property
+    def trial_base(self) -> PretrainJobConfig | FinetuneJobConfig:
+        """The config whose fields the search space sets."""
+        return self.pretrain if self.sweep == "mask" else self.finetune
+
+
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied section by section (nested mappings merge, values replace)."""
+    result = dict(base)
+    for key, value in changes.items():
+        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else value
+    return result
+
+
+def with_values(config: ModelT, values: dict[str, Any]) -> ModelT:
+    """``config`` with dotted fields replaced and validated again. Fields left at their defaults stay
+    unset, so that a ratio replaces the default mask count (a count the config sets must be cleared:
+    ``masking.mask_patches: null``)."""
+    data = config.model_dump(exclude_unset=True)
+    for dotted, value in values.items():
+        *sections, leaf = dotted.split(".")
+        node, model = data, type(config)
+        for section in sections:
+            field = model.model_fields.get(section)
+            found = [t for t in (get_args(field.annotation) or (field.annotation,)) if isinstance(t, type)
+                     and issubclass(t, BaseModel)] if field is not None else []
+            if not found:
+                raise ValueError(f"{dotted}: {section!r} is not a config section")
+            if node.get(section) is None:  # a section left at its default (or unset, when optional)
+                node[section] = {}
+            node, model = node[section], found[0]
+        if leaf not in model.model_fields:
+            raise ValueError(f"{dotted}: no such field")
+        node[leaf] = value
+    try:
+        return type(config).model_validate(data)
+    except ValidationError as error:
+        raise ValueError("; ".join(error_lines(error))) from None

@@ -1,0 +1,253 @@
+"""``python -m pipeline.tune``: Ray Tune sweeps over pretraining masks and fine-tuning recipes, in MLflow.
+
+    python -m pipeline.tune --config configs/tune/<sweep>.yaml [--set key=value ...]
+
+* ``sweep: mask`` — each trial pretrains with its sampled masking: a Tune trial function drives a Ray
+  Train run whose reports reach Tune through ``TuneReportCallback``. The trial's encoder is then
+  scored by a linear probe (a second Ray Train run) and the trial reports ``probe_<metric>``.
+* ``sweep: finetune`` — each trial fine-tunes with its sampled recipe inside the trial (a plain Tune
+  function trainable holding the configured resources), reporting and checkpointing every epoch, so
+  ASHA can stop weak trials and a restored trial continues from its last epoch.
+
+The task's audio is featurized once, before the first trial. Relaunching with the same ``name``
+resumes the sweep (``Tuner.restore``): finished trials are kept, unfinished and failed ones continue
+from their checkpoints. The saved sweep keeps its search space and algorithm: a changed ``search``
+section applies to new sweeps only.
+
+MLflow: the sweep is a parent run (its search space as params); every trial is a child run named
+``<sweep>-<trial id>`` (its whole config, the sampled fields included, as params; its reports as
+metrics; the probe nested below it). At the end the parent gets the best trial's sampled values as
+``best.<field>`` params, its metrics as ``best.<metric>``, and ``trials.json``: one row per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import sys
+from typing import Any, Callable
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from pipeline import finetune, pretrain
+from pipeline.config import public_dict, run_command
+from pipeline.sources import SourceError
+from pipeline.storage import resolve
+from pipeline.sweep_config import TuneJobConfig, with_values
+from pipeline.tasks import TaskData
+from pipeline.tracking import RunTracker, resolve_tracking_uri
+
+# Fields of a trial's own results that describe the trial rather than the model.
+_BOOKKEEPING = {"checkpoint_path", "trial_id", "done", "training_iteration", "time_this_iter_s", "time_total_s",
+                "timestamp", "date", "hostname", "node_ip", "pid", "time_since_restore", "iterations_since_restore",
+                "checkpoint_dir_name", "should_checkpoint"}
+
+
+def sweep_metric(config: TuneJobConfig) -> str:
+    """The metric trials are ranked by."""
+    if config.metric:
+        return config.metric
+    if config.sweep == "mask":
+        return "probe_" + finetune.validation_metric(config.probe)
+    return finetune.validation_metric(config.finetune)
+
+
+def trial_run_name(sweep_name: str) -> str:
+    """The name of the current trial's runs (Ray Train checkpoints and MLflow): stable across restores."""
+    return f"{sweep_name}-{tune.get_context().get_trial_id()}"
+
+
+def _in_sweep(job, values: dict[str, Any], run_name: str, tracking_uri: str, experiment: str):
+    """A trial's job config: the sampled values, its run name, the sweep's MLflow store and experiment."""
+    return with_values(job, {**values, "name": run_name, "tracking.tracking_uri": tracking_uri,
+                             "tracking.experiment": experiment})
+
+
+def mask_trial(values: dict[str, Any], sweep: TuneJobConfig, task: TaskData, tracking_uri: str,
+               parent_run_id: str) -> None:
+    """Pretrain with the sampled masking (reports reach Tune every checkpoint), then probe linearly."""
+    run_name = trial_run_name(sweep.name)
+    experiment = sweep.tracking.experiment
+    pretrain_config = _in_sweep(sweep.pretrain, values, run_name, tracking_uri, experiment)
+    result = pretrain.run(pretrain_config, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+    trial_run = RunTracker(tracking_uri, experiment, run_name)  # the pretraining run, reopened
+    probe_config = _in_sweep(sweep.probe, {"model.checkpoint": pretrain.encoder_uri(pretrain_config),
+                                           "model.freeze_encoder": True}, f"{run_name}-probe", tracking_uri, experiment)
+    summary = finetune.evaluate(probe_config, task, parent_run_id=trial_run.run_id)
+    scores = {"probe_" + finetune.validation_metric(probe_config): summary["selected"],
+              **{f"probe_{key}": value for key, value in summary.items() if key.startswith("test_") and value is not None}}
+    last_report = result.metrics or {}  # empty when a restored trial finds its run already finished
+    trial_run.log_metrics(scores, step=int(last_report.get("step", 0)))
+    trial_run.finish()
+    pretraining = {key: value for key, value in last_report.items() if key not in _BOOKKEEPING}
+    tune.report({**pretraining, **scores})
+
+
+def finetune_trial(values: dict[str, Any], sweep: TuneJobConfig, task: TaskData, tracking_uri: str,
+                   parent_run_id: str) -> None:
+    """Fine-tune with the sampled recipe in this trial, reporting every epoch to Tune."""
+    run_name = trial_run_name(sweep.name)
+    config = _in_sweep(sweep.finetune, values, run_name, tracking_uri, sweep.tracking.experiment)
+    finetune.train_in_trial(config, task, parent_run_id)
+
+
+TRIALS: dict[str, Callable[..., None]] = {"mask": mask_trial, "finetune": finetune_trial}
+
+
+def trial_resources(config: TuneJobConfig) -> dict[str, float]:
+    """Mask trials only drive Ray Train runs (a sliver of a CPU, none when pinned by a custom
+    resource); fine-tuning trials train in place (one CPU unless configured)."""
+    cpu = config.resources.cpu
+    if cpu is None:
+        cpu = 1.0 if config.sweep == "finetune" else 0.0 if config.resources.custom else 0.01
+    return {"cpu": cpu, "gpu": config.resources.gpu, **config.resources.custom}
+
+
+def _trial_folder(trial) -> str:
+    return trial.trial_id
+
+
+def _new_tuner(config: TuneJobConfig, trainable, storage_path: str, filesystem) -> tune.Tuner:
+    search = config.search
+    metric = sweep_metric(config)
+    # Tune bounds concurrency around a searcher (Optuna); the random/grid generator bounds it itself.
+    if search.algorithm == "optuna":
+        algorithm, concurrency = OptunaSearch(seed=search.seed), search.max_concurrent_trials
+    else:
+        algorithm, concurrency = BasicVariantGenerator(random_state=search.seed,
+                                                       max_concurrent=search.max_concurrent_trials or 0), None
+    if search.scheduler == "asha":
+        scheduler = ASHAScheduler(max_t=config.finetune.epochs, grace_period=search.grace_period,
+                                  reduction_factor=search.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    # Mask trials report pretraining progress before their score exists, so Tune must not require
+    # the metric in every result: they are ranked after the sweep instead.
+    ranked_by_tune = config.sweep == "finetune"
+    return tune.Tuner(
+        trainable,
+        param_space={field: dimension.domain() for field, dimension in search.space.items()},
+        tune_config=tune.TuneConfig(
+            metric=metric if ranked_by_tune else None, mode=config.mode if ranked_by_tune else None,
+            search_alg=algorithm, scheduler=scheduler, num_samples=search.num_samples,
+            max_concurrent_trials=concurrency, trial_dirname_creator=_trial_folder),
+        run_config=tune.RunConfig(
+            name=config.name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=tune.FailureConfig(max_failures=config.max_failures),
+            # Fine-tuning trials checkpoint every epoch: keep the best (and, always, the latest).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
+                                                    checkpoint_score_order=config.mode) if ranked_by_tune else None),
+    )
+
+
+def build_tuner(config: TuneJobConfig, trainable) -> tuple[tune.Tuner, bool]:
+    """A new sweep, or the saved one with the same name (second value: whether it was restored)."""
+    root = resolve(config.storage_path, config.storage)
+    filesystem = root.filesystem if root.is_s3 else None
+    storage_path = root.path if root.is_s3 else root.uri
+    experiment = root.join(config.name)
+    experiment_path = experiment.path if root.is_s3 else experiment.uri
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+        return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=filesystem), True
+    return _new_tuner(config, trainable, storage_path, filesystem), False
+
+
+def _status(result: tune.Result) -> str:
+    """How a trial ended. A restored trial keeps its earlier error on record, so its last result
+    (``done``: finished, or stopped by the scheduler) decides."""
+    if (result.metrics or {}).get("done"):
+        return "finished"
+    return "error" if result.error else "unfinished"
+
+
+def trial_table(results: tune.ResultGrid, config: TuneJobConfig, metric: str) -> pd.DataFrame:
+    """One row per trial: its sampled values, its best report on ``metric`` (all of that report's
+    metrics), how many reports it made and how it ended."""
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id"),
+                               "run_name": f"{config.name}-{(result.metrics or {}).get('trial_id')}"}
+        row.update({field: result.config.get(field) for field in config.search.space})
+        if history is not None and metric in history and history[metric].notna().any():
+            best_index = history[metric].idxmax() if config.mode == "max" else history[metric].idxmin()
+            best = history.loc[best_index]
+            row.update({key: best[key] for key in history.columns
+                        if key not in _BOOKKEEPING and not key.startswith("config/")})
+        row["reports"] = 0 if history is None else len(history)
+        row["status"] = _status(result)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _best_row(table: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    scored = table[table[metric].notna()] if metric in table else table.iloc[0:0]
+    if scored.empty:
+        return None
+    return scored.loc[scored[metric].idxmax() if mode == "max" else scored[metric].idxmin()]
+
+
+def close_trial_runs(table: pd.DataFrame, config: TuneJobConfig, tracking_uri: str, parent_run_id: str) -> None:
+    """Trials that Tune stopped early (ASHA) or that failed leave their MLflow runs open: close them."""
+    for row in table.itertuples():
+        tracker = RunTracker(tracking_uri, config.tracking.experiment, row.run_name, parent_run_id=parent_run_id)
+        early = config.sweep == "finetune" and row.status == "finished" and row.reports < config.finetune.epochs
+        tracker.set_tags({"sweep_trial_status": "stopped_early" if early else row.status})
+        tracker.finish(succeeded=row.status != "error")
+
+
+def run(config: TuneJobConfig) -> dict:
+    """Run (or resume) the sweep; returns the best trial's values and metrics and the trial count."""
+    if not ray.is_initialized():
+        ray.init()
+    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    metric = sweep_metric(config)
+    parent = RunTracker(tracking_uri, config.tracking.experiment, config.name, tags={"sweep": config.sweep})
+    if not parent.resumed:
+        parent.log_params({"sweep": config.sweep, "metric": metric, "mode": config.mode,
+                           "algorithm": config.search.algorithm, "scheduler": config.search.scheduler,
+                           "num_samples": config.search.num_samples,
+                           **{f"space.{field}": d.describe() for field, d in config.search.space.items()}})
+        parent.log_dict(public_dict(config), "sweep_config.json")
+    task = finetune.prepare(config.probe if config.sweep == "mask" else config.finetune)
+    trainable = tune.with_resources(
+        tune.with_parameters(TRIALS[config.sweep], sweep=config, task=task, tracking_uri=tracking_uri,
+                             parent_run_id=parent.run_id),
+        trial_resources(config))
+    tuner, restored = build_tuner(config, trainable)
+    parent.set_tags({"restored": str(restored)})
+    results = tuner.fit()
+
+    table = trial_table(results, config, metric)
+    close_trial_runs(table, config, tracking_uri, parent.run_id)
+    parent.log_table(table, "trials.json")
+    best = _best_row(table, metric, config.mode)
+    summary: dict[str, Any] = {"trials": len(table), "errors": results.num_errors, "metric": metric}
+    if best is not None:
+        values = {field: best[field] for field in config.search.space}
+        metrics = {key: float(best[key]) for key in best.index
+                   if key not in values and key not in ("trial_id", "run_name", "status", "reports")
+                   and isinstance(best[key], numbers.Real) and math.isfinite(best[key])}
+        parent.log_params({f"best.{field}": value for field, value in values.items()})
+        parent.log_metrics({f"best.{key}": value for key, value in metrics.items()}, step=0)
+        parent.set_tags({"best_trial_id": str(best["trial_id"]), "best_run_name": str(best["run_name"])})
+        summary.update(best_trial=best["trial_id"], best_values=values, best_metrics=metrics)
+    parent.finish(succeeded=results.num_errors == 0)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(__doc__.splitlines()[0], TuneJobConfig,
+                       lambda config, args: json.dumps(run(config), default=str), argv, (SourceError,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
