@@ -10,16 +10,26 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Annotated, Any, Callable, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class ConfigError(ValueError):
     """An invalid job configuration; the message names every offending field."""
+
+
+def _absolute_if_local(value: str) -> str:
+    """Local paths become absolute where the config is read (the driver): Ray Train workers and Tune
+    trials run in other working directories. URIs (``s3://``, ``file://``) and ``""`` stay as given."""
+    return value if not value or "://" in value else Path(value).expanduser().resolve().as_posix()
+
+
+# A local path or a URI: where data, checkpoints or features are.
+Place = Annotated[str, AfterValidator(_absolute_if_local)]
 
 
 def _require_exactly_one(section: BaseModel, first: str, second: str, names: str) -> None:
@@ -64,8 +74,8 @@ class InputConfig(Strict):
     """Either every audio file under a prefix, or a manifest (CSV or JSONL with ``uri`` and optional
     ``label``, ``split``, ``fold``, ``labels``; relative URIs are resolved against the manifest's folder)."""
 
-    uri: str | None = None
-    manifest: str | None = None
+    uri: Place | None = None
+    manifest: Place | None = None
     extensions: tuple[str, ...] = AUDIO_EXTENSIONS
 
     @model_validator(mode="after")
@@ -94,7 +104,7 @@ class ExamplesConfig(Strict):
     """Training examples: from featurize output (``features``, the default at scale) or straight
     from audio (``audio``, on the fly, for small data). Exactly one of the two."""
 
-    features: str | None = Field(None, description="a featurize destination URI")
+    features: Place | None = Field(None, description="a featurize destination URI")
     audio: InputConfig | None = None
     target_length: int = Field(1024, ge=16, description="frames per example (crop the end or zero-pad)")
     norm: Literal["audioset", "esc50", "speechcommands", "urban8k"] = "audioset"
@@ -221,7 +231,7 @@ class FeaturizeConfig(Strict):
     """``python -m pipeline.featurize``: audio under ``input`` → fbank Parquet shards at ``output``."""
 
     input: InputConfig
-    output: str = Field(description="destination URI (s3://bucket/prefix or a local folder)")
+    output: Place = Field(description="destination URI (s3://bucket/prefix or a local folder)")
     storage: S3Config = S3Config()
     audio: AudioConfig = AudioConfig()
     num_mel_bins: int = Field(128, ge=8)
@@ -328,7 +338,7 @@ class PretrainJobConfig(Strict):
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="deterministic run name: relaunching with it resumes the run")
-    storage_path: str = Field(..., description="checkpoint root (local folder or s3://bucket/prefix)")
+    storage_path: Place = Field(..., description="checkpoint root (local folder or s3://bucket/prefix)")
     storage: S3Config = S3Config()
     data: ExamplesConfig
     validation: ExamplesConfig | None = None
@@ -364,9 +374,9 @@ class EmbedConfig(Strict):
     output) with a pretrained encoder, by Ray Data batch inference."""
 
     input: InputConfig | None = None
-    features: str | None = Field(None, description="a featurize destination URI, instead of audio")
-    output: str
-    model: str = Field("", description="our checkpoint or an official .pth (local or s3://); empty = random tiny")
+    features: Place | None = Field(None, description="a featurize destination URI, instead of audio")
+    output: Place
+    model: Place = Field("", description="our checkpoint or an official .pth (local or s3://); empty = random tiny")
     storage: S3Config = S3Config()
     audio: AudioConfig = AudioConfig()
     embeddings: Literal["scene", "timestamp", "both"] = "scene"
@@ -385,7 +395,7 @@ class FinetuneModelConfig(Strict):
     random init (``checkpoint: ""``, with ``size``); patch stride 10 as in the recipes; mean or [CLS]
     pooling; ``freeze_encoder`` for a linear probe."""
 
-    checkpoint: str = ""
+    checkpoint: Place = ""
     size: Literal["tiny", "small", "base"] = "tiny"
     stride: int = Field(10, ge=1, le=16)
     pooling: Literal["mean", "cls"] = "mean"
@@ -424,11 +434,11 @@ class FinetuneJobConfig(Strict):
     """``python -m pipeline.finetune``: fine-tune (or linearly probe) an encoder on a labelled task."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    storage_path: str
+    storage_path: Place
     storage: S3Config = S3Config()
     task: Literal["esc50", "speechcommands_v1", "speechcommands_v2", "audioset20k", "manifest"]
-    data_root: str = Field(..., description="the dataset folder, or the manifest for task=manifest")
-    features: str = Field(..., description="where the task's audio is featurized (reused when present)")
+    data_root: Place = Field(..., description="the dataset folder, or the manifest for task=manifest")
+    features: Place = Field(..., description="where the task's audio is featurized (reused when present)")
     folds: list[int] | None = Field(None, description="ESC-50-style cross-validation: the test folds to run")
     target_length: int = Field(512, ge=16)
     norm: Literal["audioset", "esc50", "speechcommands", "urban8k"] = "audioset"

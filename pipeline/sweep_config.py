@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from ray import tune
 
 from pipeline.config import (
-    ConfigError, FinetuneJobConfig, PretrainJobConfig, S3Config, Strict, TrackingConfig, error_lines, read_yaml,
+    ConfigError, FinetuneJobConfig, Place, PretrainJobConfig, S3Config, Strict, TrackingConfig, error_lines, read_yaml,
 )
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -117,7 +117,7 @@ class TuneJobConfig(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="the sweep's name: relaunching with it resumes the sweep")
     sweep: Literal["mask", "finetune"]
-    storage_path: str = Field(..., description="where Tune keeps the sweep's state (local folder or s3://)")
+    storage_path: Place = Field(..., description="where Tune keeps the sweep's state (local folder or s3://)")
     storage: S3Config = S3Config()
     pretrain: PretrainJobConfig | None = Field(None, description="mask sweeps: the base pretraining run")
     probe: FinetuneJobConfig | None = Field(None, description="mask sweeps: the linear probe that scores a trial")

@@ -14,6 +14,7 @@ from pipeline.config import (
 )
 from pipeline.sources import AudioSource, SourceError, list_sources
 from pipeline.storage import resolve
+from pipeline.sweep_config import TuneJobConfig
 
 
 def test_invalid_config_names_the_field(tmp_path):
@@ -44,6 +45,15 @@ def test_overrides_parse_yaml_values_and_secrets_stay_hidden():
         load_config(FeaturizeConfig, None, ["shard_size"])
     with pytest.raises(ConfigError, match="together"):
         load_config(FeaturizeConfig, None, ["input.uri=/a", "output=/b", "storage.access_key_id=x"])
+
+
+def test_local_paths_are_made_absolute_where_the_config_is_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Ray workers and Tune trials run elsewhere: relative paths must not reach them
+    config = load_config(FinetuneJobConfig, None, [
+        "name=n", "task=esc50", "storage_path=runs", "data_root=~/esc50", "features=s3://bucket/features"])
+    assert config.storage_path == (tmp_path / "runs").as_posix() and config.model.checkpoint == ""
+    assert config.data_root.startswith("/") and config.data_root.endswith("/esc50") and "~" not in config.data_root
+    assert config.features == "s3://bucket/features"
 
 
 def test_resolve_uris(tmp_path):
@@ -111,7 +121,8 @@ def test_split_long_audio():
 
 
 @pytest.mark.parametrize("folder,model", [("featurize", FeaturizeConfig), ("pretrain", PretrainJobConfig),
-                                          ("embed", EmbedConfig), ("finetune", FinetuneJobConfig)])
+                                          ("embed", EmbedConfig), ("finetune", FinetuneJobConfig),
+                                          ("tune", TuneJobConfig)])
 def test_shipped_presets_validate(folder, model):
     from pathlib import Path
 
