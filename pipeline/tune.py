@@ -236,7 +236,8 @@ def run(config: TuneJobConfig) -> dict:
         metrics = {key: float(best[key]) for key in best.index
                    if key not in values and key not in ("trial_id", "run_name", "status", "reports")
                    and isinstance(best[key], numbers.Real) and math.isfinite(best[key])}
-        parent.log_params({f"best.{field}": value for field, value in values.items()})
+        if results.num_errors == 0:  # params are final: a failed sweep's best may change when it resumes
+            parent.log_params({f"best.{field}": value for field, value in values.items()})
         parent.log_metrics({f"best.{key}": value for key, value in metrics.items()}, step=0)
         parent.set_tags({"best_trial_id": str(best["trial_id"]), "best_run_name": str(best["run_name"])})
         summary.update(best_trial=best["trial_id"], best_values=values, best_metrics=metrics)

@@ -141,11 +141,13 @@ def test_asha_finetune_sweep_resumes_after_its_trials_fail(ray_cluster, small_en
     ])
     first = sweeps.run(config)
     assert first["trials"] == 2 and first["errors"] == 2
+    client = MlflowClient(tracking)
+    parent, _ = children_of(client, "ssamba-local-tune", "recipes")
+    assert parent.info.status == "FAILED" and not any(p.startswith("best.") for p in parent.data.params)  # not final
 
     second = sweeps.run(config)  # the same sweep again: restored, the failed trials continue
     assert second["trials"] == 2 and second["errors"] == 0 and second["metric"] == "val_accuracy"
 
-    client = MlflowClient(tracking)
     parent, children = children_of(client, "ssamba-local-tune", "recipes")
     assert parent.info.status == "FINISHED" and parent.data.tags["restored"] == "True"
     assert parent.data.params["space.optim.lr"] == "loguniform[0.0001, 0.01]"
