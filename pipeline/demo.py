@@ -4,7 +4,7 @@
    ``outputs/demo/audio``;
 2. featurizes it with Ray Data (``configs/featurize/local.yaml``);
 3. pretrains the ``local-tiny`` preset on Ray Train, tracked in a local MLflow store;
-4. prints where the checkpoints are and the ``mlflow ui`` command to look at the run.
+4. prints where the checkpoints and the final encoder are and the ``mlflow ui`` command to look at the run.
 
 It needs no data, no network and no GPU. Each call starts a new, timestamped run, so runs can be
 compared side by side in MLflow.
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
           f"loss {losses[0].value:.3f} (step {losses[0].step}) → {losses[-1].value:.3f} (step {losses[-1].step}), "
           f"validation masked-patch accuracy {result.metrics.get('val_accuracy', float('nan')):.3f}")
     print(f"  checkpoints: {resolve(config.storage_path).join(config.name)}")
+    print(f"  encoder:     {pretrain.encoder_uri(config)} (model.checkpoint of a fine-tuning job)")
     print(f"  look at it:  mlflow ui --backend-store-uri {tracking_uri}")
 
 
