@@ -113,8 +113,8 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def _restore(model, optimizer, schedule: LearningRate, mask_rng: random.Random) -> Progress:
-    state = TrainWorker().restored_state()
+def _restore(worker: TrainWorker, model, optimizer, schedule: LearningRate, mask_rng: random.Random) -> Progress:
+    state = worker.restored_state()
     if state is None:
         return Progress()
     _unwrap(model).load_state_dict(state["model"])
@@ -182,18 +182,17 @@ def _log_reconstruction(tracker: RunTracker, model, features: torch.Tensor, step
 
 def train_loop(loop_config: dict) -> None:
     config: PretrainJobConfig = loop_config["config"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    worker = TrainWorker()
+    rank, world, device = worker.rank, ray.train.get_context().get_world_size(), worker.device
     torch.manual_seed(config.train.seed + rank)
     mask_rng = random.Random(config.train.seed * 1000 + rank)
 
     model = SSAMBAPretrainModel(SSAMBAEncoder(encoder_config(config)), encoder_config(config).grid, pretrain_config(config))
-    model = ray.train.torch.prepare_model(model)
+    model = worker.prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                   weight_decay=config.optim.weight_decay)
     schedule = LearningRate(config)
-    progress = _restore(model, optimizer, schedule, mask_rng)
+    progress = _restore(worker, model, optimizer, schedule, mask_rng)
     use_bf16 = device.type == "cuda" and config.train.precision == "bf16"
 
     def autocast():
@@ -211,10 +210,10 @@ def train_loop(loop_config: dict) -> None:
         tracker.set_tags({"resumed_from_step": str(progress.step)} if progress.restored else {})
 
     def checkpoint_and_report(metrics: dict) -> None:
-        TrainWorker().report(metrics, lambda: _checkpoint_state(model, optimizer, schedule, mask_rng, progress, config),
-                             f"step-{progress.step:08d}")
+        worker.report(metrics, lambda: _checkpoint_state(model, optimizer, schedule, mask_rng, progress, config),
+                      f"step-{progress.step:08d}")
 
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = worker.dataset("train")
     tokens_per_clip = _unwrap(model).grid.num_patches + 1
     accum = config.train.grad_accum
     window_start, window_samples = time.perf_counter(), 0

@@ -63,7 +63,8 @@ def list_sources(config: InputConfig, storage: S3Config) -> list[AudioSource]:
     return sorted(sources)
 
 
-def _uri_for(location: Location, path: str) -> str:
+def uri_for(location: Location, path: str) -> str:
+    """The URI of ``path`` on ``location``'s filesystem (``s3://`` for object stores)."""
     return f"s3://{path}" if location.is_s3 else path
 
 
@@ -73,11 +74,11 @@ def _list_prefix(config: InputConfig, storage: S3Config) -> list[AudioSource]:
     if info.type == pafs.FileType.NotFound:
         raise SourceError(f"input.uri {location} does not exist")
     if info.type == pafs.FileType.File:
-        return [AudioSource(_uri_for(location, location.path))]
+        return [AudioSource(uri_for(location, location.path))]
     extensions = {extension.lower().lstrip(".") for extension in config.extensions}
     entries = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
     sources = [
-        AudioSource(_uri_for(location, entry.path))
+        AudioSource(uri_for(location, entry.path))
         for entry in entries
         if entry.type == pafs.FileType.File and entry.extension.lower() in extensions
     ]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from pipeline.config import AUDIO_EXTENSIONS, InputConfig, S3Config
-from pipeline.sources import AudioSource, SourceError, list_sources
+from pipeline.sources import AudioSource, SourceError, list_sources, uri_for
 from pipeline.storage import Location, resolve
 
 SPEECH_COMMANDS_WORDS = {"speechcommands_v1": 30, "speechcommands_v2": 35}
@@ -55,10 +55,6 @@ class TaskData:
         return [source for source in self.sources if source.fold == number]
 
 
-def _uri(location: Location, path: str) -> str:
-    return f"s3://{path}" if location.is_s3 else path
-
-
 def _require(location: Location, relative: str, task: str, kind: pafs.FileType) -> Location:
     target = location.join(relative)
     if location.filesystem.get_file_info(target.path).type != kind:
@@ -80,7 +76,7 @@ def read_esc50(root: str, storage: S3Config) -> TaskData:
     if absent:
         raise LayoutError(f"ESC-50 layout: {len(absent)} files listed in meta/esc50.csv are missing from audio/, "
                           f"e.g. {absent[:3]}")
-    sources = [AudioSource(_uri(location, audio.join(row["filename"]).path), row["category"], None, int(row["fold"]))
+    sources = [AudioSource(uri_for(location, audio.join(row["filename"]).path), row["category"], None, int(row["fold"]))
                for row in rows]
     return TaskData(sorted(sources), sorted({row["category"] for row in rows}))
 
@@ -103,7 +99,7 @@ def read_speech_commands(root: str, storage: S3Config, task: str) -> TaskData:
                 continue
             relative = f"{word}/{info.base_name}"
             split = "test" if relative in lists["test"] else "validation" if relative in lists["validation"] else "train"
-            sources.append(AudioSource(_uri(location, info.path), word, split))
+            sources.append(AudioSource(uri_for(location, info.path), word, split))
     return TaskData(sorted(sources), words)
 
 
@@ -153,7 +149,7 @@ def read_audioset(root: str, storage: S3Config) -> TaskData:
         if missing[split]:
             log.warning("AudioSet: %d of the %d segments of %s_segments.csv have no audio under audio/%s/; skipped",
                         missing[split], len(segments), name, name)
-        sources += [AudioSource(_uri(location, files[ytid]), split=split, labels=mids)
+        sources += [AudioSource(uri_for(location, files[ytid]), split=split, labels=mids)
                     for ytid, mids in segments.items() if ytid in files]
     return TaskData(sorted(sources), classes, missing)
 
