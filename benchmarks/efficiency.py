@@ -1,6 +1,6 @@
 """Efficiency study: SSAMBA vs SSAST inference time and peak memory against the number of tokens.
 
-The paper's protocol (spec §5.2): fine-tuning-shaped models (16×16 patches, stride 16 → tokens =
+The paper's protocol (docs/model.md#efficiency-protocol): fine-tuning-shaped models (16×16 patches, stride 16 → tokens =
 frames / 2, mean pooling, a 50-class head), fp32, ``no_grad``, random input; median of ``--repeats``
 timed forwards after a warm-up. SSAST runs with eager attention (as in the paper) and with SDPA (the
 fairer modern baseline).

@@ -92,7 +92,7 @@ class AudioConfig(Strict):
 
 
 class AugmentConfig(Strict):
-    """Training-time augmentation of stored features (spec §1.5): SpecAugment widths in bins/frames
+    """Training-time augmentation of stored features (docs/model.md#augmentations): SpecAugment widths in bins/frames
     (applied before normalisation, as the official loader does) and the noise augmentation."""
 
     freq_mask: int = Field(0, ge=0)
@@ -278,7 +278,7 @@ class MaskingConfig(Strict):
 
 class OptimConfig(Strict):
     """AdamW with linear warm-up, then the official plateau schedule on validation accuracy, cosine
-    decay, or a constant rate (spec §3.4)."""
+    decay, or a constant rate (docs/model.md#pretraining-recipe)."""
 
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(5e-8, ge=0)
@@ -404,7 +404,7 @@ class FinetuneModelConfig(Strict):
 
 class FinetuneAugmentConfig(AugmentConfig):
     """Per-example augmentation (SpecAugment, noise) plus mixup, which needs the batch: with probability
-    ``mixup`` an example is mixed with another of its batch, λ ~ Beta(10, 10), targets alike (spec §1.5;
+    ``mixup`` an example is mixed with another of its batch, λ ~ Beta(10, 10), targets alike (docs/model.md#augmentations;
     on stored features rather than waveforms)."""
 
     mixup: float = Field(0.0, ge=0, le=1, description="probability that a training example is mixed")
@@ -415,7 +415,7 @@ class FinetuneAugmentConfig(AugmentConfig):
 
 
 class FinetuneOptimConfig(Strict):
-    """Adam with a separate head learning rate and the recipes' per-epoch step decay (spec §4)."""
+    """Adam with a separate head learning rate and the recipes' per-epoch step decay (docs/model.md#fine-tuning-recipes)."""
 
     lr: float = Field(1e-4, gt=0)
     head_lr_multiplier: float = Field(1.0, gt=0)

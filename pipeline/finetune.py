@@ -54,7 +54,7 @@ LOSSES = {"ce": F.cross_entropy, "bce": F.binary_cross_entropy_with_logits}  # b
 
 
 def metric_name(config: FinetuneJobConfig) -> str:
-    """The task's metric (spec §4): mAP for multi-label AudioSet, accuracy for the single-label tasks."""
+    """The task's metric (docs/model.md#metrics): mAP for multi-label AudioSet, accuracy for the single-label tasks."""
     return "mAP" if config.task == "audioset20k" else "accuracy"
 
 

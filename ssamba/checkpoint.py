@@ -97,10 +97,10 @@ def load_checkpoint(source: Source) -> Checkpoint:
 
 
 # --------------------------------------------------------------------------------------------------
-# Official SSAMBA checkpoints (spec §2.4)
+# Official SSAMBA checkpoints (docs/model.md#official-checkpoints)
 # --------------------------------------------------------------------------------------------------
 
-# Keys present in official checkpoints that no part of SSAMBA uses (spec G16).
+# Keys present in official checkpoints that no part of SSAMBA uses (docs/model.md#unused-checkpoint-keys).
 _UNUSED_OFFICIAL = re.compile(r"^(v\.head\.(weight|bias)|p_input_fdim|p_input_tdim)$")
 _HEADS = re.compile(r"^(cpredlayer|gpredlayer)\.|^mask_embed$")
 
@@ -139,7 +139,7 @@ def import_official_checkpoint(
     """Read an official SSAMBA ``.pth`` (a DataParallel state dict, ``module.`` prefixed).
 
     The encoder config is inferred from the weights: width, depth, state size, patch kernel, norm
-    type (LayerNorm checkpoints have ``layers.0.norm.bias``, RMSNorm ones do not; spec G7) and the
+    type (LayerNorm checkpoints have ``layers.0.norm.bias``, RMSNorm ones do not; docs/model.md#norm-type) and the
     pretraining input size stored in ``p_input_fdim/tdim``. Pass ``grid`` for a fine-tuned
     checkpoint whose stride differs from its kernel. ``expected_norm`` fails loudly if the
     checkpoint's norm type is not the one you meant to use (the official loader silently lost the
@@ -166,7 +166,7 @@ def import_official_checkpoint(
 
     norm = "layernorm" if "layers.0.norm.bias" in encoder_state else "rmsnorm"
     if expected_norm is not None and expected_norm != norm:
-        raise ValueError(f"checkpoint uses {norm} but {expected_norm} was expected (spec G7)")
+        raise ValueError(f"checkpoint uses {norm} but {expected_norm} was expected (see docs/model.md#norm-type)")
     config = _infer_encoder_config(state, encoder_state, norm, grid, drop_path_rate)
     return OfficialImport(config, encoder_state, head_state, sorted(dropped))
 

@@ -1,6 +1,6 @@
 """The SSAMBA encoder: patch embedding, [CLS] + positional embedding, Mamba blocks, final norm.
 
-The default reproduces the official topology exactly (spec §2.2), quirks included, so that official
+The default reproduces the official topology exactly (docs/model.md#topology), quirks included, so that official
 checkpoints load and give the same outputs:
 
 * 24 blocks used as 12 *flip-pairs*: block 2i reads the sequence, block 2i+1 reads it reversed, and
@@ -206,7 +206,7 @@ class SSAMBAEncoder(nn.Module):
         else:
             hidden, residual = self._run_sequential(hidden)
         residual = residual + drop_path(hidden, self.config.drop_path_rate, self.training)
-        return self.norm_f(self.norm_f(residual))  # the official code normalises twice (spec G6)
+        return self.norm_f(self.norm_f(residual))  # the official code normalises twice (docs/model.md#final-norm-twice)
 
     def _run_flip_pairs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         residual = None

@@ -1,10 +1,10 @@
-"""Waveform → log-mel filterbank features and the SSAST/SSAMBA augmentations (spec §1).
+"""Waveform → log-mel filterbank features and the SSAST/SSAMBA augmentations (docs/model.md#features).
 
 The filterbank is a batched, device-agnostic re-implementation of the Kaldi fbank that SSAST and
-SSAMBA compute with ``torchaudio.compliance.kaldi.fbank`` (spec §1.2). Batching lets the same code
+SSAMBA compute with ``torchaudio.compliance.kaldi.fbank`` (docs/model.md#kaldi-fbank). Batching lets the same code
 featurize many clips at once on a CPU worker or a GPU; the test suite checks it against torchaudio.
 
-Order of operations used by the official data loader (spec §1.5):
+Order of operations used by the official data loader (docs/model.md#augmentations):
 mixup (waveform) → fbank → crop/pad → SpecAugment → normalise → noise. Here features are stored once,
 so mixup acts on batches of finished examples instead (:func:`mix_batch`).
 """
@@ -48,7 +48,7 @@ def remove_dc(waveform: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class FbankConfig:
-    """The SSAST call (spec §1.2): 25 ms hanning frames every 10 ms, 128 mel bins from 20 Hz to
+    """The SSAST call (docs/model.md#kaldi-fbank): 25 ms hanning frames every 10 ms, 128 mel bins from 20 Hz to
     Nyquist, pre-emphasis 0.97, per-frame DC removal, power spectrum, natural log, no dither."""
 
     sample_rate: int = SAMPLE_RATE
@@ -147,7 +147,7 @@ def waveform_to_fbank(waveform: torch.Tensor, config: FbankConfig = FbankConfig(
 
 
 def crop_or_pad(features: torch.Tensor, target_length: int) -> torch.Tensor:
-    """Keep the first ``target_length`` frames, or zero-pad at the end (spec §1.3; no random crop).
+    """Keep the first ``target_length`` frames, or zero-pad at the end (docs/model.md#crop-and-pad; no random crop).
 
     Works on ``(frames, mel)`` and ``(batch, frames, mel)``."""
     n_frames = features.shape[-2]
@@ -162,7 +162,7 @@ class NormStats:
     std: float
 
 
-# Per-dataset fbank statistics of spec §1.4.
+# Per-dataset fbank statistics of the official loader (docs/model.md#normalisation).
 NORM_PRESETS: dict[str, NormStats] = {
     "audioset": NormStats(mean=-4.2677393, std=4.5689974),
     "esc50": NormStats(mean=-6.6268077, std=5.358466),
@@ -210,7 +210,7 @@ def spec_augment(
     """One frequency mask and one time mask per clip, filled with 0.
 
     Apply it to raw log-mel features *before* normalisation, as the official loader does: masked
-    cells then become ``(0 − mean) / (2·std)`` after normalising (spec §1.5)."""
+    cells then become ``(0 − mean) / (2·std)`` after normalising (docs/model.md#augmentations)."""
     batched = features if features.dim() == 3 else features.unsqueeze(0)
     if freq_mask > 0:
         batched = _mask_along_axis(batched, freq_mask, axis=2, generator=generator)
@@ -236,7 +236,7 @@ def mix_batch(
 
     Each example is, with ``probability``, mixed with another example of the batch drawn uniformly:
     ``λ·x_i + (1−λ)·x_j`` and ``λ·y_i + (1−λ)·y_j`` with λ ~ Beta(alpha, alpha) (the official 10, 10).
-    The official loader mixes waveforms with partners from the whole dataset (spec §1.5); stored
+    The official loader mixes waveforms with partners from the whole dataset (docs/model.md#augmentations); stored
     fbanks leave the batch as the pool and the finished features as what is mixed."""
     size = features.shape[0]
     if size < 2 or probability <= 0:

@@ -1,4 +1,4 @@
-"""Fine-tuning and linear-probe models (spec §2.1, §2.5).
+"""Fine-tuning and linear-probe models (docs/model.md#fine-tuning).
 
 A pretrained encoder is moved to the fine-tuning patch grid (stride 10 instead of 16, a different
 clip length) by adapting its positional embedding exactly as the official code does; the encoder's

@@ -1,4 +1,4 @@
-"""Downstream metrics of the fine-tuning recipes (spec §4), as the official ``calculate_stats`` computes
+"""Downstream metrics of the fine-tuning recipes (docs/model.md#metrics), as the official ``calculate_stats`` computes
 them with sklearn: accuracy for single-label tasks, mAP for multi-label AudioSet.
 
 Both take ``scores`` and ``targets`` of shape ``(examples, classes)``: scores are logits or

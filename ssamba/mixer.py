@@ -1,4 +1,4 @@
-"""The bidirectional Mamba mixer of Vision Mamba ("bimamba v2"), as SSAMBA uses it (spec §2.3).
+"""The bidirectional Mamba mixer of Vision Mamba ("bimamba v2"), as SSAMBA uses it (docs/model.md#mixer).
 
 One input projection produces ``x`` and the gate ``z`` for both directions. The forward branch reads
 the sequence left to right; the backward branch reads the same ``(x, z)`` flipped, with its own
@@ -69,7 +69,7 @@ class BiMambaMixer(nn.Module):
         """Mamba's Δ init for the forward branch only: weight ``U(±R^-½)``, bias ``softplus⁻¹(Δ₀)``
         with ``Δ₀`` log-uniform in ``[dt_min, dt_max]``. The bias is flagged so that the encoder's
         bias zeroing skips it. ``dt_proj_b`` keeps PyTorch's default init and has its bias zeroed
-        by the encoder init, as in the official code (spec §2.3)."""
+        by the encoder init, as in the official code (docs/model.md#initialisation)."""
         bound = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -bound, bound)
         dt = torch.exp(
@@ -125,7 +125,7 @@ class BiMambaMixer(nn.Module):
 
 
 def init_mixer_weights(module: nn.Module, n_layer: int) -> None:
-    """Vim's ``_init_weights`` applied module by module (spec §2.3): zero every Linear bias not
+    """Vim's ``_init_weights`` applied module by module (docs/model.md#initialisation): zero every Linear bias not
     flagged ``_no_reinit``, and re-draw each ``out_proj.weight`` kaiming-uniform scaled by ``1/√n_layer``."""
     if isinstance(module, nn.Linear) and module.bias is not None:
         if not getattr(module.bias, "_no_reinit", False):

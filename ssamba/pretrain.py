@@ -1,4 +1,4 @@
-"""Masked-patch pretraining (SSAST recipe, spec §3.2–3.3): cluster masking, prediction heads, losses.
+"""Masked-patch pretraining (SSAST recipe, docs/model.md#masking and #objective): cluster masking, prediction heads, losses.
 
 For each clip, M patches are masked: their token embeddings are replaced by a learned ``mask_embed``
 before the [CLS] token and positional embedding are added. From the encoder's outputs at the masked
@@ -43,7 +43,7 @@ class MaskableEncoder(Protocol):
 
 
 def cluster_mask_indices(num_patches: int, num_mask: int, time_patches: int, rng: random.Random) -> torch.Tensor:
-    """SSAST cluster masking of one clip (spec §3.2), sorted ascending.
+    """SSAST cluster masking of one clip (docs/model.md#masking), sorted ascending.
 
     Draw a cluster size c ∈ {3, 4, 5} once; then repeatedly pick a start patch s and add the c×c
     square ``s + time_patches·i + j`` of flat indices (rows wrap; index 0 and indices past the end
@@ -104,7 +104,7 @@ def sample_masks(grid: PatchGrid, batch_size: int, num_mask: int, rng: random.Ra
 
 
 def info_nce(targets: torch.Tensor, predictions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official InfoNCE and accuracy over each clip's masked patches (spec §3.3).
+    """The official InfoNCE and accuracy over each clip's masked patches (docs/model.md#objective).
 
     ``targets`` and ``predictions`` are ``(batch, M, patch_size)``. Scores ``S = X·Pᵀ`` per clip
     (``S[i, j] = ⟨x_i, p_j⟩``, no temperature); loss ``−mean_i log softmax_j(S)[i, i]``, averaged

@@ -1,4 +1,4 @@
-"""The SSAST encoder (a DeiT ViT on spectrogram patches, spec §7): the efficiency and quality baseline.
+"""The SSAST encoder (a DeiT ViT on spectrogram patches, docs/model.md#ssast-baseline): the efficiency and quality baseline.
 
 It exposes the same interface as :class:`ssamba.encoder.SSAMBAEncoder` (``embed_patches``,
 ``forward_tokens``, ``num_prefix_tokens``, ``embed_dim``), so the pretraining heads, the fine-tuning

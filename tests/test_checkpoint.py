@@ -1,4 +1,4 @@
-"""Our checkpoint format and the import of official SSAMBA checkpoints (spec §2.4, G7, G16)."""
+"""Our checkpoint format and the import of official SSAMBA checkpoints (docs/model.md#official-checkpoints)."""
 
 import io
 import random

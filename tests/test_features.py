@@ -9,7 +9,7 @@ from ssamba import features as F
 
 
 def ssast_fbank(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """The official call (spec §1.2), on a (1, samples) waveform with its mean removed."""
+    """The official call (docs/model.md#kaldi-fbank), on a (1, samples) waveform with its mean removed."""
     return torchaudio.compliance.kaldi.fbank(
         waveform - waveform.mean(), htk_compat=True, sample_frequency=sample_rate, use_energy=False,
         window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10,

@@ -43,7 +43,7 @@ def test_grid_geometry():
 
 
 def mixer_reference(mixer: BiMambaMixer, hidden: torch.Tensor) -> torch.Tensor:
-    """bimamba v2 written out directly from the spec (§2.3), with F.conv1d and the sequential scan."""
+    """bimamba v2 written out directly from docs/model.md#mixer, with F.conv1d and the sequential scan."""
     m = mixer.double()
     hidden = hidden.double()
     x, z = (hidden @ m.in_proj.weight.T).transpose(1, 2).chunk(2, dim=1)
@@ -172,7 +172,7 @@ def test_cluster_masking_behaviour():
         assert torch.equal(mask, mask.sort().values)
         rows += torch.bincount(mask // 64, minlength=8).float() / 64
     rows /= 300
-    # Strongly non-uniform over frequency rows: the lowest band is masked least (spec §3.2 ≈ 0.41).
+    # Strongly non-uniform over frequency rows: the lowest band is masked least (docs/model.md#masking: ≈ 0.41).
     assert rows[0] < 0.5 and rows[3:7].min() > 0.8 and rows[7] < rows[5]
 
 
