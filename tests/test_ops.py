@@ -1,12 +1,16 @@
-"""The pure-PyTorch ops against independent references: a float64 sequential scan and F.conv1d."""
+"""The ops against independent references (a float64 sequential scan, F.conv1d) and their dispatch."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ssamba import ops
+from ssamba.ops.fused_scan import fused_selective_scan
 from ssamba.ops.selective_scan import selective_scan, selective_scan_reference
 
 
@@ -49,6 +53,76 @@ def test_pure_scan_matches_float64_reference_forward_and_gradients(batch, d_inne
         if torch.is_tensor(tensor):
             grad = torch.zeros_like(tensor) if tensor.grad is None else tensor.grad  # L = 1: A is unused
             assert relative_error(grad, inputs64[name].grad) <= 1e-5, name
+
+
+# Which optional arguments are given: all of them, none, and each alone (the Δ bias without softplus).
+VARIANTS = {
+    "full": {},
+    "bare": dict(D=None, z=None, delta_bias=None, delta_softplus=False),
+    "D only": dict(z=None, delta_bias=None, delta_softplus=False),
+    "z only": dict(D=None, delta_bias=None, delta_softplus=False),
+    "bias, no softplus": dict(D=None, z=None),
+    "softplus, no bias": dict(D=None, z=None, delta_bias=None, delta_softplus=True),
+}
+
+
+@pytest.mark.parametrize("batch,d_inner,length,d_state", SHAPES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_scan_matches_float64_reference_forward_and_gradients(batch, d_inner, length, d_state, variant):
+    seed = batch * 1000 + length
+    inputs = {**scan_inputs(batch, d_inner, length, d_state, seed), **VARIANTS[variant]}
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    if not inputs["delta_softplus"]:
+        inputs["delta"] = inputs["delta"].abs()  # Δ is a step size: keep it positive without softplus
+    inputs32 = {k: v.requires_grad_() if torch.is_tensor(v) else v for k, v in inputs.items()}
+    inputs64 = {k: v.detach().double().requires_grad_() if torch.is_tensor(v) else v for k, v in inputs32.items()}
+    out32 = fused_selective_scan(**inputs32)
+    out64 = selective_scan_reference(**inputs64)
+    assert out32.dtype == torch.float32
+    assert relative_error(out32, out64) <= 1e-5
+    weights = torch.randn(out64.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (out32 * weights.float()).sum().backward()
+    (out64 * weights).sum().backward()
+    for name, tensor in inputs32.items():
+        if torch.is_tensor(tensor):
+            grad = torch.zeros_like(tensor) if tensor.grad is None else tensor.grad
+            assert grad.shape == tensor.shape and grad.dtype == tensor.dtype, name
+            assert relative_error(grad, inputs64[name].grad) <= 1e-5, name
+
+
+def test_fused_scan_takes_strided_inputs_and_strong_decay():
+    inputs = scan_inputs(2, 6, 64, 8, seed=11)
+    inputs["delta"] = inputs["delta"].abs() * 50  # exp(Δ·A) underflows to 0 in places
+    inputs["u"] = torch.randn(2, 64, 6).transpose(1, 2)  # not contiguous, as the mixer's slices may be
+    inputs["B"] = torch.randn(2, 64, 8).transpose(1, 2)
+    out = fused_selective_scan(**inputs)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, selective_scan_reference(**{k: v.double() if torch.is_tensor(v) else v for k, v in inputs.items()})) <= 1e-5
+
+
+def test_fused_scan_upcasts_bfloat16_and_returns_bfloat16_with_bfloat16_gradients():
+    inputs = scan_inputs(1, 4, 40, 8, seed=5)
+    bf16 = {k: v.bfloat16().requires_grad_() if torch.is_tensor(v) and k in ("u", "delta", "z") else v for k, v in inputs.items()}
+    out = fused_selective_scan(**bf16)
+    assert out.dtype == torch.bfloat16
+    reference = selective_scan_reference(**{k: v.detach().double() if torch.is_tensor(v) else v for k, v in bf16.items()})
+    assert relative_error(out, reference) < 1e-2
+    out.float().sum().backward()
+    assert bf16["u"].grad.dtype == torch.bfloat16 and torch.isfinite(bf16["u"].grad.float()).all()
+
+
+def test_fused_scan_uses_torch_thread_count():
+    import numba
+
+    inputs = scan_inputs(2, 4, 20, 4, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = fused_selective_scan(**inputs)
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(fused_selective_scan(**inputs), single)
 
 
 @pytest.mark.parametrize("chunk", [2, 3, 4, 16])
@@ -99,15 +173,51 @@ def test_causal_conv_never_looks_ahead():
     assert torch.equal(out[0, 0], torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 0.0]))
 
 
-def test_cpu_dispatch_uses_pure_path_and_says_so_once(caplog):
-    inputs = scan_inputs(1, 2, 5, 2, seed=1)
+def scan_paths(caplog, **inputs) -> list[str]:
+    """Run ops.selective_scan twice and return the paths it announced."""
     ops._announced.clear()
     with caplog.at_level(logging.INFO, logger="ssamba.ops"):
-        out = ops.selective_scan(**inputs)
         ops.selective_scan(**inputs)
-    torch.testing.assert_close(out, selective_scan(**inputs))
-    messages = [r.getMessage() for r in caplog.records if "selective_scan runs on" in r.getMessage()]
-    assert messages == ["selective_scan runs on the pure PyTorch path"]
+        ops.selective_scan(**inputs)
+    return [r.getMessage() for r in caplog.records if "selective_scan runs on" in r.getMessage()]
+
+
+def test_cpu_dispatch_prefers_the_fused_scan_and_says_so_once(caplog):
+    inputs = scan_inputs(1, 2, 5, 2, seed=1)
+    assert scan_paths(caplog, **inputs) == ["selective_scan runs on the fused CPU (numba) path"]
+    torch.testing.assert_close(ops.selective_scan(**inputs), fused_selective_scan(**inputs))
+
+
+def test_float64_and_forced_pure_use_the_chunked_scan(caplog):
+    inputs = scan_inputs(1, 2, 5, 2, seed=1)
+    double = {k: v.double() if torch.is_tensor(v) else v for k, v in inputs.items()}
+    assert scan_paths(caplog, **double) == ["selective_scan runs on the pure PyTorch path"]
+    caplog.clear()
+    ops.force_pure_ops(True)
+    try:
+        assert scan_paths(caplog, **inputs) == ["selective_scan runs on the pure PyTorch path"]
+        torch.testing.assert_close(ops.selective_scan(**inputs), selective_scan(**inputs))
+    finally:
+        ops.force_pure_ops(False)
+
+
+def test_pure_ops_environment_variable_forces_the_pure_path():
+    script = (
+        "import logging, torch; logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "from ssamba import ops\n"
+        "x = torch.randn(1, 2, 5)\n"
+        "ops.selective_scan(x, x.abs(), -torch.ones(2, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5))\n"
+    )
+    env = {**os.environ, "SSAMBA_PURE_OPS": "1"}
+    finished = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert "selective_scan runs on the pure PyTorch path" in finished.stderr
+    assert "fused" not in finished.stderr
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ops.kernels_available()), reason="needs CUDA and mamba-ssm")
+def test_cuda_kernel_comes_before_the_fused_scan(caplog):
+    inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in scan_inputs(1, 2, 5, 2, seed=1).items()}
+    assert scan_paths(caplog, **inputs) == ["selective_scan runs on the mamba_ssm CUDA kernel path"]
 
 
 @pytest.mark.parametrize("chunk", [2, 3, 5, 16])

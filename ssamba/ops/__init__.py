@@ -1,9 +1,12 @@
-"""The two sequence operators of the Mamba mixer, dispatched to CUDA kernels when they can run.
+"""The two sequence operators of the Mamba mixer, dispatched to the fastest path that can run.
 
-With CUDA tensors and ``mamba_ssm`` / ``causal_conv1d`` importable, :func:`selective_scan` and
-:func:`causal_conv1d` call their kernels; otherwise they run the pure-PyTorch versions beside this
-file, which compute the same function. Set ``SSAMBA_PURE_OPS=1`` (or call
-:func:`force_pure_ops`) to always use the pure path, e.g. to compare the two.
+:func:`selective_scan` tries, in order: mamba-ssm's CUDA kernel (CUDA tensors, ``mamba_ssm``
+importable); the fused numba scan of :mod:`ssamba.ops.fused_scan` (CPU tensors that are not
+float64, ``numba`` importable); the chunked pure-PyTorch scan, which runs everywhere (and is the
+reference the others are checked against). :func:`causal_conv1d` uses the ``causal_conv1d`` CUDA
+kernel on CUDA tensors when importable, else the pure-PyTorch version. All paths compute the same
+function. Set ``SSAMBA_PURE_OPS=1`` (or call :func:`force_pure_ops`) to always use the pure-PyTorch
+paths, e.g. to compare them. Each op logs once which path it runs on.
 """
 
 from __future__ import annotations
@@ -59,6 +62,17 @@ def _kernels() -> tuple[Callable | None, Callable | None]:
     return selective_scan_fn, causal_conv1d_fn
 
 
+@lru_cache(maxsize=1)
+def _fused_cpu_scan() -> Callable | None:
+    """The fused numba CPU scan, or None if numba cannot be imported."""
+    try:
+        from ssamba.ops.fused_scan import fused_selective_scan
+    except Exception as error:  # noqa: BLE001 - any import failure means "no fused scan"
+        log.info("fused CPU selective scan unavailable: %s", error)
+        return None
+    return fused_selective_scan
+
+
 def kernels_available() -> bool:
     return all(kernel is not None for kernel in _kernels())
 
@@ -81,10 +95,15 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
 ) -> torch.Tensor:
-    kernel = _kernels()[0]
-    if u.is_cuda and kernel is not None and not _force_pure:
-        _announce("selective_scan", "mamba_ssm CUDA kernel")
-        return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if not _force_pure:
+        kernel = _kernels()[0]
+        if u.is_cuda and kernel is not None:
+            _announce("selective_scan", "mamba_ssm CUDA kernel")
+            return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        fused = _fused_cpu_scan() if u.device.type == "cpu" and u.dtype != torch.float64 else None
+        if fused is not None:
+            _announce("selective_scan", "fused CPU (numba)")
+            return fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     _announce("selective_scan", "pure PyTorch")
     return selective_scan_pure(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
