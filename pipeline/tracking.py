@@ -144,7 +144,8 @@ class RunOutcome:
 @contextlib.contextmanager
 def run_status(tracker: RunTracker) -> Iterator[RunOutcome]:
     """End ``tracker``'s run by how the block ends: as its :class:`RunOutcome` says when it returns,
-    KILLED on Ctrl-C or SIGTERM, FAILED on any other exception (which propagates)."""
+    KILLED on Ctrl-C or SIGTERM (the driver then exits non-zero), FAILED on any other exception
+    (which propagates)."""
     outcome = RunOutcome()
     with _sigterm_raises():
         try:
@@ -152,6 +153,10 @@ def run_status(tracker: RunTracker) -> Iterator[RunOutcome]:
         except KeyboardInterrupt:
             tracker.finish("KILLED")
             raise
+        except SystemExit as exiting:
+            # Ray Train's own Ctrl-C handler aborts the run, then exits the driver with status 0.
+            tracker.finish("KILLED")
+            raise KeyboardInterrupt("interrupted while training") from exiting
         except BaseException:
             tracker.finish("FAILED")
             raise

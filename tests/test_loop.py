@@ -48,6 +48,11 @@ def test_run_status_follows_how_the_block_ends(tmp_path):
     assert _status(terminated) == "KILLED"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the block's only
 
+    aborted = _tracker(tmp_path, "aborted")  # Ray Train's Ctrl-C handler exits with status 0
+    with pytest.raises(KeyboardInterrupt), run_status(aborted):
+        raise SystemExit(0)
+    assert _status(aborted) == "KILLED"
+
     decided = _tracker(tmp_path, "decided")
     with run_status(decided) as outcome:
         outcome.status = "FAILED"
