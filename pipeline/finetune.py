@@ -13,7 +13,8 @@
    head learning-rate multiplier and per-epoch step decay; one-/multi-hot float targets, in-batch
    mixup (``augment.mixup``) and cross-entropy or binary cross-entropy (``loss``); the task's metric
    every epoch to MLflow (``val_accuracy``/``test_accuracy``, or ``val_mAP`` for AudioSet); the best
-   epoch's checkpoint kept by :func:`validation_metric`.
+   epoch's checkpoint kept by :func:`validation_metric`. Rank 0 prints a line per epoch (train loss,
+   the metrics, elapsed time, ETA); each split's MLflow run ends FINISHED, FAILED or KILLED.
 
 Mixup mixes batches of finished examples (normalised, augmented log-mel features) with partners from
 the same batch, where the official loader mixes waveforms with partners from the whole dataset: the
@@ -30,19 +31,23 @@ import numpy as np
 import ray
 import ray.train
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline import featurize
 from pipeline.config import (
-    AugmentConfig, ExamplesConfig, FeaturizeConfig, FinetuneJobConfig, InputConfig, flatten, public_dict, run_command,
+    AugmentConfig, ExamplesConfig, FeaturizeConfig, FinetuneJobConfig, FinetuneOptimConfig, InputConfig, flatten,
+    public_dict, run_command,
 )
 from pipeline.data import examples_dataset
+from pipeline.loop import (
+    Clock, all_gather_rows, announce_compute, base_rates, format_metrics, say, seed_worker, set_learning_rates,
+    start_tracking, unwrap,
+)
 from pipeline.sources import AudioSource, SourceError
 from pipeline.storage import resolve
 from pipeline.tasks import TaskData, read_task
-from pipeline.tracking import RunTracker, resolve_tracking_uri
-from pipeline.trainer import TrainWorker, TuneTrial, torch_trainer
+from pipeline.tracking import RunTracker, resolve_tracking_uri, run_status
+from pipeline.trainer import LoopConfig, TrainWorker, TuneTrial, Worker, torch_trainer
 from ssamba import AudioClassifier, ClassifierConfig, EncoderConfig, PatchGrid, SSAMBAEncoder
 from ssamba.checkpoint import load_encoder_weights
 from ssamba.features import mix_batch
@@ -107,17 +112,64 @@ def _subset(config: FinetuneJobConfig, sources: list[AudioSource], classes: list
         _with_targets, fn_kwargs={"positives": positives, "num_classes": len(classes)})
 
 
-def _gather(rows: torch.Tensor) -> torch.Tensor:
-    """Every worker's ``rows``, concatenated (workers may hold different numbers of rows)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return rows
-    count = torch.tensor([rows.shape[0]], device=rows.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    padded = F.pad(rows, (0, 0, 0, int(torch.cat(counts).max()) - rows.shape[0]))
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[: int(n)] for part, n in zip(parts, counts)])
+@dataclass(frozen=True)
+class FinetuneLoop(LoopConfig[FinetuneJobConfig]):
+    """What the driver hands the fine-tuning loop, beyond the job: the task's classes and whether
+    the split has a test set."""
+
+    classes: list[str]
+    has_test: bool
+
+
+class StepDecay:
+    """The rates × ``decay`` every ``decay_every`` epochs from ``decay_start_epoch`` on."""
+
+    def __init__(self, optim: FinetuneOptimConfig) -> None:
+        self.optim = optim
+
+    def factor(self, epoch: int) -> float:
+        start, every = self.optim.decay_start_epoch, self.optim.decay_every
+        decays = 0 if epoch < start else (epoch - start) // every + 1
+        return self.optim.decay**decays
+
+
+def _build(loop: FinetuneLoop, worker: Worker) -> tuple[torch.nn.Module, torch.optim.Optimizer, int, bool]:
+    """Seed, build the classifier and Adam (head rate × multiplier, encoder frozen or not), restore
+    the last checkpoint; returns the model, the optimizer, the first epoch to train and whether restored."""
+    config = loop.job
+    seed_worker(0, worker.rank)
+    classifier = build_classifier(config, len(loop.classes))
+    head, encoder = list(classifier.mlp_head.parameters()), list(classifier.encoder.parameters())
+    model = worker.prepare_model(classifier)
+    groups = [{"params": head, "lr": config.optim.lr * config.optim.head_lr_multiplier}]
+    if not config.model.freeze_encoder:
+        groups.append({"params": encoder, "lr": config.optim.lr})
+    optimizer = torch.optim.Adam(groups, weight_decay=config.optim.weight_decay, betas=config.optim.betas)
+    state = worker.restored_state()
+    if state is None:
+        return model, optimizer, 0, False
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return model, optimizer, state["epoch"] + 1, True
+
+
+def _train_batches(worker: Worker, config: FinetuneJobConfig):
+    """One pass over this worker's share of the training examples."""
+    return worker.dataset("train").iter_torch_batches(batch_size=config.batch_size, drop_last=True, device=worker.device)
+
+
+def _train_epoch(model, optimizer, loop: FinetuneLoop, worker: Worker, epoch: int) -> float:
+    """One epoch of mixup batches; the mean training loss of this worker."""
+    config, loss_function = loop.job, LOSSES[loop.job.loss]
+    losses, mixing = [], np.random.default_rng([worker.rank, epoch])
+    for batch in _train_batches(worker, config):
+        features, targets = mix_batch(batch["fbank"], batch["target"], config.augment.mixup, mixing)
+        loss = loss_function(model(features), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return float(np.mean(losses)) if losses else float("nan")
 
 
 def _evaluate(model, shard, batch_size: int, device, metric: str, num_classes: int) -> float:
@@ -127,70 +179,46 @@ def _evaluate(model, shard, batch_size: int, device, metric: str, num_classes: i
         rows = [torch.cat([model(batch["fbank"]).float(), batch["target"]], dim=1)
                 for batch in shard.iter_torch_batches(batch_size=batch_size, device=device)]
     model.train()
-    rows = _gather(torch.cat(rows) if rows else torch.empty(0, 2 * num_classes, device=device))
+    rows = all_gather_rows(torch.cat(rows) if rows else torch.empty(0, 2 * num_classes, device=device))
     return METRICS[metric](rows[:, :num_classes], rows[:, num_classes:])
 
 
-def fit(loop_config: dict, session: TrainWorker | TuneTrial) -> None:
+def _scores(model, loop: FinetuneLoop, worker: Worker) -> dict[str, float]:
+    """The task's metric on the selection split (``val_``) and, where there is one, the test split."""
+    config, metric = loop.job, metric_name(loop.job)
+    splits_to_score = {"val": "eval", **({"test": "test"} if loop.has_test else {})}
+    return {f"{prefix}_{metric}": _evaluate(model, worker.dataset(name), config.batch_size, worker.device, metric,
+                                            len(loop.classes))
+            for prefix, name in splits_to_score.items()}
+
+
+def fit(loop: FinetuneLoop, worker: Worker) -> None:
     """The fine-tuning loop, wherever it runs: a Ray Train worker (``pipeline.finetune``) or a Tune
-    trial (``pipeline.tune``). Restores the last checkpoint, then trains epoch by epoch, reporting the
-    task's metrics (and a checkpoint) after each."""
-    config: FinetuneJobConfig = loop_config["config"]
-    classes, run_name = loop_config["classes"], loop_config["run_name"]
-    rank, device = session.rank, session.device
-    torch.manual_seed(rank)
-    classifier = build_classifier(config, len(classes))
-    head, encoder = list(classifier.mlp_head.parameters()), list(classifier.encoder.parameters())
-    model = session.prepare_model(classifier)
-    groups = [{"params": head, "lr": config.optim.lr * config.optim.head_lr_multiplier, "base_lr": config.optim.lr * config.optim.head_lr_multiplier}]
-    if not config.model.freeze_encoder:
-        groups.append({"params": encoder, "lr": config.optim.lr, "base_lr": config.optim.lr})
-    optimizer = torch.optim.Adam(groups, weight_decay=config.optim.weight_decay, betas=config.optim.betas)
-    start_epoch = 0
-    state = session.restored_state()
-    if state is not None:
-        getattr(model, "module", model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-    tracker = None
-    if rank == 0:
-        tracker = RunTracker(loop_config["tracking_uri"], config.tracking.experiment, run_name,
-                             tags={"task": config.task, "classes": str(len(classes))},
-                             parent_run_id=loop_config["parent_run_id"])
-        if not tracker.resumed:
-            tracker.log_params(flatten(public_dict(config)))
-    train_shard, eval_shard = session.dataset("train"), session.dataset("eval")
-    test_shard = session.dataset("test") if loop_config["has_test"] else None
-    metric, loss_function = metric_name(config), LOSSES[config.loss]
-    for epoch in range(start_epoch, config.epochs):
-        if config.testing.fail_at_epoch == epoch and state is None:
-            raise RuntimeError(f"injected failure at epoch {epoch} (testing.fail_at_epoch)")
-        decays = 0 if epoch < config.optim.decay_start_epoch else (epoch - config.optim.decay_start_epoch) // config.optim.decay_every + 1
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * config.optim.decay**decays
-        losses, mixing = [], np.random.default_rng([rank, epoch])
-        for batch in train_shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True, device=device):
-            features, targets = mix_batch(batch["fbank"], batch["target"], config.augment.mixup, mixing)
-            loss = loss_function(model(features), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   f"val_{metric}": _evaluate(model, eval_shard, config.batch_size, device, metric, len(classes))}
-        if test_shard is not None:
-            metrics[f"test_{metric}"] = _evaluate(model, test_shard, config.batch_size, device, metric, len(classes))
-        if tracker is not None:
-            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, epoch)
-        session.report(metrics, lambda: {"model": getattr(model, "module", model).state_dict(),
-                                         "optimizer": optimizer.state_dict(), "epoch": epoch, "classes": classes},
-                       f"epoch-{epoch:04d}")
+    trial (``pipeline.tune``). Build and restore; then per epoch: set the rates, train, score, log
+    (MLflow and one console line) and report the metrics with a checkpoint."""
+    config = loop.job
+    model, optimizer, start_epoch, restored = _build(loop, worker)
+    rates, schedule = base_rates(optimizer), StepDecay(config.optim)
+    tracker = start_tracking(loop, worker, lambda: flatten(public_dict(config)))
     if tracker is not None:
-        tracker.finish()
+        announce_compute(worker.device, "fp32", worker.world_size, config.batch_size * worker.world_size)
+    clock = Clock(start_epoch, config.epochs)
+    for epoch in range(start_epoch, config.epochs):
+        if config.testing.fail_at_epoch == epoch and not restored:
+            raise RuntimeError(f"injected failure at epoch {epoch} (testing.fail_at_epoch)")
+        set_learning_rates(optimizer, rates, schedule.factor(epoch))
+        scores = {"train_loss": _train_epoch(model, optimizer, loop, worker, epoch), **_scores(model, loop, worker)}
+        if tracker is not None:
+            tracker.log_metrics(scores, epoch)
+            say(f"epoch {epoch + 1}/{config.epochs} | {format_metrics(scores)} | {clock.timing(epoch + 1)}")
+        worker.report({"epoch": epoch, **scores},
+                      lambda: {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                               "epoch": epoch, "classes": loop.classes},
+                      f"epoch-{epoch:04d}")
 
 
-def train_loop(loop_config: dict) -> None:
-    fit(loop_config, TrainWorker())
+def train_loop(train_loop_config: dict) -> None:
+    fit(LoopConfig.of(train_loop_config), TrainWorker())
 
 
 @dataclass(frozen=True)
@@ -221,23 +249,29 @@ def _datasets(config: FinetuneJobConfig, classes: list[str], split: Split) -> di
     return datasets
 
 
-def _loop_config(config: FinetuneJobConfig, run_name: str, classes: list[str], split: Split,
-                 parent_run_id: str | None) -> dict:
-    return {"config": config, "classes": classes, "run_name": run_name, "has_test": bool(split.test),
-            "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri), "parent_run_id": parent_run_id}
+def _open_run(config: FinetuneJobConfig, run_name: str, classes: list[str], split: Split,
+              parent_run_id: str | None) -> tuple[RunTracker, FinetuneLoop]:
+    """The split's MLflow run (created, or reopened to resume) and what its loop is handed."""
+    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    tracker = RunTracker(tracking_uri, config.tracking.experiment, run_name,
+                         tags={"task": config.task, "classes": str(len(classes))}, parent_run_id=parent_run_id)
+    return tracker, FinetuneLoop(config, tracking_uri, tracker.run_id, classes, bool(split.test))
 
 
 def train_once(config: FinetuneJobConfig, classes: list[str], split: Split,
                parent_run_id: str | None = None) -> ray.train.Result:
-    """One split on Ray Train, named ``<name><suffix>`` (a relaunch resumes it)."""
+    """One split on Ray Train, named ``<name><suffix>`` (a relaunch resumes it); its MLflow run ends
+    FINISHED, FAILED or KILLED."""
     run_name = config.name + split.suffix
+    tracker, loop = _open_run(config, run_name, classes, split, parent_run_id)
     trainer = torch_trainer(
-        train_loop, _loop_config(config, run_name, classes, split, parent_run_id),
+        train_loop, loop,
         run_name, resolve(config.storage_path, config.storage), config.scaling, _datasets(config, classes, split),
         ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=validation_metric(config),
                                    checkpoint_score_order="max"),
     )
-    return trainer.fit()
+    with run_status(tracker):
+        return trainer.fit()
 
 
 def train_in_trial(config: FinetuneJobConfig, data: TaskData, parent_run_id: str) -> None:
@@ -247,8 +281,9 @@ def train_in_trial(config: FinetuneJobConfig, data: TaskData, parent_run_id: str
         raise SourceError(f"task {config.task} has {len(trial_splits)} folds: a sweep trial trains one, "
                           "set finetune.folds to one test fold")
     (split,) = trial_splits
-    fit(_loop_config(config, config.name, data.classes, split, parent_run_id),
-        TuneTrial(_datasets(config, data.classes, split)))
+    tracker, loop = _open_run(config, config.name, data.classes, split, parent_run_id)
+    with run_status(tracker):
+        fit(loop, TuneTrial(_datasets(config, data.classes, split)))
 
 
 def best_metrics(result: ray.train.Result, selector: str) -> dict:

@@ -6,6 +6,11 @@
 The run is named by ``name``: its checkpoints live under ``<storage_path>/<name>`` and relaunching
 with the same name continues from the last one (step count, optimizer, schedule, RNG state). Inside
 a run, ``scaling.max_failures`` lets Ray restart a failed worker group from the last checkpoint.
+The run's MLflow status tells how it ended: FINISHED, FAILED (restarts used up) or KILLED (Ctrl-C or
+SIGTERM of this command); a relaunch sets it RUNNING again.
+
+Rank 0 prints what runs where at start (operators, device, precision, world size, global batch) and
+a progress line every ``train.log_every`` steps: step, mean loss, samples/s, elapsed time and ETA.
 
 The training loop below reads top to bottom: build, restore, then for each batch: masked forward,
 backward (gradient accumulation with DDP's ``no_sync``), clip, step, and every so often log,
@@ -26,15 +31,17 @@ from pathlib import Path
 
 import ray
 import ray.train
-import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from pipeline.config import PretrainJobConfig, flatten, public_dict, run_command
 from pipeline.data import examples_dataset
+from pipeline.loop import (
+    Clock, all_reduce_sum, announce_compute, autocast, base_rates, effective_precision, say, seed_worker,
+    set_learning_rates, start_tracking, unwrap,
+)
 from pipeline.storage import resolve
-from pipeline.tracking import RunTracker, resolve_tracking_uri
-from pipeline.trainer import TrainWorker, torch_trainer
+from pipeline.tracking import RunTracker, resolve_tracking_uri, run_status
+from pipeline.trainer import LoopConfig, TrainWorker, Worker, torch_trainer
 from ssamba import EncoderConfig, PatchGrid, PretrainConfig, SSAMBAEncoder, SSAMBAPretrainModel, save_checkpoint
 
 ENCODER_FILE = "ssamba_encoder.pt"
@@ -65,12 +72,15 @@ class LearningRate:
         self.optim, self.max_steps = config.optim, config.train.max_steps
         self.plateau_scale, self.best, self.bad_evaluations = 1.0, -math.inf, 0
 
-    def at(self, step: int) -> float:
+    def factor(self, step: int) -> float:
         warmup = min(1.0, step / self.optim.warmup_steps) if self.optim.warmup_steps else 1.0
         if self.optim.schedule == "cosine":
             progress = min(1.0, max(0.0, (step - self.optim.warmup_steps) / max(1, self.max_steps - self.optim.warmup_steps)))
-            return self.optim.lr * warmup * 0.5 * (1 + math.cos(math.pi * progress))
-        return self.optim.lr * warmup * self.plateau_scale
+            return warmup * 0.5 * (1 + math.cos(math.pi * progress))
+        return warmup * self.plateau_scale
+
+    def at(self, step: int) -> float:
+        return self.optim.lr * self.factor(step)
 
     def observe(self, validation_accuracy: float) -> None:
         if self.optim.schedule != "plateau":
@@ -90,58 +100,81 @@ class LearningRate:
         self.plateau_scale, self.best, self.bad_evaluations = state["plateau_scale"], state["best"], state["bad_evaluations"]
 
 
+def accumulation_steps(config: PretrainJobConfig, world_size: int) -> tuple[int, int]:
+    """Micro-batches per optimizer step and the resulting global batch on ``world_size`` workers:
+    the one place that relates the two."""
+    accum = config.train.grad_accum
+    return accum, config.train.batch_size * world_size * accum
+
+
 # --------------------------------------------------------------------------------------------------
 # Training loop (runs on every Ray Train worker)
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class Progress:
+class Training:
+    """What one worker trains, and what a checkpoint saves and restores."""
+
+    model: torch.nn.Module  # DDP-wrapped on Ray Train workers
+    optimizer: torch.optim.Optimizer
+    rates: list[float]  # the optimizer's configured rates, scaled by the schedule
+    schedule: LearningRate
+    mask_rng: random.Random
     step: int = 0
     epoch: int = 0
     restored: bool = False
 
+    @property
+    def inner(self) -> SSAMBAPretrainModel:
+        return unwrap(self.model)
 
-def _unwrap(model: torch.nn.Module) -> SSAMBAPretrainModel:
-    return getattr(model, "module", model)
+    def state(self, config: PretrainJobConfig) -> dict:
+        return {"model": self.inner.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "mask_rng": self.mask_rng.getstate(),
+                "torch_rng": torch.get_rng_state(), "step": self.step, "epoch": self.epoch,
+                "config": json.dumps(public_dict(config))}
+
+    def restore(self, state: dict) -> None:
+        self.inner.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.mask_rng.setstate(state["mask_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.epoch, self.restored = state["step"], state["epoch"], True
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _restore(worker: TrainWorker, model, optimizer, schedule: LearningRate, mask_rng: random.Random) -> Progress:
+def build(config: PretrainJobConfig, worker: Worker) -> Training:
+    """Seed the worker, build model and optimizer, and restore the run's last checkpoint if any."""
+    seed_worker(config.train.seed, worker.rank)
+    mask_rng = random.Random(config.train.seed * 1000 + worker.rank)
+    encoder = encoder_config(config)
+    model = worker.prepare_model(SSAMBAPretrainModel(SSAMBAEncoder(encoder), encoder.grid, pretrain_config(config)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
+                                  weight_decay=config.optim.weight_decay)
+    training = Training(model, optimizer, base_rates(optimizer), LearningRate(config), mask_rng)
     state = worker.restored_state()
-    if state is None:
-        return Progress()
-    _unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    mask_rng.setstate(state["mask_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    return Progress(step=state["step"], epoch=state["epoch"], restored=True)
+    if state is not None:
+        training.restore(state)
+    return training
 
 
-def _checkpoint_state(model, optimizer, schedule: LearningRate, mask_rng: random.Random, progress: Progress,
-                      config: PretrainJobConfig) -> dict:
-    return {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "mask_rng": mask_rng.getstate(), "torch_rng": torch.get_rng_state(),
-            "step": progress.step, "epoch": progress.epoch, "config": json.dumps(public_dict(config))}
+def _train_batches(worker: Worker, config: PretrainJobConfig):
+    """One pass over this worker's share of the training examples."""
+    return worker.dataset("train").iter_torch_batches(batch_size=config.train.batch_size, drop_last=True,
+                                                      device=worker.device, prefetch_batches=2)
 
 
-def _evaluate(model, config: PretrainJobConfig, device: torch.device, autocast) -> dict[str, float]:
+def _evaluate(training: Training, config: PretrainJobConfig, worker: Worker, autocast) -> dict[str, float]:
     """Masked-patch accuracy and MSE at the official validation mask count, with fixed masks."""
-    shard = ray.train.get_dataset_shard("val")
-    inner = _unwrap(model)
+    inner = training.inner
     count = min(config.masking.validation_mask_patches, inner.grid.num_patches - 1)
-    rng = random.Random(1234 + ray.train.get_context().get_world_rank())
+    rng = random.Random(1234 + worker.rank)
     inner.eval()
     sums = [0.0, 0.0, 0.0, 0.0]  # nce, mse, accuracy (each × clips), clips
     with torch.no_grad():
-        for index, batch in enumerate(shard.iter_torch_batches(batch_size=config.train.batch_size, device=device)):
+        batches = worker.dataset("val").iter_torch_batches(batch_size=config.train.batch_size, device=worker.device)
+        for index, batch in enumerate(batches):
             if config.train.eval_batches is not None and index >= config.train.eval_batches:
                 break
             with autocast():
@@ -151,19 +184,19 @@ def _evaluate(model, config: PretrainJobConfig, device: torch.device, autocast) 
                 sums[i] += float(value) * clips
             sums[3] += clips
     inner.train()
-    nce, mse, accuracy, clips = _all_reduce_sum(sums, device)
+    nce, mse, accuracy, clips = all_reduce_sum(sums, worker.device)
     clips = max(clips, 1.0)
     return {"val_nce": nce / clips, "val_mse": mse / clips, "val_accuracy": accuracy / clips}
 
 
-def _log_reconstruction(tracker: RunTracker, model, features: torch.Tensor, step: int) -> None:
+def _log_reconstruction(tracker: RunTracker, training: Training, features: torch.Tensor, step: int) -> None:
     """An MLflow image of an input spectrogram, its mask and the generative head's reconstruction."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    inner = _unwrap(model)
+    inner = training.inner
     inner.eval()
     reconstruction, mask = inner.reconstruct(features[:1].float(), random.Random(step))
     inner.train()
@@ -180,101 +213,120 @@ def _log_reconstruction(tracker: RunTracker, model, features: torch.Tensor, step
     plt.close(figure)
 
 
-def train_loop(loop_config: dict) -> None:
-    config: PretrainJobConfig = loop_config["config"]
-    worker = TrainWorker()
-    rank, world, device = worker.rank, ray.train.get_context().get_world_size(), worker.device
-    torch.manual_seed(config.train.seed + rank)
-    mask_rng = random.Random(config.train.seed * 1000 + rank)
+class Interval:
+    """Rank 0's view of the steps since the last log line: samples seen by all workers, mean loss."""
 
-    model = SSAMBAPretrainModel(SSAMBAEncoder(encoder_config(config)), encoder_config(config).grid, pretrain_config(config))
-    model = worker.prepare_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
-                                  weight_decay=config.optim.weight_decay)
-    schedule = LearningRate(config)
-    progress = _restore(worker, model, optimizer, schedule, mask_rng)
-    use_bf16 = device.type == "cuda" and config.train.precision == "bf16"
+    def __init__(self) -> None:
+        self.began, self.samples, self.loss_sum, self.micro_batches = time.perf_counter(), 0, 0.0, 0
 
-    def autocast():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss_sum += loss.detach()  # a tensor: no device sync until the log line
+        self.samples += samples
+        self.micro_batches += 1
 
-    tracker = None
-    if rank == 0:
-        tracker = RunTracker(loop_config["tracking_uri"], config.tracking.experiment, config.name,
-                             tags={"checkpoint_location": loop_config["checkpoint_location"]},
-                             parent_run_id=loop_config.get("parent_run_id"))
-        if not tracker.resumed:
-            tracker.log_params({**flatten(public_dict(config)), "global_batch_size": config.global_batch_size,
-                                "world_size": world, "encoder_parameters": sum(p.numel() for p in _unwrap(model).encoder.parameters())})
-            tracker.log_dict(public_dict(config), "config.json")
-        tracker.set_tags({"resumed_from_step": str(progress.step)} if progress.restored else {})
+    def rates(self, tokens_per_clip: int) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.began
+        return {"samples_per_s": self.samples / elapsed, "tokens_per_s": self.samples * tokens_per_clip / elapsed}
 
-    def checkpoint_and_report(metrics: dict) -> None:
-        worker.report(metrics, lambda: _checkpoint_state(model, optimizer, schedule, mask_rng, progress, config),
-                      f"step-{progress.step:08d}")
+    def mean_loss(self) -> float:
+        return float(self.loss_sum) / max(1, self.micro_batches)
 
-    train_shard = worker.dataset("train")
-    tokens_per_clip = _unwrap(model).grid.num_patches + 1
-    accum = config.train.grad_accum
-    window_start, window_samples = time.perf_counter(), 0
+
+def _log_step(tracker: RunTracker, training: Training, out, interval: Interval, lr: float, clock: Clock,
+              config: PretrainJobConfig) -> None:
+    """The step's metrics to MLflow and one progress line to the console."""
+    rates = interval.rates(training.inner.grid.num_patches + 1)
+    tracker.log_metrics({"loss": out.loss.item(), "nce": out.nce.item(), "mse": out.mse.item(),
+                         "accuracy": out.accuracy.item(), "lr": lr, **rates}, training.step)
+    say(f"step {training.step}/{config.train.max_steps} | loss {interval.mean_loss():.4f} | "
+        f"{rates['samples_per_s']:.1f} samples/s | {clock.timing(training.step)}")
+
+
+def _inject_failure(config: PretrainJobConfig, training: Training, worker: Worker) -> None:
+    if config.testing.fail_at_step == training.step and not training.restored and worker.rank == worker.world_size - 1:
+        raise RuntimeError(f"injected failure at step {training.step} (testing.fail_at_step)")
+
+
+def _export_encoder(tracker: RunTracker, training: Training, config: PretrainJobConfig) -> None:
+    """The final encoder, where fine-tuning looks for it (:func:`encoder_uri`) and in MLflow."""
+    inner = training.inner
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / ENCODER_FILE
+        save_checkpoint(path, inner, inner.encoder.config, inner.config, metadata={"step": training.step, "run": config.name})
+        resolve(encoder_uri(config), config.storage).write_bytes(path.read_bytes())
+        tracker.log_file(path, "model")
+    tracker.log_dict(inner.encoder.config.to_dict(), "model/encoder_config.json")
+
+
+def train_loop(train_loop_config: dict) -> None:
+    """Pretraining on one Ray Train worker: build and restore; then per micro-batch a masked forward
+    and backward (DDP's ``no_sync`` until the last of ``grad_accum``); per optimizer step clip, step
+    and, at their cadences, log, evaluate, draw a reconstruction and checkpoint; export at the end."""
+    loop: LoopConfig[PretrainJobConfig] = LoopConfig.of(train_loop_config)
+    config, worker = loop.job, TrainWorker()
+    max_steps, cadence = config.train.max_steps, config.train
+    training = build(config, worker)
+    model, optimizer = training.model, training.optimizer
+    accum, global_batch = accumulation_steps(config, worker.world_size)
+    precision = effective_precision(worker.device, config.train.precision)
+    autocast_context = autocast(worker.device, config.train.precision)
+
+    tracker = start_tracking(loop, worker, lambda: {
+        **flatten(public_dict(config)), "global_batch_size": global_batch, "world_size": worker.world_size,
+        "encoder_parameters": sum(p.numel() for p in training.inner.encoder.parameters())},
+        documents={"config.json": public_dict(config)})
+    if tracker is not None:
+        tracker.set_tags({"resumed_from_step": str(training.step)} if training.restored else {})
+        announce_compute(worker.device, precision, worker.world_size, global_batch)
+
+    def due(every: int) -> bool:
+        return training.step % every == 0 or training.step == max_steps
+
+    clock, interval = Clock(training.step, max_steps), Interval()
     model.train()
-    while progress.step < config.train.max_steps:
-        micro = 0
-        for batch in train_shard.iter_torch_batches(batch_size=config.train.batch_size, drop_last=True, device=device,
-                                                    prefetch_batches=2):
-            micro += 1
+    while training.step < max_steps:
+        for micro, batch in enumerate(_train_batches(worker, config), start=1):
+            # Forward and backward; gradients are averaged across workers on the last micro-batch only.
             sync = micro % accum == 0
             with (contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()):
-                with autocast():
-                    out = model(batch["fbank"], mask_rng)
+                with autocast_context():
+                    out = model(batch["fbank"], training.mask_rng)
                 (out.loss / accum).backward()
-            window_samples += batch["fbank"].shape[0] * world
+            interval.add(out.loss, batch["fbank"].shape[0] * worker.world_size)
             if not sync:
                 continue
+
+            # Optimizer step.
             if config.optim.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            lr = schedule.at(progress.step + 1)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rates(optimizer, training.rates, training.schedule.factor(training.step + 1))
+            lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            if config.testing.fail_at_step == progress.step and not progress.restored and rank == world - 1:
-                raise RuntimeError(f"injected failure at step {progress.step} (testing.fail_at_step)")
+            training.step += 1
+            _inject_failure(config, training, worker)
 
-            step = progress.step
-            if tracker is not None and (step % config.train.log_every == 0 or step == 1):
-                elapsed = time.perf_counter() - window_start
-                tracker.log_metrics({"loss": out.loss.item(), "nce": out.nce.item(), "mse": out.mse.item(),
-                                     "accuracy": out.accuracy.item(), "lr": lr,
-                                     "samples_per_s": window_samples / elapsed,
-                                     "tokens_per_s": window_samples * tokens_per_clip / elapsed}, step)
-                window_start, window_samples = time.perf_counter(), 0
-            metrics = {"step": step, "epoch": progress.epoch, "loss": out.loss.item()}
-            if step % config.train.eval_every == 0 or step == config.train.max_steps:
-                if config.validation is not None:
-                    validation = _evaluate(model, config, device, autocast)
-                    schedule.observe(validation["val_accuracy"])
-                    metrics.update(validation)
-                    if tracker is not None:
-                        tracker.log_metrics(validation, step)
-            if tracker is not None and (step % config.train.figure_every == 0 or step == config.train.max_steps):
-                _log_reconstruction(tracker, model, batch["fbank"], step)
-            if step % config.train.checkpoint_every == 0 or step == config.train.max_steps:
-                checkpoint_and_report(metrics)
-            if step >= config.train.max_steps:
+            # Cadences: log, evaluate, figure, checkpoint.
+            if tracker is not None and (training.step % cadence.log_every == 0 or training.step == 1):
+                _log_step(tracker, training, out, interval, lr, clock, config)
+                interval = Interval()
+            metrics = {"step": training.step, "epoch": training.epoch, "loss": out.loss.item()}
+            if config.validation is not None and due(cadence.eval_every):
+                validation = _evaluate(training, config, worker, autocast_context)
+                training.schedule.observe(validation["val_accuracy"])
+                metrics.update(validation)
+                if tracker is not None:
+                    tracker.log_metrics(validation, training.step)
+            if tracker is not None and due(cadence.figure_every):
+                _log_reconstruction(tracker, training, batch["fbank"], training.step)
+            if due(cadence.checkpoint_every):
+                worker.report(metrics, lambda: training.state(config), f"step-{training.step:08d}")
+            if training.step >= max_steps:
                 break
-        progress.epoch += 1
+        training.epoch += 1
 
     if tracker is not None:
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / ENCODER_FILE
-            inner = _unwrap(model)
-            save_checkpoint(path, inner, inner.encoder.config, inner.config, metadata={"step": progress.step, "run": config.name})
-            resolve(encoder_uri(config), config.storage).write_bytes(path.read_bytes())
-            tracker.log_file(path, "model")
-        tracker.log_dict(inner.encoder.config.to_dict(), "model/encoder_config.json")
-        tracker.finish()
+        _export_encoder(tracker, training, config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,25 +341,28 @@ def encoder_uri(config: PretrainJobConfig) -> str:
 
 def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | None = None,
         parent_run_id: str | None = None) -> ray.train.Result:
-    """Launch (or resume) the named run and wait for it. A sweep trial passes Tune's report callback
-    and its parent MLflow run (the run is then nested under the sweep's)."""
+    """Launch (or resume) the named run and wait for it; its MLflow run ends FINISHED, FAILED (Ray's
+    restarts used up) or KILLED (Ctrl-C, SIGTERM). A sweep trial passes Tune's report callback and
+    its parent MLflow run (the run is then nested under the sweep's)."""
     if not ray.is_initialized():
         ray.init()
     storage = resolve(config.storage_path, config.storage)
     datasets = {"train": examples_dataset(config.data, config.storage).select_columns(["fbank"])}
     if config.validation is not None:
         datasets["val"] = examples_dataset(config.validation, config.storage).select_columns(["fbank"])
+    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    tracker = RunTracker(tracking_uri, config.tracking.experiment, config.name,
+                         tags={"checkpoint_location": storage.join(config.name).uri}, parent_run_id=parent_run_id)
     trainer = torch_trainer(
-        train_loop,
-        {"config": config, "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri),
-         "checkpoint_location": storage.join(config.name).uri, "parent_run_id": parent_run_id},
+        train_loop, LoopConfig(config, tracking_uri, tracker.run_id),
         config.name, storage, config.scaling, datasets,
         ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
         # glibc would otherwise fragment the heap with the CPU scan's large temporaries.
         worker_env={"MALLOC_MMAP_THRESHOLD_": str(16 * 1024 * 1024)},
         callbacks=callbacks,
     )
-    return trainer.fit()
+    with run_status(tracker):
+        return trainer.fit()
 
 
 def main(argv: list[str] | None = None) -> int:

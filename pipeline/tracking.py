@@ -4,15 +4,23 @@ The tracking URI is always explicit and absolute: the config's, else ``MLFLOW_TR
 SQLite file under ``outputs/`` (resolved on the driver, so Ray workers, whose working directory
 differs, write to the same store). A remote ``mlflow server`` URI (http://...) works unchanged; it
 is what multi-node clusters need.
+
+A run's status is decided by the process that drives it (:func:`run_status`): FINISHED when the work
+returned, FAILED when it raised (for a Ray Train run: after Ray's restarts were used up), KILLED on
+Ctrl-C or SIGTERM. Reopening a run to resume it sets it RUNNING again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
@@ -57,6 +65,16 @@ class RunTracker:
                 run_tags["mlflow.parentRunId"] = parent_run_id
             self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
 
+    @classmethod
+    def attach(cls, tracking_uri: str, run_id: str) -> "RunTracker":
+        """The run another process opened (a worker writing to its driver's run); its status stays as is."""
+        tracker = cls.__new__(cls)
+        tracker.client, tracker.run_id, tracker.resumed = MlflowClient(tracking_uri), run_id, True
+        return tracker
+
+    def has_params(self) -> bool:
+        return bool(self.client.get_run(self.run_id).data.params)
+
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(key, str(value)) for key, value in params.items()]
         for start in range(0, len(items), _MAX_PARAMS_PER_CALL):
@@ -90,6 +108,56 @@ class RunTracker:
             path.write_bytes(data)
             self.log_file(path, artifact_path)
 
-    def finish(self, succeeded: bool = True) -> None:
-        status = RunStatus.to_string(RunStatus.FINISHED if succeeded else RunStatus.FAILED)
-        self.client.set_terminated(self.run_id, status)
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run as FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.from_string(status)))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same cleanup runs (``ray job stop``, ``kill``)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def terminate(signum, frame) -> None:
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class RunOutcome:
+    """How a block that returned ended its run: FINISHED unless the block decides otherwise (a sweep
+    whose trials failed returns its summary but ends FAILED)."""
+
+    status: str = "FINISHED"
+
+
+@contextlib.contextmanager
+def run_status(tracker: RunTracker) -> Iterator[RunOutcome]:
+    """End ``tracker``'s run by how the block ends: as its :class:`RunOutcome` says when it returns,
+    KILLED on Ctrl-C or SIGTERM (the driver then exits non-zero), FAILED on any other exception
+    (which propagates)."""
+    outcome = RunOutcome()
+    with _sigterm_raises():
+        try:
+            yield outcome
+        except KeyboardInterrupt:
+            tracker.finish("KILLED")
+            raise
+        except SystemExit as exiting:
+            # Ray Train's own Ctrl-C handler aborts the run, then exits the driver with status 0.
+            tracker.finish("KILLED")
+            raise KeyboardInterrupt("interrupted while training") from exiting
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+    tracker.finish(outcome.status)

@@ -1,5 +1,6 @@
-"""What every training job here shares: building the ``TorchTrainer``, and the place a training loop
-runs in — a Ray Train worker or a Ray Tune trial — behind one small interface.
+"""What every training job here shares: building the ``TorchTrainer``, what the driver hands a
+training loop (:class:`LoopConfig`), and the place the loop runs in — a Ray Train worker or a Ray
+Tune trial — behind one protocol (:class:`Worker`).
 
 Checkpoints of Ray Train runs live under ``<storage_path>/<name>`` (local or S3): a run relaunched
 with the same name resumes from them, and ``scaling.max_failures`` restarts a failed worker group
@@ -9,8 +10,9 @@ from the last one. A Tune trial's checkpoints live with its sweep and are restor
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Generic, Protocol, TypeVar
 
 import ray.data
 import ray.train
@@ -22,11 +24,54 @@ from pipeline.config import ScalingSection
 from pipeline.storage import Location
 
 STATE_FILE = "state.pt"
+_LOOP_KEY = "loop"
+
+JobT = TypeVar("JobT")
+
+
+@dataclass(frozen=True)
+class LoopConfig(Generic[JobT]):
+    """What the driver hands every training loop: the validated job config and the MLflow run the
+    driver opened for it (the driver, not a worker, decides how the run ends)."""
+
+    job: JobT
+    tracking_uri: str
+    run_id: str
+
+    def as_train_loop_config(self) -> dict[str, Any]:
+        """Ray Train passes a dict to the loop: this config under one key."""
+        return {_LOOP_KEY: self}
+
+    @staticmethod
+    def of(train_loop_config: dict[str, Any]) -> "LoopConfig":
+        return train_loop_config[_LOOP_KEY]
+
+
+class Worker(Protocol):
+    """Where a training loop runs: its rank among ``world_size`` workers, its device, its part of
+    each dataset, and reports (with checkpoints) to whoever drives it."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def dataset(self, name: str) -> Any: ...
+
+    def report(self, metrics: dict, state: Callable[[], dict] | None, checkpoint_dir_name: str) -> None: ...
+
+    def restored_state(self) -> dict | None: ...
 
 
 def torch_trainer(
     train_loop: Callable[[dict], None],
-    loop_config: dict,
+    loop: LoopConfig,
     name: str,
     storage: Location,
     scaling: ScalingSection,
@@ -39,7 +84,7 @@ def torch_trainer(
     e.g. Tune's ``TuneReportCallback`` when a sweep trial drives the run."""
     return ray.train.torch.TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config=loop.as_train_loop_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}),
@@ -78,6 +123,10 @@ class TrainWorker:
         return ray.train.get_context().get_world_rank()
 
     @property
+    def world_size(self) -> int:
+        return ray.train.get_context().get_world_size()
+
+    @property
     def device(self) -> torch.device:
         return ray.train.torch.get_device()
 
@@ -105,6 +154,7 @@ class TuneTrial:
     every report a Tune result (what ASHA decides on) with a checkpoint to restore the trial from."""
 
     rank = 0
+    world_size = 1
 
     def __init__(self, datasets: dict[str, ray.data.Dataset]) -> None:
         self.datasets = datasets

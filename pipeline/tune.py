@@ -42,7 +42,7 @@ from pipeline.sources import SourceError
 from pipeline.storage import resolve
 from pipeline.sweep_config import TuneJobConfig, with_values
 from pipeline.tasks import TaskData
-from pipeline.tracking import RunTracker, resolve_tracking_uri
+from pipeline.tracking import RunOutcome, RunTracker, resolve_tracking_uri, run_status
 
 # Fields of a trial's own results that describe the trial rather than the model.
 _BOOKKEEPING = {"checkpoint_path", "trial_id", "done", "training_iteration", "time_this_iter_s", "time_total_s",
@@ -80,12 +80,13 @@ def mask_trial(values: dict[str, Any], sweep: TuneJobConfig, task: TaskData, tra
     trial_run = RunTracker(tracking_uri, experiment, run_name)  # the pretraining run, reopened
     probe_config = _in_sweep(sweep.probe, {"model.checkpoint": pretrain.encoder_uri(pretrain_config),
                                            "model.freeze_encoder": True}, f"{run_name}-probe", tracking_uri, experiment)
-    summary = finetune.evaluate(probe_config, task, parent_run_id=trial_run.run_id)
-    scores = {"probe_" + finetune.validation_metric(probe_config): summary["selected"],
-              **{f"probe_{key}": value for key, value in summary.items() if key.startswith("test_") and value is not None}}
     last_report = result.metrics or {}  # empty when a restored trial finds its run already finished
-    trial_run.log_metrics(scores, step=int(last_report.get("step", 0)))
-    trial_run.finish()
+    with run_status(trial_run):
+        summary = finetune.evaluate(probe_config, task, parent_run_id=trial_run.run_id)
+        scores = {"probe_" + finetune.validation_metric(probe_config): summary["selected"],
+                  **{f"probe_{key}": value for key, value in summary.items()
+                     if key.startswith("test_") and value is not None}}
+        trial_run.log_metrics(scores, step=int(last_report.get("step", 0)))
     pretraining = {key: value for key, value in last_report.items() if key not in _BOOKKEEPING}
     tune.report({**pretraining, **scores})
 
@@ -195,17 +196,29 @@ def _best_row(table: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
     return scored.loc[scored[metric].idxmax() if mode == "max" else scored[metric].idxmin()]
 
 
+_RUN_STATUS = {"finished": "FINISHED", "error": "FAILED", "unfinished": "KILLED"}
+
+
 def close_trial_runs(table: pd.DataFrame, config: TuneJobConfig, tracking_uri: str, parent_run_id: str) -> None:
-    """Trials that Tune stopped early (ASHA) or that failed leave their MLflow runs open: close them."""
+    """Give every trial's MLflow run the status of how the trial ended: FINISHED (ASHA's early stops
+    included), FAILED, or KILLED when the sweep was interrupted before the trial finished."""
     for row in table.itertuples():
         tracker = RunTracker(tracking_uri, config.tracking.experiment, row.run_name, parent_run_id=parent_run_id)
         early = config.sweep == "finetune" and row.status == "finished" and row.reports < config.finetune.epochs
         tracker.set_tags({"sweep_trial_status": "stopped_early" if early else row.status})
-        tracker.finish(succeeded=row.status != "error")
+        tracker.finish(_RUN_STATUS[row.status])
+
+
+def sweep_status(table: pd.DataFrame) -> str:
+    """The parent run's status: KILLED when the sweep stopped with trials unfinished (Ctrl-C), FAILED
+    when a trial failed, else FINISHED."""
+    statuses = set(table["status"]) if "status" in table else set()
+    return "KILLED" if "unfinished" in statuses else "FAILED" if "error" in statuses else "FINISHED"
 
 
 def run(config: TuneJobConfig) -> dict:
-    """Run (or resume) the sweep; returns the best trial's values and metrics and the trial count."""
+    """Run (or resume) the sweep; returns the best trial's values and metrics and the trial count.
+    The parent run ends FINISHED, FAILED (a trial failed: relaunch to resume) or KILLED."""
     if not ray.is_initialized():
         ray.init()
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
@@ -217,6 +230,12 @@ def run(config: TuneJobConfig) -> dict:
                            "num_samples": config.search.num_samples,
                            **{f"space.{field}": d.describe() for field, d in config.search.space.items()}})
         parent.log_dict(public_dict(config), "sweep_config.json")
+    with run_status(parent) as outcome:
+        return _sweep(config, parent, tracking_uri, metric, outcome)
+
+
+def _sweep(config: TuneJobConfig, parent: RunTracker, tracking_uri: str, metric: str, outcome: RunOutcome) -> dict:
+    """The sweep under its parent run: featurize, tune, close the trials' runs, log the best trial."""
     task = finetune.prepare(config.probe if config.sweep == "mask" else config.finetune)
     trainable = tune.with_resources(
         tune.with_parameters(TRIALS[config.sweep], sweep=config, task=task, tracking_uri=tracking_uri,
@@ -241,7 +260,7 @@ def run(config: TuneJobConfig) -> dict:
         parent.log_metrics({f"best.{key}": value for key, value in metrics.items()}, step=0)
         parent.set_tags({"best_trial_id": str(best["trial_id"]), "best_run_name": str(best["run_name"])})
         summary.update(best_trial=best["trial_id"], best_values=values, best_metrics=metrics)
-    parent.finish(succeeded=results.num_errors == 0)
+    outcome.status = sweep_status(table)
     return summary
 
 

@@ -1,8 +1,11 @@
 """Pretraining on Ray Train with MLflow, on real services: local mode, 2 workers with an injected
-failure, a same-name relaunch that resumes, checkpoints in the S3 test server."""
+failure, a same-name relaunch that resumes, checkpoints in the S3 test server, how runs end (FAILED,
+KILLED by Ctrl-C) and the progress lines the command prints."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from conftest import free_ports
 from pipeline import pretrain
 from pipeline.config import ConfigError, PretrainJobConfig, load_config
+from pipeline.tracking import RunTracker
 from ssamba import load_checkpoint
 
 pytestmark = pytest.mark.timeout(600)
@@ -22,11 +26,17 @@ pytestmark = pytest.mark.timeout(600)
 PRESET = "configs/pretrain/local-tiny.yaml"
 
 
-def job(features: str, tmp_path, *overrides: str) -> PretrainJobConfig:
-    return load_config(PretrainJobConfig, PRESET, [
-        f"data.features={features}", f"validation.features={features}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.batch_size=4", *overrides,
-    ])
+def overrides(features: str, tmp_path, *extra: str) -> list[str]:
+    return [f"data.features={features}", f"validation.features={features}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.batch_size=4", *extra]
+
+
+def job(features: str, tmp_path, *extra: str) -> PretrainJobConfig:
+    return load_config(PretrainJobConfig, PRESET, overrides(features, tmp_path, *extra))
+
+
+def command_line(features: str, tmp_path, *extra: str) -> list[str]:
+    return ["--config", PRESET, *[arg for override in overrides(features, tmp_path, *extra) for arg in ("--set", override)]]
 
 
 def run_of(config: PretrainJobConfig):
@@ -88,6 +98,48 @@ def test_two_workers_survive_a_failure_and_a_relaunch_resumes(pretrain_features,
     assert run.data.tags["resumed_from_step"] == "8"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert steps[-1] == 10 and steps.count(5) == 2  # the restart re-ran step 5; the relaunch went on to 10
+
+
+def test_failure_without_restarts_leaves_the_run_failed_and_a_relaunch_running_again(pretrain_features, tmp_path):
+    settings = ("name=fails", f"storage_path={tmp_path / 'ckpt'}", "scaling.num_workers=1", "scaling.max_failures=0",
+                "train.max_steps=3", "train.eval_every=100", "train.figure_every=100", "testing.fail_at_step=2")
+    with pytest.raises(Exception, match="injected failure"):  # the command exits non-zero
+        pretrain.main(command_line(pretrain_features, tmp_path, *settings))
+    config = job(pretrain_features, tmp_path, *settings)
+    client, run = run_of(config)
+    assert run.info.status == "FAILED" and run.info.end_time is not None
+
+    RunTracker(config.tracking.tracking_uri, config.tracking.experiment, config.name)  # as a relaunch opens it
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"
+
+
+def test_ctrl_c_leaves_the_run_killed_after_progress_lines(ray_cluster, pretrain_features, tmp_path):
+    """``python -m pipeline.pretrain`` prints its compute path and progress; SIGINT ends the run KILLED."""
+    settings = ("name=interrupted", f"storage_path={tmp_path / 'ckpt'}", "train.max_steps=10000", "train.log_every=1",
+                "train.eval_every=10000", "train.figure_every=10000", "train.checkpoint_every=10000")
+    command = [sys.executable, "-m", "pipeline.pretrain", *command_line(pretrain_features, tmp_path, *settings)]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(command, cwd=Path(__file__).parents[1], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in driver.stdout:
+            lines.append(line)
+            if "step 3/10000" in line:
+                break
+        assert driver.poll() is None, "".join(lines[-50:])
+        driver.send_signal(signal.SIGINT)
+        lines += driver.stdout.readlines()
+        assert driver.wait(timeout=120) != 0
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    output = "".join(lines)
+    assert "compute: selective_scan: pure PyTorch" in output and "world size 1 | global batch 4" in output
+    progress = [line for line in lines if "step 2/10000 | loss " in line]
+    assert progress and "samples/s | elapsed " in progress[0] and "| ETA " in progress[0], output[-3000:]
+    client, run = run_of(job(pretrain_features, tmp_path, *settings))
+    assert run.info.status == "KILLED"
 
 
 def test_remote_mlflow_server_and_gradient_accumulation(pretrain_features, tmp_path):

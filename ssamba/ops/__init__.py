@@ -25,6 +25,7 @@ from ssamba.ops.selective_scan import selective_scan_reference
 __all__ = [
     "causal_conv1d",
     "causal_conv1d_pure",
+    "compute_path",
     "force_pure_ops",
     "kernels_available",
     "selective_scan",
@@ -75,6 +76,21 @@ def _fused_cpu_scan() -> Callable | None:
 
 def kernels_available() -> bool:
     return all(kernel is not None for kernel in _kernels())
+
+
+def compute_path(device: torch.device | str) -> str:
+    """Which implementation of each operator runs for tensors on ``device``, in words (for logs)."""
+    scan, conv = _kernels()
+    on_cuda = torch.device(device).type == "cuda"
+
+    def path(kernel: Callable | None, name: str) -> str:
+        if not on_cuda:
+            return "pure PyTorch"
+        if _force_pure:
+            return "pure PyTorch (forced)"
+        return f"{name} CUDA kernel" if kernel is not None else "pure PyTorch (kernel not importable)"
+
+    return f"selective_scan: {path(scan, 'mamba_ssm')}, causal_conv1d: {path(conv, 'causal_conv1d')}"
 
 
 def _announce(op: str, path: str) -> None:

@@ -1,0 +1,99 @@
+"""The shared loop helpers and run lifecycle without Ray: how a run's MLflow status follows the block
+that drives it, the progress clock, the compute-path description, the schedules' factors."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import FinetuneJobConfig, PretrainJobConfig, load_config
+from pipeline.finetune import StepDecay
+from pipeline.loop import Clock, base_rates, set_learning_rates
+from pipeline.pretrain import accumulation_steps
+from pipeline.tracking import RunTracker, run_status
+from ssamba import ops
+
+
+def _tracker(tmp_path, name: str) -> RunTracker:
+    return RunTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "lifecycle", name)
+
+
+def _status(tracker: RunTracker) -> str:
+    return tracker.client.get_run(tracker.run_id).info.status
+
+
+def test_run_status_follows_how_the_block_ends(tmp_path):
+    finished = _tracker(tmp_path, "finished")
+    with run_status(finished):
+        assert _status(finished) == "RUNNING"
+    assert _status(finished) == "FINISHED"
+
+    failed = _tracker(tmp_path, "failed")
+    with pytest.raises(ValueError), run_status(failed):
+        raise ValueError("boom")
+    assert _status(failed) == "FAILED"
+
+    killed = _tracker(tmp_path, "killed")
+    with pytest.raises(KeyboardInterrupt), run_status(killed):
+        raise KeyboardInterrupt
+    assert _status(killed) == "KILLED"
+
+    terminated = _tracker(tmp_path, "terminated")
+    with pytest.raises(KeyboardInterrupt), run_status(terminated):
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert _status(terminated) == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the block's only
+
+    aborted = _tracker(tmp_path, "aborted")  # Ray Train's Ctrl-C handler exits with status 0
+    with pytest.raises(KeyboardInterrupt), run_status(aborted):
+        raise SystemExit(0)
+    assert _status(aborted) == "KILLED"
+
+    decided = _tracker(tmp_path, "decided")
+    with run_status(decided) as outcome:
+        outcome.status = "FAILED"
+    assert _status(decided) == "FAILED"
+
+    reopened = _tracker(tmp_path, "killed")  # a relaunch resumes the run by name
+    assert reopened.run_id == killed.run_id and _status(reopened) == "RUNNING"
+
+
+def test_attached_tracker_logs_params_once(tmp_path):
+    tracker = _tracker(tmp_path, "params")
+    worker_side = RunTracker.attach(f"sqlite:///{tmp_path / 'mlflow.db'}", tracker.run_id)
+    assert not worker_side.has_params()
+    worker_side.log_params({"a": 1})
+    assert worker_side.has_params() and _status(worker_side) == "RUNNING"
+
+
+def test_clock_estimates_the_rest_from_this_launch(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("pipeline.loop.time.perf_counter", lambda: now[0])
+    clock = Clock(start=20, total=120)  # a resumed launch: 20 steps were done before
+    now[0] = 110.0  # 10 s for 10 steps
+    assert clock.timing(30) == "elapsed 0:00:10 | ETA 0:01:30"
+
+
+def test_compute_path_names_the_pure_operators_off_cuda():
+    assert ops.compute_path(torch.device("cpu")) == "selective_scan: pure PyTorch, causal_conv1d: pure PyTorch"
+
+
+def test_schedules_scale_each_group_from_its_base_rate():
+    config = load_config(FinetuneJobConfig, "configs/finetune/esc50.yaml",
+                         ["optim.decay=0.5", "optim.decay_start_epoch=2", "optim.decay_every=2"])
+    decay = StepDecay(config.optim)
+    assert [decay.factor(epoch) for epoch in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+    optimizer = torch.optim.Adam([{"params": [torch.zeros(1, requires_grad=True)], "lr": 1.0},
+                                  {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.1}])
+    rates = base_rates(optimizer)
+    set_learning_rates(optimizer, rates, decay.factor(4))
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.25, 0.025])
+
+
+def test_global_batch_counts_workers_and_accumulation():
+    config = load_config(PretrainJobConfig, "configs/pretrain/local-tiny.yaml", ["train.grad_accum=2", "train.batch_size=4"])
+    assert accumulation_steps(config, world_size=3) == (2, 24)
