@@ -33,11 +33,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import featurize
+from pipeline import featurize, run_record
 from pipeline.config import (
     AugmentConfig, ExamplesConfig, FeaturizeConfig, FinetuneJobConfig, InputConfig, flatten, public_dict, run_command,
 )
 from pipeline.data import examples_dataset
+from pipeline.resources import check_cluster
 from pipeline.sources import AudioSource, SourceError
 from pipeline.storage import resolve
 from pipeline.tasks import TaskData, read_task
@@ -156,7 +157,7 @@ def fit(loop_config: dict, session: TrainWorker | TuneTrial) -> None:
     if rank == 0:
         tracker = RunTracker(loop_config["tracking_uri"], config.tracking.experiment, run_name,
                              tags={"task": config.task, "classes": str(len(classes))},
-                             parent_run_id=loop_config["parent_run_id"])
+                             parent_run_id=loop_config["parent_run_id"], **loop_config.get("tracker_options", {}))
         if not tracker.resumed:
             tracker.log_params(flatten(public_dict(config)))
     train_shard, eval_shard = session.dataset("train"), session.dataset("eval")
@@ -222,17 +223,19 @@ def _datasets(config: FinetuneJobConfig, classes: list[str], split: Split) -> di
 
 
 def _loop_config(config: FinetuneJobConfig, run_name: str, classes: list[str], split: Split,
-                 parent_run_id: str | None) -> dict:
+                 parent_run_id: str | None, tracker_options: dict | None = None) -> dict:
     return {"config": config, "classes": classes, "run_name": run_name, "has_test": bool(split.test),
-            "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri), "parent_run_id": parent_run_id}
+            "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri), "parent_run_id": parent_run_id,
+            "tracker_options": tracker_options or {}}
 
 
 def train_once(config: FinetuneJobConfig, classes: list[str], split: Split,
-               parent_run_id: str | None = None) -> ray.train.Result:
+               parent_run_id: str | None = None, tracker_options: dict | None = None) -> ray.train.Result:
     """One split on Ray Train, named ``<name><suffix>`` (a relaunch resumes it)."""
     run_name = config.name + split.suffix
+    check_cluster(config.scaling)
     trainer = torch_trainer(
-        train_loop, _loop_config(config, run_name, classes, split, parent_run_id),
+        train_loop, _loop_config(config, run_name, classes, split, parent_run_id, tracker_options),
         run_name, resolve(config.storage_path, config.storage), config.scaling, _datasets(config, classes, split),
         ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=validation_metric(config),
                                    checkpoint_score_order="max"),
@@ -256,12 +259,13 @@ def best_metrics(result: ray.train.Result, selector: str) -> dict:
     return max((metrics for _, metrics in result.best_checkpoints), key=lambda metrics: metrics[selector])
 
 
-def evaluate(config: FinetuneJobConfig, data: TaskData, parent_run_id: str | None = None) -> dict:
+def evaluate(config: FinetuneJobConfig, data: TaskData, parent_run_id: str | None = None,
+             tracker_options: dict | None = None) -> dict:
     """Train every split of a prepared task; the summary names the task's metric: per fold and
     ``mean_<metric>``, or the selected epoch's ``validation_<metric>`` and ``test_<metric>``; plus
     ``missing_audio`` per split and ``selected``: the validation score that ranks encoders and recipes."""
     metric, selector = metric_name(config), validation_metric(config)
-    best = {split.suffix: best_metrics(train_once(config, data.classes, split, parent_run_id), selector)
+    best = {split.suffix: best_metrics(train_once(config, data.classes, split, parent_run_id, tracker_options), selector)
             for split in splits(config, data)}
     if list(best) != [""]:
         folds = {suffix.lstrip("-"): metrics[selector] for suffix, metrics in best.items()}
@@ -273,16 +277,21 @@ def evaluate(config: FinetuneJobConfig, data: TaskData, parent_run_id: str | Non
             "missing_audio": data.missing_audio}
 
 
-def run(config: FinetuneJobConfig) -> dict:
-    """Fine-tune as configured (see :func:`evaluate` for the summary)."""
+def run(config: FinetuneJobConfig, accept_config_changes: bool = False) -> dict:
+    """Fine-tune as configured (see :func:`evaluate` for the summary). A relaunch whose config changed
+    is refused before Ray starts unless the changes are accepted (see ``run_record``)."""
+    launch = run_record.check_config(config.name, resolve(config.storage_path, config.storage), config,
+                                     accept_config_changes)
     if not ray.is_initialized():
         ray.init()
-    return evaluate(config, prepare(config))
+    tracker_options = run_record.start_tracking(config.tracking, config.name, "pipeline.finetune", config.scaling.use_gpu, launch)
+    return evaluate(config, prepare(config), tracker_options=tracker_options)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(__doc__.splitlines()[0], FinetuneJobConfig, lambda config, args: json.dumps(run(config)),
-                       argv, (SourceError,))
+    return run_command(__doc__.splitlines()[0], FinetuneJobConfig,
+                       lambda config, args: json.dumps(run(config, args.accept_config_changes)),
+                       argv, (SourceError,), accept_changes_flag=True)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import PretrainJobConfig, flatten, public_dict, run_command
+from pipeline import run_record
 from pipeline.data import examples_dataset
+from pipeline.resources import check_cluster
 from pipeline.storage import resolve
 from pipeline.tracking import RunTracker, resolve_tracking_uri
 from pipeline.trainer import TrainWorker, torch_trainer
@@ -202,7 +204,7 @@ def train_loop(loop_config: dict) -> None:
     if rank == 0:
         tracker = RunTracker(loop_config["tracking_uri"], config.tracking.experiment, config.name,
                              tags={"checkpoint_location": loop_config["checkpoint_location"]},
-                             parent_run_id=loop_config.get("parent_run_id"))
+                             parent_run_id=loop_config.get("parent_run_id"), **loop_config["tracker_options"])
         if not tracker.resumed:
             tracker.log_params({**flatten(public_dict(config)), "global_batch_size": config.global_batch_size,
                                 "world_size": world, "encoder_parameters": sum(p.numel() for p in _unwrap(model).encoder.parameters())})
@@ -288,19 +290,24 @@ def encoder_uri(config: PretrainJobConfig) -> str:
 
 
 def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | None = None,
-        parent_run_id: str | None = None) -> ray.train.Result:
+        parent_run_id: str | None = None, accept_config_changes: bool = False) -> ray.train.Result:
     """Launch (or resume) the named run and wait for it. A sweep trial passes Tune's report callback
-    and its parent MLflow run (the run is then nested under the sweep's)."""
+    and its parent MLflow run (the run is then nested under the sweep's). A relaunch whose config
+    changed is refused before Ray starts unless the changes are accepted (see ``run_record``)."""
+    storage = resolve(config.storage_path, config.storage)
+    launch = run_record.check_config(config.name, storage, config, accept_config_changes)
     if not ray.is_initialized():
         ray.init()
-    storage = resolve(config.storage_path, config.storage)
+    check_cluster(config.scaling)
+    tracker_options = run_record.start_tracking(config.tracking, config.name, "pipeline.pretrain", config.scaling.use_gpu, launch)
     datasets = {"train": examples_dataset(config.data, config.storage).select_columns(["fbank"])}
     if config.validation is not None:
         datasets["val"] = examples_dataset(config.validation, config.storage).select_columns(["fbank"])
     trainer = torch_trainer(
         train_loop,
         {"config": config, "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri),
-         "checkpoint_location": storage.join(config.name).uri, "parent_run_id": parent_run_id},
+         "checkpoint_location": storage.join(config.name).uri, "parent_run_id": parent_run_id,
+         "tracker_options": tracker_options},
         config.name, storage, config.scaling, datasets,
         ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
         # glibc would otherwise fragment the heap with the CPU scan's large temporaries.
@@ -312,7 +319,7 @@ def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | Non
 
 def main(argv: list[str] | None = None) -> int:
     def job(config: PretrainJobConfig, args) -> str:
-        result = run(config)
+        result = run(config, accept_config_changes=args.accept_config_changes)
         return "\n".join([
             f"pretraining {config.name}: finished at step {result.metrics.get('step')}",
             f"  checkpoints: {resolve(config.storage_path, config.storage).join(config.name)}",
@@ -320,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  compare runs: mlflow ui --backend-store-uri {resolve_tracking_uri(config.tracking.tracking_uri)}",
         ])
 
-    return run_command(__doc__.splitlines()[0], PretrainJobConfig, job, argv)
+    return run_command(__doc__.splitlines()[0], PretrainJobConfig, job, argv, accept_changes_flag=True)
 
 
 if __name__ == "__main__":
