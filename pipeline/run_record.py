@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import getpass
 import json
+import posixpath
 import socket
 import subprocess
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from typing import Any
 
+import pyarrow.fs as pafs
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
@@ -97,12 +99,19 @@ def refusal(name: str, record_uri: str, changes: list[Change]) -> str | None:
     ])
 
 
+def _started(run_folder: Location) -> bool:
+    """Whether the run got as far as Ray: its folder holds more than the config record (a launch that
+    failed before training, e.g. on a wrong data path, leaves nothing to resume and may be fixed)."""
+    entries = run_folder.filesystem.get_file_info(pafs.FileSelector(run_folder.path, allow_not_found=True))
+    return any(posixpath.basename(entry.path) != CONFIG_FILE for entry in entries)
+
+
 def check_config(name: str, storage: Location, config: BaseModel, accept_changes: bool = False) -> Launch:
-    """Compare ``config`` with the named run's record (writing it on a first launch); raise
+    """Compare ``config`` with the record of a run that started (else write the record); raise
     :class:`ConfigChangedError` naming every changed field unless they may change or are accepted."""
     record = storage.join(name, CONFIG_FILE)
     current = plain(config)
-    if not record.exists():
+    if not record.exists() or not _started(storage.join(name)):
         record.write_bytes(json.dumps(current, indent=2).encode())
         return Launch(current)
     changes = config_changes(json.loads(record.read_bytes()), current)

@@ -56,6 +56,10 @@ def test_a_relaunch_keeps_its_config_and_refuses_changes_unless_accepted(tmp_pat
     assert check_config(first.name, storage, first) == Launch(plain(first))
     record = tmp_path / "ckpt" / first.name / CONFIG_FILE
     assert json.loads(record.read_text()) == plain(first)
+    fixed = job(tmp_path, "data.features=/elsewhere")  # the first launch never reached training: nothing to keep
+    assert check_config(fixed.name, storage, fixed) == Launch(plain(fixed))
+    assert check_config(first.name, storage, first) == Launch(plain(first))
+    (record.parent / "step-00000020").mkdir()  # the run has started: its config is kept from now on
 
     longer = job(tmp_path, "train.max_steps=120", "train.checkpoint_every=40", "scaling.num_workers=2")
     assert check_config(longer.name, storage, longer).accepted == []  # resumes; the record follows
@@ -92,6 +96,7 @@ def test_accepted_changes_are_recorded_on_the_mlflow_run(tmp_path):
 def test_a_changed_lr_exits_non_zero_before_ray_starts(tmp_path):
     original = job(tmp_path, "name=lr-run")
     check_config(original.name, resolve(original.storage_path), original)  # what the first launch recorded
+    (tmp_path / "ckpt" / "lr-run" / "step-00000020").mkdir()  # ... before its first checkpoint
     # Nothing listens at this Ray address: reaching ray.init would fail with a connection error instead.
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "pipeline.pretrain", "--config", PRESET, "--set", "name=lr-run",
