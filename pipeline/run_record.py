@@ -188,7 +188,12 @@ def start_tracking(tracking: TrackingConfig, name: str, entry_point: str, use_gp
     uri = resolve_tracking_uri(tracking.tracking_uri)
     refuse_local_store_on_cluster(uri, _cluster_hosts())
     client = MlflowClient(uri)
-    experiment = ensure_experiment(client, tracking.experiment, artifact_location(uri, tracking.artifact_location))
+    wanted = artifact_location(uri, tracking.artifact_location)
+    experiment = ensure_experiment(client, tracking.experiment, wanted)
+    if wanted is not None and experiment.artifact_location.rstrip("/") != wanted.rstrip("/"):
+        print(f"note: experiment {tracking.experiment!r} was created with its artifacts at "
+              f"{experiment.artifact_location}, not {wanted}; its runs keep that location "
+              "(use another tracking.experiment to change it)", flush=True)
     runs = _named_runs(client, experiment.experiment_id, name)
     for run in runs:
         print(f"MLflow run {run.info.run_name}: artifacts at {run.info.artifact_uri}", flush=True)
