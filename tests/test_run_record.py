@@ -148,3 +148,29 @@ def test_workers_leave_cpus_for_the_input_pipeline():
     assert "scaling.num_workers (at most 3 here)" in message and "scaling.cpus_per_worker" in message
     with pytest.raises(ClusterTooSmall, match="at most 1 here"):
         check_data_cpus(15.5, scaling(2, 7.5))  # 0.5 CPU left
+
+
+def test_sweep_restores_and_fine_tuning_follow_the_same_rule(tmp_path):
+    from pipeline.config import FinetuneJobConfig
+    from pipeline.sweep_config import TuneJobConfig
+
+    storage = resolve(str(tmp_path / "tune"))
+    sweep = load_config(TuneJobConfig, REPO / "configs/tune/local-mask.yaml", [f"storage_path={tmp_path / 'tune'}"])
+    check_config(sweep.name, storage, sweep)
+    (tmp_path / "tune" / sweep.name / "tuner.pkl").write_bytes(b"")  # the sweep has started
+    longer = load_config(TuneJobConfig, REPO / "configs/tune/local-mask.yaml",
+                         [f"storage_path={tmp_path / 'tune'}", "pretrain.train.max_steps=500", "max_failures=2"])
+    assert check_config(longer.name, storage, longer).accepted == []
+    other = load_config(TuneJobConfig, REPO / "configs/tune/local-mask.yaml",
+                        [f"storage_path={tmp_path / 'tune'}", "pretrain.optim.lr=0.5", "search.num_samples=3"])
+    with pytest.raises(ConfigChangedError, match=r"pretrain.optim.lr(.|\n)*search.num_samples"):
+        check_config(other.name, storage, other)
+
+    finetune = load_config(FinetuneJobConfig, REPO / "configs/finetune/esc50.yaml", [f"storage_path={tmp_path / 'ft'}"])
+    check_config(finetune.name, resolve(finetune.storage_path), finetune)
+    (tmp_path / "ft" / finetune.name / "epoch-0000").mkdir()
+    more = load_config(FinetuneJobConfig, REPO / "configs/finetune/esc50.yaml",
+                       [f"storage_path={tmp_path / 'ft'}", "epochs=80", "optim.head_lr_multiplier=3"])
+    with pytest.raises(ConfigChangedError, match="optim.head_lr_multiplier") as refused:
+        check_config(more.name, resolve(more.storage_path), more)
+    assert "(these may change on resume: epochs)" in str(refused.value)
