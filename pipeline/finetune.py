@@ -284,7 +284,8 @@ def run(config: FinetuneJobConfig, accept_config_changes: bool = False) -> dict:
                                      accept_config_changes)
     if not ray.is_initialized():
         ray.init()
-    tracker_options = run_record.start_tracking(config.tracking, config.name, "pipeline.finetune", config.scaling.use_gpu, launch)
+    tracker_options = run_record.start_tracking(config.tracking, config.name, "pipeline.finetune",
+                                                config.scaling.use_gpu, launch)
     return evaluate(config, prepare(config), tracker_options=tracker_options)
 
 

@@ -30,8 +30,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline.config import PretrainJobConfig, flatten, public_dict, run_command
 from pipeline import run_record
+from pipeline.config import PretrainJobConfig, flatten, public_dict, run_command
 from pipeline.data import examples_dataset
 from pipeline.resources import check_cluster
 from pipeline.storage import resolve
@@ -299,7 +299,8 @@ def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | Non
     if not ray.is_initialized():
         ray.init()
     check_cluster(config.scaling)
-    tracker_options = run_record.start_tracking(config.tracking, config.name, "pipeline.pretrain", config.scaling.use_gpu, launch)
+    tracker_options = run_record.start_tracking(config.tracking, config.name, "pipeline.pretrain",
+                                                config.scaling.use_gpu, launch)
     datasets = {"train": examples_dataset(config.data, config.storage).select_columns(["fbank"])}
     if config.validation is not None:
         datasets["val"] = examples_dataset(config.validation, config.storage).select_columns(["fbank"])
