@@ -206,6 +206,7 @@ def run_command(
     argv: list[str] | None = None,
     expected_errors: tuple[type[Exception], ...] = (),
     overwrite_flag: bool = False,
+    accept_changes_flag: bool = False,
 ) -> int:
     """The shared command line of every entry point: ``--config FILE``, repeatable ``--set key=value``
     (and ``--overwrite`` where it applies). The config is validated before ``job`` runs; a bad config
@@ -216,6 +217,9 @@ def run_command(
                         help="override a config field (dotted path), repeatable")
     if overwrite_flag:
         parser.add_argument("--overwrite", action="store_true", help="replace whatever the destination holds")
+    if accept_changes_flag:
+        parser.add_argument("--accept-config-changes", action="store_true",
+                            help="resume a named run although its config changed (recorded on its MLflow run)")
     args = parser.parse_args(argv)
     try:
         config = load_config(config_model, args.config, args.overrides)
@@ -319,6 +323,10 @@ class TrackingConfig(Strict):
 
     tracking_uri: str | None = None
     experiment: str = "ssamba-pretrain"
+    artifact_location: Place | None = Field(None, description="artifact root of experiments created by the job "
+                                            "(local folder or s3://); default: beside a local store, or the server's")
+    system_metrics: bool | Literal["auto"] = Field("auto", description="MLflow system metrics (CPU, memory, GPU); "
+                                                   "auto: on when the job trains on GPUs")
 
 
 class FaultInjectionConfig(Strict):

@@ -33,7 +33,7 @@ import ray.train
 import torch
 import torch.nn.functional as F
 
-from pipeline import featurize
+from pipeline import featurize, run_record
 from pipeline.config import (
     AugmentConfig, ExamplesConfig, FeaturizeConfig, FinetuneJobConfig, FinetuneOptimConfig, InputConfig, flatten,
     public_dict, run_command,
@@ -43,6 +43,8 @@ from pipeline.loop import (
     Clock, all_gather_rows, announce_compute, base_rates, format_metrics, say, seed_worker, set_learning_rates,
     start_tracking, unwrap,
 )
+from pipeline.resources import check_cluster
+from pipeline.run_record import TrackingSetup
 from pipeline.sources import AudioSource, SourceError
 from pipeline.storage import resolve
 from pipeline.tasks import TaskData, read_task
@@ -250,20 +252,24 @@ def _datasets(config: FinetuneJobConfig, classes: list[str], split: Split) -> di
 
 
 def _open_run(config: FinetuneJobConfig, run_name: str, classes: list[str], split: Split,
-              parent_run_id: str | None) -> tuple[RunTracker, FinetuneLoop]:
+              parent_run_id: str | None, tracking: TrackingSetup | None) -> tuple[RunTracker, FinetuneLoop]:
     """The split's MLflow run (created, or reopened to resume) and what its loop is handed."""
+    tracking = tracking or TrackingSetup({}, False)
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     tracker = RunTracker(tracking_uri, config.tracking.experiment, run_name,
-                         tags={"task": config.task, "classes": str(len(classes))}, parent_run_id=parent_run_id)
-    return tracker, FinetuneLoop(config, tracking_uri, tracker.run_id, classes, bool(split.test))
+                         tags={"task": config.task, "classes": str(len(classes))}, parent_run_id=parent_run_id,
+                         source_tags=tracking.source_tags)
+    loop = FinetuneLoop(config, tracking_uri, tracker.run_id, tracking.system_metrics, classes, bool(split.test))
+    return tracker, loop
 
 
 def train_once(config: FinetuneJobConfig, classes: list[str], split: Split,
-               parent_run_id: str | None = None) -> ray.train.Result:
+               parent_run_id: str | None = None, tracking: TrackingSetup | None = None) -> ray.train.Result:
     """One split on Ray Train, named ``<name><suffix>`` (a relaunch resumes it); its MLflow run ends
     FINISHED, FAILED or KILLED."""
     run_name = config.name + split.suffix
-    tracker, loop = _open_run(config, run_name, classes, split, parent_run_id)
+    check_cluster(config.scaling)
+    tracker, loop = _open_run(config, run_name, classes, split, parent_run_id, tracking)
     trainer = torch_trainer(
         train_loop, loop,
         run_name, resolve(config.storage_path, config.storage), config.scaling, _datasets(config, classes, split),
@@ -281,7 +287,7 @@ def train_in_trial(config: FinetuneJobConfig, data: TaskData, parent_run_id: str
         raise SourceError(f"task {config.task} has {len(trial_splits)} folds: a sweep trial trains one, "
                           "set finetune.folds to one test fold")
     (split,) = trial_splits
-    tracker, loop = _open_run(config, config.name, data.classes, split, parent_run_id)
+    tracker, loop = _open_run(config, config.name, data.classes, split, parent_run_id, None)
     with run_status(tracker):
         fit(loop, TuneTrial(_datasets(config, data.classes, split)))
 
@@ -291,12 +297,13 @@ def best_metrics(result: ray.train.Result, selector: str) -> dict:
     return max((metrics for _, metrics in result.best_checkpoints), key=lambda metrics: metrics[selector])
 
 
-def evaluate(config: FinetuneJobConfig, data: TaskData, parent_run_id: str | None = None) -> dict:
+def evaluate(config: FinetuneJobConfig, data: TaskData, parent_run_id: str | None = None,
+             tracking: TrackingSetup | None = None) -> dict:
     """Train every split of a prepared task; the summary names the task's metric: per fold and
     ``mean_<metric>``, or the selected epoch's ``validation_<metric>`` and ``test_<metric>``; plus
     ``missing_audio`` per split and ``selected``: the validation score that ranks encoders and recipes."""
     metric, selector = metric_name(config), validation_metric(config)
-    best = {split.suffix: best_metrics(train_once(config, data.classes, split, parent_run_id), selector)
+    best = {split.suffix: best_metrics(train_once(config, data.classes, split, parent_run_id, tracking), selector)
             for split in splits(config, data)}
     if list(best) != [""]:
         folds = {suffix.lstrip("-"): metrics[selector] for suffix, metrics in best.items()}
@@ -308,16 +315,22 @@ def evaluate(config: FinetuneJobConfig, data: TaskData, parent_run_id: str | Non
             "missing_audio": data.missing_audio}
 
 
-def run(config: FinetuneJobConfig) -> dict:
-    """Fine-tune as configured (see :func:`evaluate` for the summary)."""
+def run(config: FinetuneJobConfig, accept_config_changes: bool = False) -> dict:
+    """Fine-tune as configured (see :func:`evaluate` for the summary). A relaunch whose config changed
+    is refused before Ray starts unless the changes are accepted (see ``run_record``)."""
+    launch = run_record.check_config(config.name, resolve(config.storage_path, config.storage), config,
+                                     accept_config_changes)
     if not ray.is_initialized():
         ray.init()
-    return evaluate(config, prepare(config))
+    tracking = run_record.start_tracking(config.tracking, config.name, "pipeline.finetune",
+                                         config.scaling.use_gpu, launch)
+    return evaluate(config, prepare(config), tracking=tracking)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(__doc__.splitlines()[0], FinetuneJobConfig, lambda config, args: json.dumps(run(config)),
-                       argv, (SourceError,))
+    return run_command(__doc__.splitlines()[0], FinetuneJobConfig,
+                       lambda config, args: json.dumps(run(config, args.accept_config_changes)),
+                       argv, (SourceError,), accept_changes_flag=True)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def start_tracking(loop: LoopConfig, worker: Worker, params: Callable[[], dict[s
     yet gets ``params()`` and ``documents`` (JSON artifacts); a resumed one keeps what it has."""
     if worker.rank != 0:
         return None
-    tracker = RunTracker.attach(loop.tracking_uri, loop.run_id)
+    tracker = RunTracker.attach(loop.tracking_uri, loop.run_id, loop.system_metrics)
     if not tracker.has_params():
         tracker.log_params(params())
         for name, document in (documents or {}).items():

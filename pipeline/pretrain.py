@@ -33,12 +33,14 @@ import ray
 import ray.train
 import torch
 
+from pipeline import run_record
 from pipeline.config import PretrainJobConfig, flatten, public_dict, run_command
 from pipeline.data import examples_dataset
 from pipeline.loop import (
     Clock, all_reduce_sum, announce_compute, autocast, base_rates, effective_precision, say, seed_worker,
     set_learning_rates, start_tracking, unwrap,
 )
+from pipeline.resources import check_cluster
 from pipeline.storage import resolve
 from pipeline.tracking import RunTracker, resolve_tracking_uri, run_status
 from pipeline.trainer import LoopConfig, TrainWorker, Worker, torch_trainer
@@ -327,6 +329,7 @@ def train_loop(train_loop_config: dict) -> None:
 
     if tracker is not None:
         _export_encoder(tracker, training, config)
+        tracker.stop_system_metrics()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,21 +343,27 @@ def encoder_uri(config: PretrainJobConfig) -> str:
 
 
 def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | None = None,
-        parent_run_id: str | None = None) -> ray.train.Result:
+        parent_run_id: str | None = None, accept_config_changes: bool = False) -> ray.train.Result:
     """Launch (or resume) the named run and wait for it; its MLflow run ends FINISHED, FAILED (Ray's
     restarts used up) or KILLED (Ctrl-C, SIGTERM). A sweep trial passes Tune's report callback and
-    its parent MLflow run (the run is then nested under the sweep's)."""
+    its parent MLflow run (the run is then nested under the sweep's). A relaunch whose config changed
+    is refused before Ray starts unless the changes are accepted (see ``run_record``)."""
+    storage = resolve(config.storage_path, config.storage)
+    launch = run_record.check_config(config.name, storage, config, accept_config_changes)
     if not ray.is_initialized():
         ray.init()
-    storage = resolve(config.storage_path, config.storage)
+    check_cluster(config.scaling)
+    tracking = run_record.start_tracking(config.tracking, config.name, "pipeline.pretrain",
+                                         config.scaling.use_gpu, launch)
     datasets = {"train": examples_dataset(config.data, config.storage).select_columns(["fbank"])}
     if config.validation is not None:
         datasets["val"] = examples_dataset(config.validation, config.storage).select_columns(["fbank"])
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     tracker = RunTracker(tracking_uri, config.tracking.experiment, config.name,
-                         tags={"checkpoint_location": storage.join(config.name).uri}, parent_run_id=parent_run_id)
+                         tags={"checkpoint_location": storage.join(config.name).uri}, parent_run_id=parent_run_id,
+                         source_tags=tracking.source_tags)
     trainer = torch_trainer(
-        train_loop, LoopConfig(config, tracking_uri, tracker.run_id),
+        train_loop, LoopConfig(config, tracking_uri, tracker.run_id, tracking.system_metrics),
         config.name, storage, config.scaling, datasets,
         ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
         # glibc would otherwise fragment the heap with the CPU scan's large temporaries.
@@ -367,7 +376,7 @@ def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | Non
 
 def main(argv: list[str] | None = None) -> int:
     def job(config: PretrainJobConfig, args) -> str:
-        result = run(config)
+        result = run(config, accept_config_changes=args.accept_config_changes)
         return "\n".join([
             f"pretraining {config.name}: finished at step {result.metrics.get('step')}",
             f"  checkpoints: {resolve(config.storage_path, config.storage).join(config.name)}",
@@ -375,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  compare runs: mlflow ui --backend-store-uri {resolve_tracking_uri(config.tracking.tracking_uri)}",
         ])
 
-    return run_command(__doc__.splitlines()[0], PretrainJobConfig, job, argv)
+    return run_command(__doc__.splitlines()[0], PretrainJobConfig, job, argv, accept_changes_flag=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ is what multi-node clusters need.
 A run's status is decided by the process that drives it (:func:`run_status`): FINISHED when the work
 returned, FAILED when it raised (for a Ray Train run: after Ray's restarts were used up), KILLED on
 Ctrl-C or SIGTERM. Reopening a run to resume it sets it RUNNING again.
+
+Artifacts go where the store is, never to a worker's working directory (Ray runs workers in its
+temporary session folders): every experiment is created with an explicit artifact location,
+``tracking.artifact_location`` when set, else ``mlartifacts/`` beside a local SQLite store, else
+whatever an ``mlflow server`` proxies to.
 """
 
 from __future__ import annotations
@@ -22,12 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Experiment, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 RUN_NAME_TAG = "ray_run_name"
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
+ARTIFACTS_BESIDE_STORE = "mlartifacts"
 _MAX_PARAMS_PER_CALL = 100
+
+
+class TrackingSetupError(ValueError):
+    """A tracking store this job cannot use as configured; the message says how to fix it."""
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -44,15 +54,53 @@ def resolve_tracking_uri(configured: str | None) -> str:
     return uri
 
 
+def is_local_store(tracking_uri: str) -> bool:
+    """A store only the machine holding its file can reach (SQLite or a folder)."""
+    return tracking_uri.startswith(("sqlite:", "file:"))
+
+
+def artifact_location(tracking_uri: str, configured: str | None) -> str | None:
+    """The artifact root for experiments created by a job: the configured one, else ``mlartifacts/``
+    beside a SQLite store (absolute), else ``None`` where the store decides well: an ``mlflow server``
+    (its artifact proxy, ``mlflow-artifacts:``) or a folder store (artifacts inside it)."""
+    if configured:
+        return configured
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).parent / ARTIFACTS_BESIDE_STORE).as_uri()
+    if tracking_uri.startswith(("http://", "https://", "file:")):
+        return None
+    raise TrackingSetupError(f"tracking.artifact_location: needed with the database store {tracking_uri.split(':')[0]}:// "
+                             "(e.g. s3://bucket/mlflow); or track through an `mlflow server` (http://...)")
+
+
+def refuse_local_store_on_cluster(tracking_uri: str, hosts: int) -> None:
+    """A SQLite or folder store lives on one machine: runs on other machines would write elsewhere."""
+    if hosts > 1 and is_local_store(tracking_uri):
+        raise TrackingSetupError(
+            f"tracking.tracking_uri: {tracking_uri} is a local store, but the Ray cluster spans {hosts} machines; "
+            "run an `mlflow server` reachable from every node and set tracking.tracking_uri (or MLFLOW_TRACKING_URI) "
+            "to its http:// address (see cluster/README.md)")
+
+
+def ensure_experiment(client: MlflowClient, name: str, location: str | None) -> Experiment:
+    """The named experiment, created with ``location`` as its artifact root if it does not exist yet."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        client.create_experiment(name, artifact_location=location)
+        found = client.get_experiment_by_name(name)
+    return found
+
+
 class RunTracker:
     """The MLflow run of one named training run. Reopens the run with the same name (tag
     ``ray_run_name``) when a run resumes, so one training run is one MLflow run."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-                 parent_run_id: str | None = None) -> None:
+                 parent_run_id: str | None = None, source_tags: dict[str, str] | None = None,
+                 system_metrics: bool = False) -> None:
         self.client = MlflowClient(tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        experiment_id = (found or ensure_experiment(self.client, experiment, artifact_location(tracking_uri, None))).experiment_id
         existing = self.client.search_runs([experiment_id], filter_string=f"tags.{RUN_NAME_TAG} = '{run_name}'",
                                            max_results=1)
         self.resumed = bool(existing)
@@ -64,12 +112,24 @@ class RunTracker:
             if parent_run_id:
                 run_tags["mlflow.parentRunId"] = parent_run_id
             self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
+        self.set_tags(source_tags or {})  # the latest launch's source, also on resume
+        self._monitor = self._system_metrics(tracking_uri) if system_metrics else None
+
+    def _system_metrics(self, tracking_uri: str):
+        """MLflow's sampler of CPU, memory, disk, network and (NVIDIA) GPU use, as ``system/*`` metrics."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, resume_logging=self.resumed, tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
 
     @classmethod
-    def attach(cls, tracking_uri: str, run_id: str) -> "RunTracker":
-        """The run another process opened (a worker writing to its driver's run); its status stays as is."""
+    def attach(cls, tracking_uri: str, run_id: str, system_metrics: bool = False) -> "RunTracker":
+        """The run another process opened (a worker writing to its driver's run); its status stays as
+        is. ``system_metrics`` samples this process's machine (the one that trains) into the run."""
         tracker = cls.__new__(cls)
         tracker.client, tracker.run_id, tracker.resumed = MlflowClient(tracking_uri), run_id, True
+        tracker._monitor = tracker._system_metrics(tracking_uri) if system_metrics else None
         return tracker
 
     def has_params(self) -> bool:
@@ -108,8 +168,15 @@ class RunTracker:
             path.write_bytes(data)
             self.log_file(path, artifact_path)
 
+    def stop_system_metrics(self) -> None:
+        """Stop sampling system metrics (the training process is done with this run)."""
+        if getattr(self, "_monitor", None) is not None:
+            self._monitor.finish()
+            self._monitor = None
+
     def finish(self, status: str = "FINISHED") -> None:
         """End the run as FINISHED, FAILED or KILLED."""
+        self.stop_system_metrics()
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.from_string(status)))
 
 

@@ -37,6 +37,7 @@ class LoopConfig(Generic[JobT]):
     job: JobT
     tracking_uri: str
     run_id: str
+    system_metrics: bool  # rank 0 samples CPU, memory and GPU use into the run
 
     def as_train_loop_config(self) -> dict[str, Any]:
         """Ray Train passes a dict to the loop: this config under one key."""

@@ -36,7 +36,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline import finetune, pretrain
+from pipeline import finetune, pretrain, run_record
 from pipeline.config import public_dict, run_command
 from pipeline.sources import SourceError
 from pipeline.storage import resolve
@@ -76,7 +76,9 @@ def mask_trial(values: dict[str, Any], sweep: TuneJobConfig, task: TaskData, tra
     run_name = trial_run_name(sweep.name)
     experiment = sweep.tracking.experiment
     pretrain_config = _in_sweep(sweep.pretrain, values, run_name, tracking_uri, experiment)
-    result = pretrain.run(pretrain_config, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+    # The sweep checked its config on launch; a restored trial's run follows the sweep's.
+    result = pretrain.run(pretrain_config, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id,
+                          accept_config_changes=True)
     trial_run = RunTracker(tracking_uri, experiment, run_name)  # the pretraining run, reopened
     probe_config = _in_sweep(sweep.probe, {"model.checkpoint": pretrain.encoder_uri(pretrain_config),
                                            "model.freeze_encoder": True}, f"{run_name}-probe", tracking_uri, experiment)
@@ -216,14 +218,20 @@ def sweep_status(table: pd.DataFrame) -> str:
     return "KILLED" if "unfinished" in statuses else "FAILED" if "error" in statuses else "FINISHED"
 
 
-def run(config: TuneJobConfig) -> dict:
+def run(config: TuneJobConfig, accept_config_changes: bool = False) -> dict:
     """Run (or resume) the sweep; returns the best trial's values and metrics and the trial count.
-    The parent run ends FINISHED, FAILED (a trial failed: relaunch to resume) or KILLED."""
+    The parent run ends FINISHED, FAILED (a trial failed: relaunch to resume) or KILLED. A restore
+    whose config changed is refused before Ray starts unless the changes are accepted."""
+    launch = run_record.check_config(config.name, resolve(config.storage_path, config.storage), config,
+                                     accept_config_changes)
     if not ray.is_initialized():
         ray.init()
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     metric = sweep_metric(config)
-    parent = RunTracker(tracking_uri, config.tracking.experiment, config.name, tags={"sweep": config.sweep})
+    tracking = run_record.start_tracking(config.tracking, config.name, "pipeline.tune", config.resources.gpu > 0,
+                                         launch)
+    parent = RunTracker(tracking_uri, config.tracking.experiment, config.name, tags={"sweep": config.sweep},
+                        source_tags=tracking.source_tags)
     if not parent.resumed:
         parent.log_params({"sweep": config.sweep, "metric": metric, "mode": config.mode,
                            "algorithm": config.search.algorithm, "scheduler": config.search.scheduler,
@@ -266,7 +274,8 @@ def _sweep(config: TuneJobConfig, parent: RunTracker, tracking_uri: str, metric:
 
 def main(argv: list[str] | None = None) -> int:
     return run_command(__doc__.splitlines()[0], TuneJobConfig,
-                       lambda config, args: json.dumps(run(config), default=str), argv, (SourceError,))
+                       lambda config, args: json.dumps(run(config, args.accept_config_changes), default=str), argv,
+                       (SourceError,), accept_changes_flag=True)
 
 
 if __name__ == "__main__":

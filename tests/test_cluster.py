@@ -20,7 +20,9 @@ CLUSTER = REPO / "cluster"
 
 # Field names of the KubeRay v1 CRDs (ray-operator/apis/ray/v1: raycluster_types.go, rayjob_types.go).
 RAY_CLUSTER_SPEC = {"suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
-                    "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "upgradeStrategy"}
+                    "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "upgradeStrategy",
+                    "authOptions"}
+AUTH_OPTIONS = {"mode", "secretName", "enableK8sTokenAuth"}
 HEAD_GROUP_SPEC = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
 WORKER_GROUP_SPEC = {"suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
                      "rayStartParams", "template", "scaleStrategy", "numOfHosts"}
@@ -40,6 +42,9 @@ def manifests() -> list[dict]:
 
 def check_cluster_spec(spec: dict) -> None:
     assert set(spec) <= RAY_CLUSTER_SPEC, set(spec) - RAY_CLUSTER_SPEC
+    assert set(spec["authOptions"]) <= AUTH_OPTIONS and spec["authOptions"]["mode"] == "token"  # nobody gets in without the token
+    assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+    assert spec["headGroupSpec"]["rayStartParams"].get("dashboard-host") in (None, "127.0.0.1")
     assert set(spec["headGroupSpec"]) <= HEAD_GROUP_SPEC
     assert set(spec.get("autoscalerOptions", {})) <= AUTOSCALER_OPTIONS
     for group in spec["workerGroupSpecs"]:
@@ -94,3 +99,35 @@ def test_every_entry_point_is_a_real_command_with_a_valid_config():
         config = words[words.index("--config") + 1] if "--config" in words else None
         overrides = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
         load_config(ENTRY_POINTS[module], REPO / config if config else None, overrides)
+
+
+def test_the_launcher_cluster_requires_the_token_and_binds_the_dashboard_locally():
+    config = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    options = " ".join(config["docker"]["run_options"])
+    assert "--env RAY_AUTH_MODE=token" in options  # every container: head, workers, the autoscaler's commands
+    token_path = re.search(r"--env RAY_AUTH_TOKEN_PATH=(\S+)", options).group(1)
+    assert config["file_mounts"][token_path] == "~/.ray/auth_token"  # `ray get-auth-token --generate` writes it
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        assert "0.0.0.0" not in command
+
+
+def test_services_stay_inside_the_cluster():
+    documents = manifests()
+    for doc in documents:
+        if doc["kind"] == "Service":
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", doc["metadata"]["name"]
+        assert doc["kind"] != "Ingress"  # an ingress needs authentication in front: not shipped
+    (policy,) = [doc for doc in documents if doc["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app": "mlflow"}
+    assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+    (cluster,) = [doc for doc in documents if doc["kind"] == "RayCluster"]
+    assert cluster["spec"]["authOptions"]["secretName"] in (CLUSTER / "README.md").read_text()
+
+
+def test_the_runbooks_submit_jobs_with_the_token():
+    for readme in (CLUSTER / "README.md", REPO / "README.md"):
+        text = readme.read_text()
+        assert "ray get-auth-token" in text and "RAY_AUTH_TOKEN" in text and "RAY_AUTH_MODE=token" in text, readme
+    for line in (CLUSTER / "README.md").read_text().splitlines():
+        if "ray job submit" in line and "--address" in line:
+            assert "127.0.0.1" in line  # through a port-forward, never a public address

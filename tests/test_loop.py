@@ -78,8 +78,13 @@ def test_clock_estimates_the_rest_from_this_launch(monkeypatch):
     assert clock.timing(30) == "elapsed 0:00:10 | ETA 0:01:30"
 
 
-def test_compute_path_names_the_pure_operators_off_cuda():
-    assert ops.compute_path(torch.device("cpu")) == "selective_scan: pure PyTorch, causal_conv1d: pure PyTorch"
+def test_compute_path_names_the_cpu_operators_as_dispatched():
+    assert ops.compute_path(torch.device("cpu")) == "selective_scan: fused CPU (numba), causal_conv1d: pure PyTorch"
+    ops.force_pure_ops(True)
+    try:
+        assert ops.compute_path("cpu") == "selective_scan: pure PyTorch (forced), causal_conv1d: pure PyTorch (forced)"
+    finally:
+        ops.force_pure_ops(False)
 
 
 def test_schedules_scale_each_group_from_its_base_rate():

@@ -5,6 +5,7 @@ KILLED by Ctrl-C) and the progress lines the command prints."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,28 @@ def run_of(config: PretrainJobConfig):
     return client, runs[0]
 
 
+def every_artifact(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += every_artifact(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+
+def assert_artifacts_outlive_ray(client: MlflowClient, run, tmp_path: Path) -> None:
+    """The run's artifacts sit beside its SQLite store, not in Ray's session folder: deleting the
+    session's artifacts folder (the workers' working directories) loses none of them."""
+    import ray._private.worker
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    assert str(session.parent) not in run.info.artifact_uri
+    names = every_artifact(client, run.info.run_id)
+    assert {"config.json", "model/ssamba_encoder.pt"} <= set(names)
+    shutil.rmtree(session / "artifacts", ignore_errors=True)
+    for name in names:
+        assert Path(client.download_artifacts(run.info.run_id, name, str(tmp_path / "read"))).stat().st_size > 0
+
+
 def test_invalid_config_fails_before_ray_with_the_field_named(capsys):
     with pytest.raises(ConfigError, match="masking.mask_patches|mask_patches"):
         load_config(PretrainJobConfig, PRESET, ["masking.mask_patches=500"])
@@ -56,14 +79,17 @@ def test_invalid_config_fails_before_ray_with_the_field_named(capsys):
     assert "target_length" in capsys.readouterr().err
 
 
-def test_local_mode_run_tracks_metrics_figure_and_model(pretrain_features, tmp_path):
+def test_local_mode_run_tracks_metrics_figure_and_model(pretrain_features, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     config = job(pretrain_features, tmp_path, "name=local-mode", f"storage_path={tmp_path / 'ckpt'}",
                  "scaling.num_workers=0", "train.max_steps=6", "train.eval_every=3", "train.figure_every=3",
-                 "train.log_every=2")
+                 "train.log_every=2", "tracking.system_metrics=true")
     result = pretrain.run(config)
     assert result.metrics["step"] == 6 and "val_accuracy" in result.metrics
     client, run = run_of(config)
     assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.source.name"] == "pipeline.pretrain" and run.data.tags["host"]
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     assert run.data.params["model.embed_dim"] == "64" and run.data.params["global_batch_size"] == "4"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 4, 6]
@@ -90,6 +116,8 @@ def test_two_workers_survive_a_failure_and_a_relaunch_resumes(pretrain_features,
     assert run.data.tags["checkpoint_location"] == "s3://checkpoints/runs/ddp-ft"
     assert run.data.tags["resumed_from_step"] == "3"  # the failure at step 5 restarted from step 3
     assert run.data.params["global_batch_size"] == "8"
+    assert "system/cpu_utilization_percentage" not in run.data.metrics  # auto: off on the CPU
+    assert_artifacts_outlive_ray(client, run, tmp_path)
 
     longer = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 11})})
     resumed = pretrain.run(longer)

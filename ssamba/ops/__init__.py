@@ -79,18 +79,21 @@ def kernels_available() -> bool:
 
 
 def compute_path(device: torch.device | str) -> str:
-    """Which implementation of each operator runs for tensors on ``device``, in words (for logs)."""
-    scan, conv = _kernels()
-    on_cuda = torch.device(device).type == "cuda"
-
-    def path(kernel: Callable | None, name: str) -> str:
-        if not on_cuda:
-            return "pure PyTorch"
-        if _force_pure:
-            return "pure PyTorch (forced)"
-        return f"{name} CUDA kernel" if kernel is not None else "pure PyTorch (kernel not importable)"
-
-    return f"selective_scan: {path(scan, 'mamba_ssm')}, causal_conv1d: {path(conv, 'causal_conv1d')}"
+    """Which implementation of each operator runs for (float32) tensors on ``device``, in words (for
+    logs): the same order as the dispatch below."""
+    scan_kernel, conv_kernel = _kernels()
+    kind = torch.device(device).type
+    if _force_pure:
+        return "selective_scan: pure PyTorch (forced), causal_conv1d: pure PyTorch (forced)"
+    if kind == "cuda":
+        scan = "mamba_ssm CUDA kernel" if scan_kernel is not None else "pure PyTorch (kernel not importable)"
+        conv = "causal_conv1d CUDA kernel" if conv_kernel is not None else "pure PyTorch (kernel not importable)"
+    elif kind == "cpu":
+        scan = "fused CPU (numba)" if _fused_cpu_scan() is not None else "pure PyTorch (numba not importable)"
+        conv = "pure PyTorch"
+    else:
+        scan = conv = "pure PyTorch"
+    return f"selective_scan: {scan}, causal_conv1d: {conv}"
 
 
 def _announce(op: str, path: str) -> None:

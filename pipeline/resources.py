@@ -1,0 +1,38 @@
+"""CPUs for the input pipeline: Train workers must not take every CPU that Ray Data needs.
+
+Ray Data reads, crops and batches the training examples in tasks of their own; when the Train
+workers hold every CPU of the cluster those tasks never start and training waits at 0 rows without
+a word. The check runs on the driver before the trainer starts and fails with the numbers and the fix.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import ConfigError, ScalingSection
+
+DATA_CPUS = 1.0  # what the input pipeline needs at the least: one read/transform task at a time
+
+
+class ClusterTooSmall(ConfigError):
+    """The cluster cannot hold the Train workers and the input pipeline together."""
+
+
+def check_data_cpus(cluster_cpus: float, scaling: ScalingSection, data_cpus: float = DATA_CPUS) -> None:
+    """Raise :class:`ClusterTooSmall` when the workers would fit but leave the data pipeline fewer than
+    ``data_cpus``. A cluster too small for the workers alone is left to Ray Train, which waits for the
+    autoscaler to add nodes (and times out on a fixed cluster); local mode (no workers) reserves nothing."""
+    train_cpus = scaling.num_workers * scaling.cpus_per_worker
+    if train_cpus == 0 or cluster_cpus < train_cpus or cluster_cpus - train_cpus >= data_cpus:
+        return
+    most = max(0, int((cluster_cpus - data_cpus) // scaling.cpus_per_worker))
+    raise ClusterTooSmall(
+        f"scaling: {scaling.num_workers} Train workers x {scaling.cpus_per_worker:g} CPUs = {train_cpus:g} of the "
+        f"cluster's {cluster_cpus:g} CPUs leave {cluster_cpus - train_cpus:g} for the input pipeline (Ray Data), which "
+        f"needs at least {data_cpus:g}: training would wait for data forever. Lower scaling.num_workers (at most "
+        f"{most} here) or scaling.cpus_per_worker, or add CPUs to the cluster.")
+
+
+def check_cluster(scaling: ScalingSection) -> None:
+    """:func:`check_data_cpus` against the CPUs of the running Ray cluster."""
+    import ray
+
+    check_data_cpus(ray.cluster_resources().get("CPU", 0.0), scaling)
