@@ -35,26 +35,13 @@ from pipeline.data import examples_dataset
 from pipeline.storage import resolve
 from pipeline.tracking import RunTracker, resolve_tracking_uri
 from pipeline.trainer import TrainWorker, torch_trainer
-from ssamba import EncoderConfig, PatchGrid, PretrainConfig, SSAMBAEncoder, SSAMBAPretrainModel, save_checkpoint
+from ssamba import SSAMBAEncoder, SSAMBAPretrainModel, save_checkpoint
 
 ENCODER_FILE = "ssamba_encoder.pt"
 
 # --------------------------------------------------------------------------------------------------
-# Model and learning-rate schedule
+# Learning-rate schedule
 # --------------------------------------------------------------------------------------------------
-
-
-def encoder_config(config: PretrainJobConfig) -> EncoderConfig:
-    m = config.model
-    grid = PatchGrid(m.num_mel_bins, m.target_length, m.patch, m.patch, m.patch, m.patch)
-    base = EncoderConfig.from_size(m.size, depth=m.depth, grid=grid, drop_path_rate=m.drop_path_rate,
-                                   norm=m.norm, topology=m.topology)
-    return base if m.embed_dim is None else EncoderConfig(**{**base.__dict__, "embed_dim": m.embed_dim})
-
-
-def pretrain_config(config: PretrainJobConfig) -> PretrainConfig:
-    return PretrainConfig(mask_patches=config.masking.mask_patches, mask_ratio=config.masking.mask_ratio,
-                          two_pass=config.masking.two_pass)
 
 
 class LearningRate:
@@ -187,7 +174,8 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(config.train.seed + rank)
     mask_rng = random.Random(config.train.seed * 1000 + rank)
 
-    model = SSAMBAPretrainModel(SSAMBAEncoder(encoder_config(config)), encoder_config(config).grid, pretrain_config(config))
+    encoder = config.model.encoder_config()
+    model = SSAMBAPretrainModel(SSAMBAEncoder(encoder), encoder.grid, config.masking.pretrain_config())
     model = worker.prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                   weight_decay=config.optim.weight_decay)
