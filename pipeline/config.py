@@ -124,7 +124,7 @@ class ExamplesConfig(Strict):
 
     features: Place | None = Field(None, description="a featurize destination URI")
     audio: InputConfig | None = Field(None, description="audio files, featurized on the fly")
-    target_length: int = Field(PatchGrid().target_length, ge=16,
+    target_length: int = Field(_ENCODER.grid.target_length, ge=16,
                                description="frames per example (crop the end or zero-pad)")
     norm: one_of(NORM_PRESETS) = Field("audioset", description="normalisation statistics (mean, std) of a dataset")
     augment: AugmentConfig = AugmentConfig()
@@ -471,7 +471,8 @@ class FinetuneModelConfig(Strict):
 
     checkpoint: Place = Field("", description="our checkpoint or an official .pth (local or s3://); empty = random init")
     size: one_of(EMBED_DIMS) = Field("tiny", description="random init only: the named size")
-    stride: int = Field(10, ge=1, le=16, description="patch stride in both axes (patches overlap below 16)")
+    stride: int = Field(10, ge=1, le=_ENCODER.grid.fshape,
+                        description=f"patch stride in both axes (patches overlap below {_ENCODER.grid.fshape})")
     pooling: Literal["mean", "cls"] = Field("mean", description="mean of the patch tokens, or the [CLS] token")
     freeze_encoder: bool = Field(False, description="train the head only (a linear probe)")
 
