@@ -10,12 +10,26 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, TypeVar
+from typing import Annotated, Any, Callable, Iterable, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from pipeline.fields import describe_fields, set_fields, typed_value
+from ssamba import (
+    EMBED_DIMS, NORM_PRESETS, VALIDATION_MASK_COUNT, EncoderConfig, FbankConfig, Norm, PatchGrid, PretrainConfig, Topology,
+)
+
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+# The model library's defaults: job configs start from them rather than repeating them.
+_ENCODER = EncoderConfig()
+_MASKING = PretrainConfig()
+
+
+def one_of(names: Iterable[str]) -> Any:
+    """A ``Literal`` type of the names in a library registry (sizes, normalisation presets)."""
+    return Literal[tuple(names)]
 
 
 class ConfigError(ValueError):
@@ -49,14 +63,15 @@ class S3Config(Strict):
     ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``)
     and then to instance credentials. Prefer the environment or instance roles to keys in files."""
 
-    endpoint_url: str | None = None
-    region: str | None = None
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
-    session_token: SecretStr | None = None
+    endpoint_url: str | None = Field(None, description="an S3-compatible store (http://host:port); default: AWS")
+    region: str | None = Field(None, description="default: the AWS SDK's lookup (environment, profile, instance "
+                               "metadata), else the bucket's own region; us-east-1 for custom endpoints")
+    access_key_id: SecretStr | None = Field(None, description="with secret_access_key; default: environment or instance role")
+    secret_access_key: SecretStr | None = Field(None, description="with access_key_id")
+    session_token: SecretStr | None = Field(None, description="for temporary credentials")
     max_attempts: int = Field(10, ge=1, description="retries on transient errors (AWS standard retry strategy)")
-    connect_timeout_s: float = Field(10.0, gt=0)
-    request_timeout_s: float = Field(60.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0, description="seconds to open a connection")
+    request_timeout_s: float = Field(60.0, gt=0, description="seconds to wait for a response")
 
     @model_validator(mode="after")
     def _keys_come_in_pairs(self) -> "S3Config":
@@ -74,9 +89,9 @@ class InputConfig(Strict):
     """Either every audio file under a prefix, or a manifest (CSV or JSONL with ``uri`` and optional
     ``label``, ``split``, ``fold``, ``labels``; relative URIs are resolved against the manifest's folder)."""
 
-    uri: Place | None = None
-    manifest: Place | None = None
-    extensions: tuple[str, ...] = AUDIO_EXTENSIONS
+    uri: Place | None = Field(None, description="a folder or prefix: every audio file below it")
+    manifest: Place | None = Field(None, description="a CSV or JSONL list of files (uri, label, split, fold, labels)")
+    extensions: tuple[str, ...] = Field(AUDIO_EXTENSIONS, description="file endings that count as audio under uri")
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "InputConfig":
@@ -85,19 +100,22 @@ class InputConfig(Strict):
 
 
 class AudioConfig(Strict):
-    sample_rate: int = Field(16_000, gt=0)
+    """Decoding: resampling, and what happens to audio that is too long or too short."""
+
+    sample_rate: int = Field(FbankConfig().sample_rate, gt=0, description="audio is resampled to this rate (Hz)")
     max_seconds: float | None = Field(None, gt=0, description="longer files are cropped or chunked")
-    long_audio: Literal["crop", "chunk"] = "crop"
+    long_audio: Literal["crop", "chunk"] = Field("crop", description="beyond max_seconds: keep the start, or "
+                                                 "cut into max_seconds chunks")
     min_seconds: float = Field(0.025, gt=0, description="shorter audio is quarantined (one 25 ms frame)")
 
 
 class AugmentConfig(Strict):
-    """Training-time augmentation of stored features (docs/model.md#augmentations): SpecAugment widths in bins/frames
-    (applied before normalisation, as the official loader does) and the noise augmentation."""
+    """Training-time augmentation of stored features: SpecAugment widths in bins/frames (applied
+    before normalisation, as the official loader does) and the official noise augmentation."""
 
-    freq_mask: int = Field(0, ge=0)
-    time_mask: int = Field(0, ge=0)
-    noise: bool = False
+    freq_mask: int = Field(0, ge=0, description="SpecAugment: widest masked band of mel bins (0 = off)")
+    time_mask: int = Field(0, ge=0, description="SpecAugment: widest masked run of frames (0 = off)")
+    noise: bool = Field(False, description="add the official noise and random time shift")
 
 
 class ExamplesConfig(Strict):
@@ -105,11 +123,12 @@ class ExamplesConfig(Strict):
     from audio (``audio``, on the fly, for small data). Exactly one of the two."""
 
     features: Place | None = Field(None, description="a featurize destination URI")
-    audio: InputConfig | None = None
-    target_length: int = Field(1024, ge=16, description="frames per example (crop the end or zero-pad)")
-    norm: Literal["audioset", "esc50", "speechcommands", "urban8k"] = "audioset"
+    audio: InputConfig | None = Field(None, description="audio files, featurized on the fly")
+    target_length: int = Field(_ENCODER.grid.target_length, ge=16,
+                               description="frames per example (crop the end or zero-pad)")
+    norm: one_of(NORM_PRESETS) = Field("audioset", description="normalisation statistics (mean, std) of a dataset")
     augment: AugmentConfig = AugmentConfig()
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="shuffle the examples (training)")
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "ExamplesConfig":
@@ -119,34 +138,27 @@ class ExamplesConfig(Strict):
 
 def error_lines(error: ValidationError) -> list[str]:
     """``field.path: message`` for every error pydantic found."""
-    return [f"{'.'.join(str(part) for part in item['loc']) or '(config)'}: {item['msg'].removeprefix('Value error, ')}"
-            for item in error.errors()]
+    return [f"{'.'.join(str(part) for part in item['loc']) or '(config)'}: {_message(item)}" for item in error.errors()]
+
+
+def _message(item: dict[str, Any]) -> str:
+    return "no such field" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
 
 
 def _format_errors(error: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(error_lines(error))
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"--set expects key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set has an empty key in {text!r}")
-    return key.split("."), yaml.safe_load(raw) if raw else None
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``a.b=value`` sets ``data['a']['b']``; values are parsed as YAML scalars/lists."""
+def apply_overrides(model: type[BaseModel], data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``--set a.b=value`` sets ``data['a']['b']``; values are YAML, typed by the field they set."""
     for text in overrides:
-        path, value = _parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
+        if "=" not in text:
+            raise ConfigError(f"--set expects key=value, got {text!r}")
+        key, raw = text.split("=", 1)
+        try:
+            data = set_fields(data, {key: typed_value(model, key, raw)})
+        except ValueError as error:
+            raise ConfigError(f"--set {text!r}: {error}") from None
     return data
 
 
@@ -165,7 +177,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(model: type[ModelT], path: str | Path | None, overrides: list[str] | None = None) -> ModelT:
     """Read ``path`` (YAML), apply overrides, validate. Raises :class:`ConfigError` naming the fields."""
-    data = apply_overrides(read_yaml(path) if path is not None else {}, overrides or [])
+    data = apply_overrides(model, read_yaml(path) if path is not None else {}, overrides or [])
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -208,13 +220,19 @@ def run_command(
     overwrite_flag: bool = False,
     accept_changes_flag: bool = False,
 ) -> int:
-    """The shared command line of every entry point: ``--config FILE``, repeatable ``--set key=value``
-    (and ``--overwrite`` where it applies). The config is validated before ``job`` runs; a bad config
-    or an expected error prints one message and exits with 2; otherwise ``job``'s report is printed."""
-    parser = argparse.ArgumentParser(description=description)
+    """The shared command line of every entry point: ``--config FILE``, repeatable ``--set key=value``,
+    ``--print-config`` (and ``--overwrite`` where it applies); ``--help`` lists every field of the job.
+    The config is validated before ``job`` runs; a bad config or an expected error prints one message
+    and exits with 2; otherwise ``job``'s report is printed."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config fields (in the YAML file, or --set section.field=value; values are YAML):\n"
+               + describe_fields(config_model))
     parser.add_argument("--config", type=Path, help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (dotted path), repeatable")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML (no credentials) and exit without running")
     if overwrite_flag:
         parser.add_argument("--overwrite", action="store_true", help="replace whatever the destination holds")
     if accept_changes_flag:
@@ -223,12 +241,17 @@ def run_command(
     args = parser.parse_args(argv)
     try:
         config = load_config(config_model, args.config, args.overrides)
-        report = job(config, args)
+        report = config_yaml(config) if args.print_config else job(config, args)
     except (ConfigError, *expected_errors) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(report)
     return 0
+
+
+def config_yaml(config: BaseModel) -> str:
+    """The resolved config as YAML, every default filled in and secrets left out."""
+    return yaml.safe_dump(public_dict(config), sort_keys=False, allow_unicode=True).rstrip()
 
 
 class FeaturizeConfig(Strict):
@@ -238,34 +261,46 @@ class FeaturizeConfig(Strict):
     output: Place = Field(description="destination URI (s3://bucket/prefix or a local folder)")
     storage: S3Config = S3Config()
     audio: AudioConfig = AudioConfig()
-    num_mel_bins: int = Field(128, ge=8)
+    num_mel_bins: int = Field(FbankConfig().num_mel_bins, ge=8, description="mel bins per frame")
     shard_size: int = Field(256, ge=1, description="audio files per output shard (the unit of resume)")
     num_workers: int | None = Field(None, ge=1, description="featurizer actors; default: every CPU in the cluster")
     ray_address: str | None = Field(None, description="cluster to join; default: the current one or a new local one")
 
 
 class ModelConfig(Strict):
-    """The SSAMBA encoder: a named size (D = 192/384/768) or an explicit width, official topology."""
+    """The SSAMBA encoder: a named size (D = 192/384/768) or an explicit width, official topology.
+    Sizes, norms, topologies and defaults are the model library's."""
 
-    size: Literal["tiny", "small", "base"] = "tiny"
+    size: one_of(EMBED_DIMS) = Field("tiny", description="named width: " + ", ".join(
+        f"{name} {dim}" for name, dim in EMBED_DIMS.items()))
     embed_dim: int | None = Field(None, ge=8, description="overrides the size's width (small experiments)")
-    depth: int = Field(24, ge=2)
-    num_mel_bins: int = Field(128, ge=16)
-    target_length: int = Field(1024, ge=16)
-    patch: int = Field(16, ge=2, description="square patch size = stride in pretraining")
-    topology: Literal["flip_pairs", "sequential"] = "flip_pairs"
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+    depth: int = Field(_ENCODER.depth, ge=2, description="Mamba blocks (even for flip_pairs)")
+    num_mel_bins: int = Field(_ENCODER.grid.num_mel_bins, ge=16, description="mel bins of the input features")
+    target_length: int = Field(_ENCODER.grid.target_length, ge=16, description="frames of the input features")
+    patch: int = Field(_ENCODER.grid.fshape, ge=2, description="square patch size = stride in pretraining")
+    topology: Topology = Field(_ENCODER.topology, description="flip_pairs: the official pairs of forward and "
+                               "reversed blocks; sequential: a plain stack")
+    norm: Norm = Field(_ENCODER.norm, description="the blocks' normalisation")
+    drop_path_rate: float = Field(_ENCODER.drop_path_rate, ge=0, lt=1, description="stochastic depth of the last block")
+
+    def encoder_config(self) -> EncoderConfig:
+        """The library's encoder config; ``ValueError`` if the library rejects the combination."""
+        grid = PatchGrid(self.num_mel_bins, self.target_length, self.patch, self.patch, self.patch, self.patch)
+        width = {} if self.embed_dim is None else {"embed_dim": self.embed_dim}
+        return EncoderConfig.from_size(self.size, depth=self.depth, grid=grid, drop_path_rate=self.drop_path_rate,
+                                       norm=self.norm, topology=self.topology, **width)
 
 
 class MaskingConfig(Strict):
     """Masked patches per clip (count or ratio), the official two passes or one, and the fixed
-    validation count (400 of 512 officially; capped to the grid for small models)."""
+    validation count (400 of 512 officially; capped to the grid for small models). The model
+    library checks the counts (:class:`ssamba.PretrainConfig`)."""
 
-    mask_patches: int | None = Field(400, ge=1)
-    mask_ratio: float | None = Field(None, gt=0, lt=1)
-    two_pass: bool = True
-    validation_mask_patches: int = Field(400, ge=1)
+    mask_patches: int | None = Field(_MASKING.mask_patches, description="masked patches per clip (or give mask_ratio)")
+    mask_ratio: float | None = Field(None, description="fraction of the patches masked per clip, in (0, 1)")
+    two_pass: bool = Field(_MASKING.two_pass, description="separate masked passes for the discriminative and "
+                           "generative objectives (official); false: one pass feeds both")
+    validation_mask_patches: int = Field(VALIDATION_MASK_COUNT, ge=1, description="masked patches per validation clip")
 
     @model_validator(mode="before")
     @classmethod
@@ -275,54 +310,61 @@ class MaskingConfig(Strict):
         return data
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "MaskingConfig":
-        _require_exactly_one(self, "mask_patches", "mask_ratio", "mask_patches and mask_ratio")
+    def _library_accepts(self) -> "MaskingConfig":
+        self.pretrain_config()
         return self
+
+    def pretrain_config(self) -> PretrainConfig:
+        """The library's pretraining config (raises ``ValueError`` on an invalid choice)."""
+        return PretrainConfig(mask_patches=self.mask_patches, mask_ratio=self.mask_ratio, two_pass=self.two_pass)
 
 
 class OptimConfig(Strict):
     """AdamW with linear warm-up, then the official plateau schedule on validation accuracy, cosine
-    decay, or a constant rate (docs/model.md#pretraining-recipe)."""
+    decay, or a constant rate (the paper's recipe by default)."""
 
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(5e-8, ge=0)
-    betas: tuple[float, float] = (0.95, 0.999)
-    warmup_steps: int = Field(1000, ge=0)
-    schedule: Literal["plateau", "cosine", "constant"] = "plateau"
-    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(5e-8, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.95, 0.999), description="AdamW betas")
+    warmup_steps: int = Field(1000, ge=0, description="linear warm-up from 0 to lr")
+    schedule: Literal["plateau", "cosine", "constant"] = Field("plateau", description="after warm-up: halve on a "
+                                                               "validation plateau, cosine to 0, or constant")
+    plateau_factor: float = Field(0.5, gt=0, lt=1, description="plateau: factor applied to the rate")
     plateau_patience: int = Field(2, ge=0, description="evaluations without improvement before decaying")
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm (off officially)")
 
 
 class TrainLoopConfig(Strict):
+    """Steps, batches, and how often the loop evaluates, checkpoints, logs and draws."""
+
     batch_size: int = Field(64, ge=1, description="per worker and micro-step")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     max_steps: int = Field(..., ge=1, description="optimizer steps in all (the run resumes up to it)")
-    eval_every: int = Field(4000, ge=1)
+    eval_every: int = Field(4000, ge=1, description="steps between validations")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation batches per evaluation")
-    checkpoint_every: int = Field(4000, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
-    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(4000, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept")
+    log_every: int = Field(50, ge=1, description="steps between logged metrics")
     figure_every: int = Field(4000, ge=1, description="steps between reconstruction figures")
-    precision: Literal["bf16", "fp32"] = "bf16"
-    seed: int = 0
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast, or full fp32")
+    seed: int = Field(0, description="seeds initialisation, masks and data order")
 
 
 class ScalingSection(Strict):
     """Ray Train workers. ``num_workers: 0`` runs the loop in the driver process (local mode: no
     fault tolerance, checkpoints kept in memory)."""
 
-    num_workers: int = Field(1, ge=0)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (0: run in the driver)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = unlimited")
 
 
 class TrackingConfig(Strict):
     """MLflow: the tracking URI defaults to ``MLFLOW_TRACKING_URI``, else a SQLite file in ``outputs/``."""
 
-    tracking_uri: str | None = None
-    experiment: str = "ssamba-pretrain"
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI")
+    experiment: str = Field("ssamba-pretrain", description="MLflow experiment name")
     artifact_location: Place | None = Field(None, description="artifact root of experiments created by the job "
                                             "(local folder or s3://); default: beside a local store, or the server's")
     system_metrics: bool | Literal["auto"] = Field("auto", description="MLflow system metrics (CPU, memory, GPU); "
@@ -341,6 +383,9 @@ class FinetuneFaultInjectionConfig(Strict):
     fail_at_epoch: int | None = Field(None, ge=0, description="raise when this epoch starts, unless resumed")
 
 
+_TARGET_LENGTH_SECTIONS = ("data", "validation", "model")
+
+
 class PretrainJobConfig(Strict):
     """``python -m pipeline.pretrain``: masked-patch pretraining on Ray Train, tracked in MLflow."""
 
@@ -348,8 +393,10 @@ class PretrainJobConfig(Strict):
                       description="deterministic run name: relaunching with it resumes the run")
     storage_path: Place = Field(..., description="checkpoint root (local folder or s3://bucket/prefix)")
     storage: S3Config = S3Config()
-    data: ExamplesConfig
-    validation: ExamplesConfig | None = None
+    target_length: int = Field(_ENCODER.grid.target_length, ge=16,
+                               description="frames per clip: data, validation and model use it unless they set their own")
+    data: ExamplesConfig = Field(..., description="training examples")
+    validation: ExamplesConfig | None = Field(None, description="validation examples (masked-patch accuracy and MSE)")
     model: ModelConfig = ModelConfig()
     masking: MaskingConfig = MaskingConfig()
     optim: OptimConfig = OptimConfig()
@@ -358,16 +405,42 @@ class PretrainJobConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     testing: FaultInjectionConfig = FaultInjectionConfig()
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_target_length(cls, data: Any, handler: Callable[[Any], "PretrainJobConfig"]) -> "PretrainJobConfig":
+        """Sections that do not set ``target_length`` take the job's. The value they take stays
+        marked unset, so that a sweep trial (which re-applies what was set) that changes the job's
+        ``target_length`` changes theirs too."""
+        if not isinstance(data, dict):
+            return handler(data)
+        length = data.get("target_length", cls.model_fields["target_length"].default)
+        data, inherited = dict(data), []
+        for name in _TARGET_LENGTH_SECTIONS:
+            section = {} if name == "model" and data.get(name) is None else data.get(name)
+            if isinstance(section, dict) and "target_length" not in section:
+                data[name] = {**section, "target_length": length}
+                inherited.append(name)
+        config = handler(data)
+        for name in inherited:
+            getattr(config, name).model_fields_set.discard("target_length")
+        return config
+
     @model_validator(mode="after")
     def _consistent(self) -> "PretrainJobConfig":
-        if self.data.target_length != self.model.target_length:
-            raise ValueError(f"data.target_length ({self.data.target_length}) must equal model.target_length "
-                             f"({self.model.target_length})")
-        if self.validation is not None and self.validation.target_length != self.model.target_length:
-            raise ValueError("validation.target_length must equal model.target_length")
-        patches = (self.model.num_mel_bins // self.model.patch) * (self.model.target_length // self.model.patch)
-        if self.masking.mask_patches is not None and self.masking.mask_patches >= patches:
-            raise ValueError(f"masking.mask_patches ({self.masking.mask_patches}) must be below the {patches} patches")
+        for name in ("data", "validation"):
+            section = getattr(self, name)
+            if section is not None and section.target_length != self.model.target_length:
+                raise ValueError(f"{name}.target_length ({section.target_length}) must equal model.target_length "
+                                 f"({self.model.target_length}): set target_length alone to change all three")
+        try:
+            grid = self.model.encoder_config().grid
+        except ValueError as error:
+            raise ValueError(f"model: {error}") from None
+        try:
+            self.masking.pretrain_config().num_masked(grid.num_patches)
+        except ValueError as error:
+            given = "mask_patches" if self.masking.mask_patches is not None else "mask_ratio"
+            raise ValueError(f"masking.{given}: {error}") from None
         if self.scaling.num_workers == 0 and self.scaling.max_failures:
             raise ValueError("scaling.max_failures needs Ray Train workers (num_workers ≥ 1); local mode cannot restart")
         return self
@@ -383,14 +456,15 @@ class EmbedConfig(Strict):
 
     input: InputConfig | None = None
     features: Place | None = Field(None, description="a featurize destination URI, instead of audio")
-    output: Place
+    output: Place = Field(description="destination URI (s3://bucket/prefix or a local folder)")
     model: Place = Field("", description="our checkpoint or an official .pth (local or s3://); empty = random tiny")
     storage: S3Config = S3Config()
     audio: AudioConfig = AudioConfig()
-    embeddings: Literal["scene", "timestamp", "both"] = "scene"
+    embeddings: Literal["scene", "timestamp", "both"] = Field("scene", description="one vector per clip, one per "
+                                                              "time step, or both")
     batch_size: int = Field(8, ge=1, description="files per inference call")
-    num_workers: int | None = Field(None, ge=1)
-    use_gpu: bool = False
+    num_workers: int | None = Field(None, ge=1, description="inference actors; default: as the cluster fits")
+    use_gpu: bool = Field(False, description="one GPU per actor")
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "EmbedConfig":
@@ -403,17 +477,18 @@ class FinetuneModelConfig(Strict):
     random init (``checkpoint: ""``, with ``size``); patch stride 10 as in the recipes; mean or [CLS]
     pooling; ``freeze_encoder`` for a linear probe."""
 
-    checkpoint: Place = ""
-    size: Literal["tiny", "small", "base"] = "tiny"
-    stride: int = Field(10, ge=1, le=16)
-    pooling: Literal["mean", "cls"] = "mean"
-    freeze_encoder: bool = False
+    checkpoint: Place = Field("", description="our checkpoint or an official .pth (local or s3://); empty = random init")
+    size: one_of(EMBED_DIMS) = Field("tiny", description="random init only: the named size")
+    stride: int = Field(10, ge=1, le=_ENCODER.grid.fshape,
+                        description=f"patch stride in both axes (patches overlap below {_ENCODER.grid.fshape})")
+    pooling: Literal["mean", "cls"] = Field("mean", description="mean of the patch tokens, or the [CLS] token")
+    freeze_encoder: bool = Field(False, description="train the head only (a linear probe)")
 
 
 class FinetuneAugmentConfig(AugmentConfig):
     """Per-example augmentation (SpecAugment, noise) plus mixup, which needs the batch: with probability
-    ``mixup`` an example is mixed with another of its batch, λ ~ Beta(10, 10), targets alike (docs/model.md#augmentations;
-    on stored features rather than waveforms)."""
+    ``mixup`` an example is mixed with another of its batch, λ ~ Beta(10, 10), targets alike (as the
+    official recipes, but on stored features rather than waveforms)."""
 
     mixup: float = Field(0.0, ge=0, le=1, description="probability that a training example is mixed")
 
@@ -423,40 +498,42 @@ class FinetuneAugmentConfig(AugmentConfig):
 
 
 class FinetuneOptimConfig(Strict):
-    """Adam with a separate head learning rate and the recipes' per-epoch step decay (docs/model.md#fine-tuning-recipes)."""
+    """Adam with a separate head learning rate and the recipes' per-epoch step decay."""
 
-    lr: float = Field(1e-4, gt=0)
-    head_lr_multiplier: float = Field(1.0, gt=0)
-    weight_decay: float = Field(5e-7, ge=0)
-    betas: tuple[float, float] = (0.95, 0.999)
-    decay_start_epoch: int = Field(5, ge=0)
-    decay_every: int = Field(1, ge=1)
-    decay: float = Field(0.85, gt=0, le=1)
+    lr: float = Field(1e-4, gt=0, description="the encoder's learning rate")
+    head_lr_multiplier: float = Field(1.0, gt=0, description="the head's rate = lr × this")
+    weight_decay: float = Field(5e-7, ge=0, description="Adam weight decay")
+    betas: tuple[float, float] = Field((0.95, 0.999), description="Adam betas")
+    decay_start_epoch: int = Field(5, ge=0, description="first epoch whose rate is decayed")
+    decay_every: int = Field(1, ge=1, description="epochs between decays")
+    decay: float = Field(0.85, gt=0, le=1, description="factor per decay")
 
 
 class FinetuneTrackingConfig(TrackingConfig):
-    experiment: str = "ssamba-finetune"
+    experiment: str = Field("ssamba-finetune", description="MLflow experiment name")
 
 
 class FinetuneJobConfig(Strict):
     """``python -m pipeline.finetune``: fine-tune (or linearly probe) an encoder on a labelled task."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    storage_path: Place
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="deterministic run name: relaunching with it resumes the run")
+    storage_path: Place = Field(..., description="checkpoint root (local folder or s3://bucket/prefix)")
     storage: S3Config = S3Config()
-    task: Literal["esc50", "speechcommands_v1", "speechcommands_v2", "audioset20k", "manifest"]
+    task: Literal["esc50", "speechcommands_v1", "speechcommands_v2", "audioset20k", "manifest"] = Field(
+        ..., description="the labelled dataset and its splits (manifest: your own, from a CSV or JSONL)")
     data_root: Place = Field(..., description="the dataset folder, or the manifest for task=manifest")
     features: Place = Field(..., description="where the task's audio is featurized (reused when present)")
     folds: list[int] | None = Field(None, description="ESC-50-style cross-validation: the test folds to run")
-    target_length: int = Field(512, ge=16)
-    norm: Literal["audioset", "esc50", "speechcommands", "urban8k"] = "audioset"
+    target_length: int = Field(512, ge=16, description="frames per clip: the features and the model's input")
+    norm: one_of(NORM_PRESETS) = Field("audioset", description="normalisation statistics (mean, std) of a dataset")
     augment: FinetuneAugmentConfig = FinetuneAugmentConfig()
     loss: Literal["ce", "bce"] = Field("ce", description="softmax cross-entropy, or per-class binary cross-entropy "
                                        "over one-/multi-hot targets (the Speech Commands and AS-20K recipes)")
     model: FinetuneModelConfig = FinetuneModelConfig()
     optim: FinetuneOptimConfig = FinetuneOptimConfig()
-    batch_size: int = Field(48, ge=1)
-    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(48, ge=1, description="per worker")
+    epochs: int = Field(50, ge=1, description="passes over the training split")
     scaling: ScalingSection = ScalingSection()
     tracking: FinetuneTrackingConfig = FinetuneTrackingConfig()
     testing: FinetuneFaultInjectionConfig = FinetuneFaultInjectionConfig()

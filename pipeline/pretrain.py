@@ -44,26 +44,13 @@ from pipeline.resources import check_cluster
 from pipeline.storage import resolve
 from pipeline.tracking import RunTracker, resolve_tracking_uri, run_status
 from pipeline.trainer import LoopConfig, TrainWorker, Worker, torch_trainer
-from ssamba import EncoderConfig, PatchGrid, PretrainConfig, SSAMBAEncoder, SSAMBAPretrainModel, save_checkpoint
+from ssamba import SSAMBAEncoder, SSAMBAPretrainModel, save_checkpoint
 
 ENCODER_FILE = "ssamba_encoder.pt"
 
 # --------------------------------------------------------------------------------------------------
-# Model and learning-rate schedule
+# Learning-rate schedule
 # --------------------------------------------------------------------------------------------------
-
-
-def encoder_config(config: PretrainJobConfig) -> EncoderConfig:
-    m = config.model
-    grid = PatchGrid(m.num_mel_bins, m.target_length, m.patch, m.patch, m.patch, m.patch)
-    base = EncoderConfig.from_size(m.size, depth=m.depth, grid=grid, drop_path_rate=m.drop_path_rate,
-                                   norm=m.norm, topology=m.topology)
-    return base if m.embed_dim is None else EncoderConfig(**{**base.__dict__, "embed_dim": m.embed_dim})
-
-
-def pretrain_config(config: PretrainJobConfig) -> PretrainConfig:
-    return PretrainConfig(mask_patches=config.masking.mask_patches, mask_ratio=config.masking.mask_ratio,
-                          two_pass=config.masking.two_pass)
 
 
 class LearningRate:
@@ -150,8 +137,8 @@ def build(config: PretrainJobConfig, worker: Worker) -> Training:
     """Seed the worker, build model and optimizer, and restore the run's last checkpoint if any."""
     seed_worker(config.train.seed, worker.rank)
     mask_rng = random.Random(config.train.seed * 1000 + worker.rank)
-    encoder = encoder_config(config)
-    model = worker.prepare_model(SSAMBAPretrainModel(SSAMBAEncoder(encoder), encoder.grid, pretrain_config(config)))
+    encoder = config.model.encoder_config()
+    model = worker.prepare_model(SSAMBAPretrainModel(SSAMBAEncoder(encoder), encoder.grid, config.masking.pretrain_config()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                   weight_decay=config.optim.weight_decay)
     training = Training(model, optimizer, base_rates(optimizer), LearningRate(config), mask_rng)

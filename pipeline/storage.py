@@ -1,25 +1,29 @@
 """URIs → pyarrow filesystems: ``s3://bucket/prefix`` (AWS or any S3-compatible endpoint), ``file://``
 and plain local paths.
 
-For a custom endpoint the store is addressed path-style, with an explicit region (otherwise
-pyarrow asks AWS where the bucket lives) and AWS's standard retry strategy for transient errors.
-Credentials come from the config or the environment and are never printed: ``str(location)`` is
-safe to log.
+Regions: a region in the config or in ``AWS_REGION``/``AWS_DEFAULT_REGION`` is used as given. On
+AWS without one, the bucket's own region is looked up (once per bucket and process), and where that
+fails the AWS SDK resolves it (profile, instance metadata). A custom endpoint is addressed
+path-style with a default region (S3-compatible stores ignore it, but requests are signed with one).
+All use AWS's standard retry strategy for transient errors. Credentials come from the config or the
+environment and are never printed: ``str(location)`` is safe to log.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 from pipeline.config import S3Config
 
-DEFAULT_REGION = "us-east-1"
+DEFAULT_REGION = "us-east-1"  # custom endpoints only
 
 
 @dataclass(frozen=True)
@@ -70,18 +74,43 @@ def _rejoin(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
-def _endpoint(config: S3Config) -> str | None:
-    return config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+def _endpoint(config: S3Config, environ: Mapping[str, str] = os.environ) -> str | None:
+    return config.endpoint_url or environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
 
 
-def s3_filesystem(config: S3Config) -> pafs.S3FileSystem:
-    """An S3 filesystem for ``config``; fields left unset fall back to the AWS environment."""
+@functools.lru_cache(maxsize=None)
+def bucket_region(bucket: str) -> str | None:
+    """Where an AWS bucket lives (one request, no credentials needed); ``None`` if it cannot be told."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return None
+
+
+def s3_region(config: S3Config, bucket: str | None, environ: Mapping[str, str] = os.environ,
+              lookup: Callable[[str], str | None] = bucket_region) -> str | None:
+    """The region to connect with, or ``None`` to leave it to the AWS SDK (profile, instance
+    metadata): the configured one, the environment's, a default for custom endpoints, or the AWS
+    bucket's own region. Forcing a default on AWS would break buckets in every other region."""
+    explicit = config.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if explicit:
+        return explicit
+    if _endpoint(config, environ):
+        return DEFAULT_REGION
+    return lookup(bucket) if bucket else None
+
+
+def s3_filesystem(config: S3Config, bucket: str | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem for ``config`` (and ``bucket``, whose region it may need); fields left unset
+    fall back to the AWS environment."""
     options: dict = {
-        "region": config.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION,
         "connect_timeout": config.connect_timeout_s,
         "request_timeout": config.request_timeout_s,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=config.max_attempts),
     }
+    region = s3_region(config, bucket)
+    if region is not None:
+        options["region"] = region
     endpoint = _endpoint(config)
     if endpoint:
         parsed = urlparse(endpoint)
@@ -105,7 +134,7 @@ def resolve(uri: str, s3: S3Config | None = None) -> Location:
             raise ValueError(f"{uri!r}: put S3 options in the config's storage section, not in the URI")
         s3 = s3 or S3Config()
         path = parsed.netloc + parsed.path.rstrip("/")
-        return Location(s3_filesystem(s3), path, uri.rstrip("/"), _endpoint(s3))
+        return Location(s3_filesystem(s3, parsed.netloc), path, uri.rstrip("/"), _endpoint(s3))
     if parsed.scheme == "file":
         local = Path(parsed.path)
     elif parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):

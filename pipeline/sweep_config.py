@@ -9,14 +9,16 @@ before any cluster work, naming ``search.space.<field>``.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from ray import tune
 
 from pipeline.config import (
-    ConfigError, FinetuneJobConfig, Place, PretrainJobConfig, S3Config, Strict, TrackingConfig, error_lines, read_yaml,
+    ConfigError, FinetuneJobConfig, Place, PretrainJobConfig, S3Config, Strict, TrackingConfig, error_lines, flatten,
+    read_yaml,
 )
+from pipeline.fields import set_fields
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 _KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -27,11 +29,11 @@ class Dimension(Strict):
     """One field's values: ``grid`` (every value in every sample), ``choice`` (one at random),
     ``uniform`` / ``loguniform`` ``[low, high]``, or ``randint`` ``[low, high)``. Exactly one."""
 
-    grid: list[Any] | None = Field(None, min_length=1)
-    choice: list[Any] | None = Field(None, min_length=1)
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None
+    grid: list[Any] | None = Field(None, min_length=1, description="every value, in every sample")
+    choice: list[Any] | None = Field(None, min_length=1, description="one value at random per trial")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high], uniformly")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], uniformly in log scale")
+    randint: tuple[int, int] | None = Field(None, description="an integer in [low, high)")
 
     @model_validator(mode="after")
     def _one_kind_with_valid_bounds(self) -> "Dimension":
@@ -73,14 +75,16 @@ class SearchConfig(Strict):
     the whole grid). ASHA stops weak trials early on the metric reported every epoch (fine-tuning
     sweeps); Optuna replaces random draws with a TPE search (ranges and choices only)."""
 
-    space: dict[str, Dimension] = Field(..., min_length=1)
-    num_samples: int = Field(1, ge=1)
-    algorithm: Literal["random", "optuna"] = "random"
-    scheduler: Literal["fifo", "asha"] = "fifo"
+    space: dict[str, Dimension] = Field(..., min_length=1, description="the trial job's dotted field names "
+                                        "(optim.lr) → their values")
+    num_samples: int = Field(1, ge=1, description="random draws (with a grid: repeats of the whole grid)")
+    algorithm: Literal["random", "optuna"] = Field("random", description="random (and grid) values, or Optuna's TPE")
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="run every trial to the end, or stop weak "
+                                               "ones early (ASHA)")
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
     reduction_factor: float = Field(2, gt=1, description="ASHA: keep 1/reduction_factor of the trials per rung")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's resources fit")
-    seed: int | None = None
+    seed: int | None = Field(None, description="seeds the draws")
 
     @model_validator(mode="after")
     def _optuna_has_no_grid(self) -> "SearchConfig":
@@ -95,9 +99,9 @@ class TrialResources(Strict):
     default to a sliver of a CPU, or to no CPU when ``custom`` pins them to nodes that advertise a
     resource (the clusters in ``cluster/`` give their CPU-less head ``TRAIN_DRIVER``)."""
 
-    cpu: float | None = Field(None, ge=0)
-    gpu: float = Field(0, ge=0)
-    custom: dict[str, float] = {}
+    cpu: float | None = Field(None, ge=0, description="default: 1 for fine-tuning trials, a sliver for mask trials")
+    gpu: float = Field(0, ge=0, description="GPUs per trial")
+    custom: dict[str, float] = Field({}, description="custom Ray resources per trial (node pinning)")
 
     @model_validator(mode="after")
     def _not_empty(self) -> "TrialResources":
@@ -107,7 +111,7 @@ class TrialResources(Strict):
 
 
 class SweepTrackingConfig(TrackingConfig):
-    experiment: str = "ssamba-tune"
+    experiment: str = Field("ssamba-tune", description="MLflow experiment name")
 
 
 class TuneJobConfig(Strict):
@@ -116,7 +120,8 @@ class TuneJobConfig(Strict):
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="the sweep's name: relaunching with it resumes the sweep")
-    sweep: Literal["mask", "finetune"]
+    sweep: Literal["mask", "finetune"] = Field(..., description="what a trial runs: pretraining scored by a "
+                                               "linear probe, or fine-tuning")
     storage_path: Place = Field(..., description="where Tune keeps the sweep's state (local folder or s3://)")
     storage: S3Config = S3Config()
     pretrain: PretrainJobConfig | None = Field(None, description="mask sweeps: the base pretraining run")
@@ -125,7 +130,7 @@ class TuneJobConfig(Strict):
     search: SearchConfig
     resources: TrialResources = TrialResources()
     metric: str | None = Field(None, description="default: probe_<validation metric> (mask) or the validation metric")
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = Field("max", description="whether a higher or a lower metric is better")
     max_failures: int = Field(0, ge=-1, description="restarts of a failed trial (from its last checkpoint)")
     tracking: SweepTrackingConfig = SweepTrackingConfig()
 
@@ -142,7 +147,7 @@ class TuneJobConfig(Strict):
             if isinstance(value, dict) and "base" in value:
                 changes = {key: item for key, item in value.items() if key != "base"}
                 try:
-                    data[section] = merged(read_yaml(value["base"]), changes)
+                    data[section] = set_fields(read_yaml(value["base"]), flatten(changes))
                 except ConfigError as error:
                     raise ValueError(f"{section}.base: {error}") from None
         return data
@@ -179,35 +184,11 @@ class TuneJobConfig(Strict):
         return self.pretrain if self.sweep == "mask" else self.finetune
 
 
-def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``changes`` applied section by section (nested mappings merge, values replace)."""
-    result = dict(base)
-    for key, value in changes.items():
-        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else value
-    return result
-
-
 def with_values(config: ModelT, values: dict[str, Any]) -> ModelT:
-    """``config`` with dotted fields replaced and validated again. Fields left at their defaults stay
-    unset, so that a ratio replaces the default mask count (a count the config sets must be cleared:
-    ``masking.mask_patches: null``)."""
-    data = config.model_dump(exclude_unset=True)
-    for dotted, value in values.items():
-        *sections, leaf = dotted.split(".")
-        node, model = data, type(config)
-        for section in sections:
-            field = model.model_fields.get(section)
-            found = [t for t in (get_args(field.annotation) or (field.annotation,)) if isinstance(t, type)
-                     and issubclass(t, BaseModel)] if field is not None else []
-            if not found:
-                raise ValueError(f"{dotted}: {section!r} is not a config section")
-            if node.get(section) is None:  # a section left at its default (or unset, when optional)
-                node[section] = {}
-            node, model = node[section], found[0]
-        if leaf not in model.model_fields:
-            raise ValueError(f"{dotted}: no such field")
-        node[leaf] = value
+    """``config`` with dotted fields replaced and validated again. Only what the config set is
+    re-applied, so fields left at their defaults stay unset: a ratio replaces the default mask count
+    (a count the config sets must be cleared: ``masking.mask_patches: null``)."""
     try:
-        return type(config).model_validate(data)
+        return type(config).model_validate(set_fields(config.model_dump(exclude_unset=True), values))
     except ValidationError as error:
         raise ValueError("; ".join(error_lines(error))) from None

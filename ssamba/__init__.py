@@ -4,19 +4,23 @@ Pure PyTorch; this package never imports Ray, MLflow or boto3. The public API:
 """
 
 from ssamba.checkpoint import Checkpoint, OfficialImport, import_official_checkpoint, load_checkpoint, save_checkpoint
-from ssamba.encoder import EncoderConfig, PatchGrid, SSAMBAEncoder
+from ssamba.encoder import EMBED_DIMS, NORMS, TOPOLOGIES, EncoderConfig, Norm, PatchGrid, SSAMBAEncoder, Topology
 from ssamba.features import FbankConfig, NORM_PRESETS, crop_or_pad, fbank, normalize, norm_stats, waveform_to_fbank
 from ssamba.finetune import AudioClassifier, ClassifierConfig, adapt_encoder_state, adapt_pos_embed
 from ssamba.pretrain import VALIDATION_MASK_COUNT, PretrainConfig, PretrainOutput, SSAMBAPretrainModel
 from ssamba.ssast import SSASTConfig, SSASTEncoder
 
 __all__ = [
+    "EMBED_DIMS",
+    "NORMS",
+    "TOPOLOGIES",
     "AudioClassifier",
     "Checkpoint",
     "ClassifierConfig",
     "EncoderConfig",
     "FbankConfig",
     "NORM_PRESETS",
+    "Norm",
     "OfficialImport",
     "PatchGrid",
     "PretrainConfig",
@@ -25,6 +29,7 @@ __all__ = [
     "SSAMBAPretrainModel",
     "SSASTConfig",
     "SSASTEncoder",
+    "Topology",
     "VALIDATION_MASK_COUNT",
     "adapt_encoder_state",
     "adapt_pos_embed",

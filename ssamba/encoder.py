@@ -15,14 +15,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from functools import partial
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from ssamba.mixer import BiMambaMixer, init_mixer_weights
 
+# The named model sizes (width; depth 24 for all), the norms and the block topologies: the one list
+# of each, read by job configs too.
 EMBED_DIMS: dict[str, int] = {"tiny": 192, "small": 384, "base": 768}
+Norm = Literal["layernorm", "rmsnorm"]
+Topology = Literal["flip_pairs", "sequential"]
+NORMS: tuple[str, ...] = get_args(Norm)
+TOPOLOGIES: tuple[str, ...] = get_args(Topology)
 
 
 @dataclass(frozen=True)
@@ -77,25 +83,26 @@ class EncoderConfig:
     expand: int = 2
     grid: PatchGrid = PatchGrid()
     drop_path_rate: float = 0.1
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm: Norm = "layernorm"
     norm_eps: float = 1e-5
-    topology: Literal["flip_pairs", "sequential"] = "flip_pairs"
+    topology: Topology = "flip_pairs"
     divide_out: bool = True
 
     def __post_init__(self) -> None:
         if self.topology == "flip_pairs" and self.depth % 2:
             raise ValueError(f"flip_pairs topology needs an even depth, got {self.depth}")
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
-        if self.topology not in ("flip_pairs", "sequential"):
-            raise ValueError(f"topology must be 'flip_pairs' or 'sequential', got {self.topology!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {self.topology!r}")
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> "EncoderConfig":
-        """``tiny`` / ``small`` / ``base`` (D = 192 / 384 / 768), depth 24 for all three."""
+        """``tiny`` / ``small`` / ``base`` (D = 192 / 384 / 768), depth 24 for all three; ``overrides``
+        replace any field, the width included (a narrower model for small experiments)."""
         if size not in EMBED_DIMS:
             raise ValueError(f"unknown model size {size!r}; choose from {sorted(EMBED_DIMS)}")
-        return cls(embed_dim=EMBED_DIMS[size], **overrides)
+        return cls(**{"embed_dim": EMBED_DIMS[size], **overrides})
 
     def with_grid(self, grid: PatchGrid) -> "EncoderConfig":
         return replace(self, grid=grid)

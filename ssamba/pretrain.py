@@ -73,16 +73,25 @@ def random_mask_indices(num_patches: int, num_mask: int, rng: random.Random) -> 
 def _check_mask_count(num_patches: int, num_mask: int) -> None:
     # Cluster masking never picks patch 0, so at most num_patches - 1 can be masked.
     if not 1 <= num_mask < num_patches:
-        raise ValueError(f"cannot mask {num_mask} of {num_patches} patches (need 1 ≤ M < {num_patches})")
+        raise ValueError(f"cannot mask {num_mask} of {num_patches} patches: the count must be below "
+                         f"{num_patches} and at least 1")
+
+
+def _check_mask_choice(mask_patches: int | None, mask_ratio: float | None) -> None:
+    """The rules that hold whatever the patch grid: one of count and ratio, each in range."""
+    if (mask_patches is None) == (mask_ratio is None):
+        raise ValueError("give exactly one of mask_patches and mask_ratio")
+    if mask_ratio is not None and not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    if mask_patches is not None and mask_patches < 1:
+        raise ValueError(f"mask_patches must be at least 1, got {mask_patches}")
 
 
 def mask_count(num_patches: int, mask_patches: int | None = None, mask_ratio: float | None = None) -> int:
-    """Masked patches per clip from an absolute count or a ratio of the patches (exactly one given)."""
-    if (mask_patches is None) == (mask_ratio is None):
-        raise ValueError("give exactly one of mask_patches and mask_ratio")
+    """Masked patches per clip from an absolute count or a ratio of the patches (exactly one given):
+    the one place where mask counts are checked."""
+    _check_mask_choice(mask_patches, mask_ratio)
     if mask_ratio is not None:
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         mask_patches = max(1, round(mask_ratio * num_patches))
     _check_mask_count(num_patches, mask_patches)
     return mask_patches
@@ -135,10 +144,20 @@ def prediction_head(embed_dim: int, patch_size: int) -> nn.Sequential:
 
 @dataclass(frozen=True)
 class PretrainConfig:
+    """Masked patches per clip (a count, or a ratio with ``mask_patches=None``), two passes or one,
+    and the weight of the generative loss."""
+
     mask_patches: int | None = 400
     mask_ratio: float | None = None
     two_pass: bool = True
     mse_weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_mask_choice(self.mask_patches, self.mask_ratio)
+
+    def num_masked(self, num_patches: int) -> int:
+        """Masked patches per clip on a grid of ``num_patches``; ``ValueError`` if the grid cannot hold them."""
+        return mask_count(num_patches, self.mask_patches, self.mask_ratio)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,7 +180,7 @@ class SSAMBAPretrainModel(nn.Module):
         if grid.overlapping:
             raise ValueError(f"pretraining patches must not overlap (stride ≥ patch size), got {grid}")
         self.encoder, self.grid, self.config = encoder, grid, config
-        self.num_mask = mask_count(grid.num_patches, config.mask_patches, config.mask_ratio)
+        self.num_mask = config.num_masked(grid.num_patches)
         dim = encoder.embed_dim
         self.cpredlayer = prediction_head(dim, grid.patch_size)
         self.gpredlayer = prediction_head(dim, grid.patch_size)

@@ -190,6 +190,13 @@ def test_random_masking_and_counts():
     for bad in (dict(), dict(mask_patches=10, mask_ratio=0.5), dict(mask_patches=512), dict(mask_ratio=1.0)):
         with pytest.raises(ValueError):
             mask_count(512, **bad)
+    # The config checks what it can without a grid when built, the rest against the grid.
+    assert PretrainConfig(mask_patches=None, mask_ratio=0.5).num_masked(512) == 256
+    for bad in (dict(mask_ratio=0.5), dict(mask_patches=None), dict(mask_patches=0), dict(mask_patches=None, mask_ratio=0.0)):
+        with pytest.raises(ValueError):
+            PretrainConfig(**bad)
+    with pytest.raises(ValueError, match="cannot mask 512 of 512 patches"):
+        PretrainConfig(mask_patches=512).num_masked(512)
     frames = sample_masks(PatchGrid(fshape=128, tshape=2, fstride=128, tstride=2), 2, 10, random.Random(0))
     assert frames.shape == (2, 10)
 

@@ -13,7 +13,7 @@ from pipeline.config import (
     ConfigError, EmbedConfig, FeaturizeConfig, FinetuneJobConfig, InputConfig, PretrainJobConfig, S3Config, flatten, load_config, public_dict,
 )
 from pipeline.sources import AudioSource, SourceError, list_sources
-from pipeline.storage import resolve
+from pipeline.storage import DEFAULT_REGION, resolve, s3_region
 from pipeline.sweep_config import TuneJobConfig
 
 
@@ -66,6 +66,29 @@ def test_resolve_uris(tmp_path):
     for bad in ("gs://bucket/x", "s3://", "s3://bucket/x?endpoint_override=h"):
         with pytest.raises(ValueError):
             resolve(bad)
+
+
+def test_s3_region_is_left_to_aws_unless_configured():
+    looked_up = []
+
+    def lookup(bucket):  # stands for the bucket-region request: no network here
+        looked_up.append(bucket)
+        return {"eu-bucket": "eu-west-1"}.get(bucket)
+
+    aws = S3Config()
+    assert s3_region(S3Config(region="ap-south-1"), "eu-bucket", {"AWS_REGION": "us-west-2"}, lookup) == "ap-south-1"
+    assert s3_region(aws, "eu-bucket", {"AWS_REGION": "us-west-2"}, lookup) == "us-west-2"
+    assert s3_region(aws, "eu-bucket", {"AWS_DEFAULT_REGION": "us-west-1"}, lookup) == "us-west-1"
+    assert not looked_up  # a configured region is never second-guessed
+    assert s3_region(aws, "eu-bucket", {}, lookup) == "eu-west-1"  # the bucket's own region, not us-east-1
+    assert s3_region(aws, "private-bucket", {}, lookup) is None  # unknown: the AWS SDK decides (profile, metadata)
+    assert s3_region(aws, None, {}, lookup) is None
+    assert looked_up == ["eu-bucket", "private-bucket"]
+    custom = S3Config(endpoint_url="http://127.0.0.1:9000")
+    assert s3_region(custom, "b", {}, lookup) == DEFAULT_REGION  # S3-compatible stores keep the default
+    assert s3_region(aws, "b", {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000"}, lookup) == DEFAULT_REGION
+    assert s3_region(custom, "b", {"AWS_REGION": "eu-central-1"}, lookup) == "eu-central-1"
+    assert looked_up == ["eu-bucket", "private-bucket"]
 
 
 def test_list_prefix_and_manifest(tmp_path):
