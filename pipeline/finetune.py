@@ -169,7 +169,8 @@ def fit(loop_config: dict, session: TrainWorker | TuneTrial) -> None:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * config.optim.decay**decays
         losses, mixing = [], np.random.default_rng([rank, epoch])
-        for batch in train_shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True, device=device):
+        for batch in train_shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True, device=device,
+                                                    local_shuffle_buffer_size=config.shuffle_buffer or None):
             features, targets = mix_batch(batch["fbank"], batch["target"], config.augment.mixup, mixing)
             loss = loss_function(model(features), targets)
             optimizer.zero_grad(set_to_none=True)

@@ -221,7 +221,8 @@ def train_loop(loop_config: dict) -> None:
     while progress.step < config.train.max_steps:
         micro = 0
         for batch in train_shard.iter_torch_batches(batch_size=config.train.batch_size, drop_last=True, device=device,
-                                                    prefetch_batches=2):
+                                                    prefetch_batches=2,
+                                                    local_shuffle_buffer_size=config.data.local_shuffle_buffer):
             micro += 1
             sync = micro % accum == 0
             with (contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()):
