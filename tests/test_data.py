@@ -68,14 +68,15 @@ def majority_share(labels: list[str], batch_size: int) -> float:
     return float(np.mean([max(batch.count(name) for name in set(batch)) / batch_size for batch in batches]))
 
 
+@pytest.mark.timeout(600)
 def test_training_inputs_mix_classes_across_shards_and_epochs(ray_cluster, tmp_path):
     """Class folders (4 classes, 6 shards): batches are as mixed as a random order, every epoch anew."""
-    root = write_class_folders(tmp_path / "audio", classes=4, per_class=24)
+    root = write_class_folders(tmp_path / "audio", classes=4, per_class=12)
     output = tmp_path / "features"
-    featurize.run(load_config(FeaturizeConfig, None, [f"input.uri={root}", f"output={output}", "shard_size=16"]))
+    featurize.run(load_config(FeaturizeConfig, None, [f"input.uri={root}", f"output={output}", "shard_size=8"]))
     sources = list_sources(InputConfig(uri=str(root)), S3Config())
     label_of = {source.uri: source.uri.split("/")[-2] for source in sources}
-    batch_size = 8
+    batch_size = 4
     rng = np.random.default_rng(0)
     labels = sorted(label_of.values())
     random_share = np.mean([majority_share(list(rng.permutation(labels)), batch_size) for _ in range(500)])
