@@ -128,12 +128,19 @@ class ExamplesConfig(Strict):
                                description="frames per example (crop the end or zero-pad)")
     norm: one_of(NORM_PRESETS) = Field("audioset", description="normalisation statistics (mean, std) of a dataset")
     augment: AugmentConfig = AugmentConfig()
-    shuffle: bool = Field(True, description="shuffle the examples (training)")
+    shuffle: bool = Field(True, description="shuffle the examples each epoch (training)")
+    shuffle_buffer: int = Field(256, ge=0, description="rows mixed across shards while training (0: none); "
+                                "holds this many examples per worker")
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "ExamplesConfig":
         _require_exactly_one(self, "features", "audio", "features (featurize output) and audio (on the fly)")
         return self
+
+    @property
+    def local_shuffle_buffer(self) -> int | None:
+        """``iter_torch_batches(local_shuffle_buffer_size=...)`` of this input (None: keep the order)."""
+        return self.shuffle_buffer if self.shuffle and self.shuffle_buffer else None
 
 
 def error_lines(error: ValidationError) -> list[str]:
@@ -533,6 +540,7 @@ class FinetuneJobConfig(Strict):
     model: FinetuneModelConfig = FinetuneModelConfig()
     optim: FinetuneOptimConfig = FinetuneOptimConfig()
     batch_size: int = Field(48, ge=1, description="per worker")
+    shuffle_buffer: int = Field(256, ge=0, description="training rows mixed across shards each epoch (0: none)")
     epochs: int = Field(50, ge=1, description="passes over the training split")
     scaling: ScalingSection = ScalingSection()
     tracking: FinetuneTrackingConfig = FinetuneTrackingConfig()

@@ -2,10 +2,16 @@
 
 Two sources give the same examples:
 
-* featurize output (the default at scale): Parquet shards read with file-level shuffling, so each
-  epoch only crops, normalises and augments stored features;
+* featurize output (the default at scale): Parquet shards, each epoch only cropping, normalising and
+  augmenting stored features;
 * on the fly (small data, demos): audio files decoded and featurized inside the pipeline, every
   epoch again. Files that fail to decode are dropped and counted in the logs.
+
+With ``shuffle`` every epoch reads the shards (or files) in a new random order, and the training loops
+mix rows across shards with a local buffer of ``shuffle_buffer`` examples
+(``iter_torch_batches(local_shuffle_buffer_size=config.local_shuffle_buffer)``); featurize already deals
+sources into shards at random, so a batch is a sample of the whole corpus, not of one folder.
+Validation and test inputs use ``shuffle: false`` and keep their order.
 
 Either way rows come out as ``{"fbank": float32 (target_length, mel), "label": str | None, "uri": str}``,
 ready for ``ray.train.get_dataset_shard(...).iter_torch_batches``.
@@ -21,7 +27,7 @@ import ray
 import torch
 
 from pipeline.config import AudioConfig, ExamplesConfig, S3Config
-from pipeline.featurize import SourceReader, featurize_source
+from pipeline.reading import SourceReader, featurize_source
 from pipeline.sources import AudioSource, list_sources
 from pipeline.storage import resolve
 from ssamba.features import FbankConfig, add_noise, crop_or_pad, norm_stats, normalize, spec_augment
@@ -58,7 +64,8 @@ class _FeaturizeOnTheFly:
         for item in batch["source"]:
             source = AudioSource.from_dict(json.loads(item))
             try:
-                rows.extend(featurize_source(self.reader.read(source.uri), source, self.audio, self.fbank_config))
+                rows += [{**source.to_dict(), **row}
+                         for row in featurize_source(self.reader.read(source.uri), source.uri, self.audio, self.fbank_config)]
             except Exception as error:  # noqa: BLE001 - a bad file is dropped, never the epoch
                 log.warning("on-the-fly: skipping %s (%s)", source.uri, error)
         columns = ("uri", "label", "n_frames", "n_mels", "fbank")

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.audio import AudioError, decode_audio
 from pipeline.config import EmbedConfig, run_command
-from pipeline.featurize import SourceReader
+from pipeline.reading import SourceReader
 from pipeline.sources import SourceError, list_sources
 from pipeline.storage import resolve
 from ssamba import hear

@@ -2,13 +2,19 @@
 
     python -m pipeline.featurize --config configs/featurize/<preset>.yaml [--set key=value ...] [--overwrite]
 
-The sorted input files are cut into shards of ``shard_size`` files. A Ray Data actor pool
-featurizes one shard per call: it reads each file, decodes it (mono, 16 kHz, DC removed) and
-computes the raw Kaldi log-mel fbank with ``ssamba.features``, then writes the shard as one Parquet
-object of features and one of quarantined files (path + reason). A shard is written whole or not
-at all, which makes a re-run safe: it resumes by skipping the shards already present, and refuses
-a destination that holds another input's features unless ``--overwrite`` is given. Nothing is ever
-written twice.
+Sources are loose audio files, WebDataset tar members or Parquet audio rows (``pipeline.sources``).
+They are dealt into shards of ``shard_size`` in a seeded random order, so every shard is a mix of the
+whole input (class folders and per-speaker tars do not end up one per shard), yet the same input
+always gives the same shards. The assignment is stored (``_plan.parquet``) before any work. A Ray
+Data actor pool featurizes one shard per call: it reads each source, decodes it (mono, 16 kHz, DC
+removed) and computes the raw Kaldi log-mel fbank with ``ssamba.features``, then writes the shard as
+one Parquet object of features and one of quarantined sources (URI + reason). A shard is written whole
+or not at all, which makes a re-run safe: it resumes by skipping the shards already present.
+
+A re-run over a grown input (new files under the same prefix or manifest) deals only the new sources
+into new shards and reports how many were added; sources that disappeared are reported and their
+features kept. A destination written with other settings (fbank, audio, shard size) or from another
+input location is refused unless ``--overwrite`` is given. Nothing is ever written twice.
 
 Output under the destination::
 
@@ -16,7 +22,8 @@ Output under the destination::
                                     source_sample_rate, source_channels, n_frames, n_mels,
                                     fbank (float16 bytes, n_frames × n_mels, row-major)
     quarantine/part-00000.parquet   uri, reason, detail
-    _run.json                       config (no credentials), input fingerprint, counts, versions
+    _plan.parquet                   shard, source (JSON): which source went to which shard
+    _run.json                       config (no credentials), settings fingerprint, counts, versions
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import hashlib
 import io
 import json
 import platform
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,14 +44,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.audio import AudioError, decode_audio, split_long_audio
-from pipeline.config import AudioConfig, FeaturizeConfig, S3Config, public_dict, run_command
+from pipeline.audio import AudioError
+from pipeline.config import AudioConfig, FeaturizeConfig, public_dict, run_command
+from pipeline.reading import SourceReader, featurize_source, split_uri
 from pipeline.sources import AudioSource, SourceError, list_sources
 from pipeline.storage import Location, resolve
-from ssamba.features import FbankConfig, fbank, remove_dc
+from ssamba.features import FbankConfig
 
-FORMAT_VERSION = 1
-RUN_RECORD = "_run.json"
+FORMAT_VERSION = 2  # 2: sources dealt into shards in a seeded random order, recorded in the plan
+RUN_RECORD, PLAN = "_run.json", "_plan.parquet"
+SHARD_SEED = 0x55A3BA  # fixed: the same input always gives the same shards
+MEMBER_RUN = 64  # consecutive members of one container stay together (one row group read, not 64)
 
 FEATURE_SCHEMA = pa.schema([
     ("uri", pa.string()), ("label", pa.string()), ("split", pa.string()), ("fold", pa.int32()),
@@ -52,6 +63,7 @@ FEATURE_SCHEMA = pa.schema([
     ("n_frames", pa.int32()), ("n_mels", pa.int32()), ("fbank", pa.binary()),
 ])
 QUARANTINE_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+PLAN_SCHEMA = pa.schema([("shard", pa.int32()), ("source", pa.string())])
 
 
 class FeaturizeError(RuntimeError):
@@ -63,57 +75,70 @@ def shard_name(shard: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Which source goes to which shard
+# --------------------------------------------------------------------------------------------------
+
+
+def _member_order(source: AudioSource) -> tuple:
+    """Container members in their natural order (Parquet rows by number, tar members by name)."""
+    container, member = split_uri(source.uri)
+    return (container, int(member) if member and member.isdigit() else -1, member or "")
+
+
+def deal_shards(sources: list[AudioSource], shard_size: int, first_shard: int = 0) -> dict[int, list[AudioSource]]:
+    """Sources dealt into shards in a seeded random order of *units*: a loose file, or a run of up to
+    :data:`MEMBER_RUN` consecutive members of one container. Deterministic for a given list."""
+    units: list[list[AudioSource]] = []
+    by_container: dict[str, list[AudioSource]] = {}
+    for source in sorted(sources, key=_member_order):
+        container, member = split_uri(source.uri)
+        if member is None:
+            units.append([source])
+        else:
+            by_container.setdefault(container, []).append(source)
+    for members in by_container.values():
+        units += [members[start : start + MEMBER_RUN] for start in range(0, len(members), MEMBER_RUN)]
+    random.Random(SHARD_SEED).shuffle(units)
+    ordered = [source for unit in units for source in unit]
+    return {first_shard + index: ordered[start : start + shard_size]
+            for index, start in enumerate(range(0, len(ordered), shard_size))}
+
+
+def _read_plan(output: Location) -> dict[int, list[AudioSource]]:
+    location = output.join(PLAN)
+    if not location.exists():
+        return {}
+    plan: dict[int, list[AudioSource]] = {}
+    for row in pq.read_table(io.BytesIO(location.read_bytes())).to_pylist():
+        plan.setdefault(row["shard"], []).append(AudioSource.from_dict(json.loads(row["source"])))
+    return plan
+
+
+def _write_plan(output: Location, plan: dict[int, list[AudioSource]]) -> None:
+    rows = [{"shard": shard, "source": json.dumps(source.to_dict(), sort_keys=True)}
+            for shard, sources in sorted(plan.items()) for source in sources]
+    output.join(PLAN).write_bytes(_parquet_bytes(pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)))
+
+
+# --------------------------------------------------------------------------------------------------
 # One shard
 # --------------------------------------------------------------------------------------------------
 
 
-class SourceReader:
-    """Reads source files, one filesystem per URI scheme/bucket, built lazily and reused."""
-
-    def __init__(self, storage: S3Config) -> None:
-        self.storage = storage
-        self._roots: dict[str, Location] = {}
-
-    def read(self, uri: str) -> bytes:
-        root_key = uri.split("/", 3)[2] if uri.startswith("s3://") else ""
-        if root_key not in self._roots:
-            self._roots[root_key] = resolve(f"s3://{root_key}" if root_key else "/", self.storage)
-        root = self._roots[root_key]
-        path = uri[len("s3://"):] if root_key else resolve(uri).path
-        with root.filesystem.open_input_stream(path) as stream:
-            return stream.read()
-
-
-def featurize_source(data: bytes, source: AudioSource, audio: AudioConfig, fbank_config: FbankConfig) -> list[dict]:
-    """Feature rows of one file (several when long audio is chunked). Raises :class:`AudioError`."""
-    decoded = decode_audio(data, source.uri, audio.sample_rate, audio.min_seconds)
-    rows = []
-    pieces = split_long_audio(decoded.waveform, decoded.sample_rate, audio.max_seconds, audio.long_audio, audio.min_seconds)
-    for chunk, (offset, piece) in enumerate(pieces):
-        features = fbank(remove_dc(torch.from_numpy(piece)), fbank_config)
-        rows.append({
-            **source.to_dict(), "chunk": chunk, "offset_s": offset, "duration_s": len(piece) / decoded.sample_rate,
-            "source_sample_rate": decoded.source_sample_rate, "source_channels": decoded.source_channels,
-            "n_frames": features.shape[0], "n_mels": features.shape[1],
-            "fbank": features.to(torch.float16).numpy().tobytes(),
-        })
-    return rows
-
-
 def featurize_shard(sources: list[AudioSource], reader: SourceReader, audio: AudioConfig,
                     fbank_config: FbankConfig) -> tuple[pa.Table, pa.Table]:
-    """Features and quarantine tables of one shard; a bad file becomes a quarantine row, never an error."""
+    """Features and quarantine tables of one shard; a bad source becomes a quarantine row, never an error."""
     features, quarantine = [], []
     for source in sources:
         try:
-            data = reader.read(source.uri)
+            rows = featurize_source(reader.read(source.uri), source.uri, audio, fbank_config)
         except OSError as error:
             quarantine.append({"uri": source.uri, "reason": "unreadable", "detail": str(error)[:500]})
             continue
-        try:
-            features.extend(featurize_source(data, source, audio, fbank_config))
         except AudioError as error:
             quarantine.append({"uri": source.uri, "reason": error.reason, "detail": error.detail[:500]})
+            continue
+        features += [{**source.to_dict(), **row} for row in rows]
     return (pa.Table.from_pylist(features, schema=FEATURE_SCHEMA),
             pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA))
 
@@ -163,30 +188,38 @@ class Summary:
     quarantined: dict[str, int] = field(default_factory=dict)
     shards_written: int = 0
     shards_skipped: int = 0
+    added: int = 0  # sources new to the destination in this run (all of them on a first run)
+    missing: list[str] = field(default_factory=list)  # planned earlier, no longer in the input (features kept)
     files_per_second: float | None = None  # this run, from the first shard started to the last written
 
     def to_dict(self) -> dict:
         return {"files": self.files, "rows": self.rows, "hours": self.hours, "quarantined": self.quarantined,
                 "shards_written": self.shards_written, "shards_skipped": self.shards_skipped,
-                "files_per_second": self.files_per_second}
+                "added": self.added, "missing": len(self.missing), "files_per_second": self.files_per_second}
 
     def table(self) -> str:
         lines = [
             f"featurize summary for {self.destination}",
             f"  shards      {self.shards_written} written, {self.shards_skipped} already done"
             + (f" ({self.files_per_second:.1f} files/s)" if self.files_per_second else ""),
+            f"  input       {self.added} sources added this run",
             f"  processed   {self.files} files → {self.rows} rows, {self.hours:.3f} h of audio",
             f"  quarantined {sum(self.quarantined.values())} files",
         ]
         lines += [f"    {reason:<20} {count}" for reason, count in sorted(self.quarantined.items())]
+        if self.missing:
+            lines.append(f"  missing     {len(self.missing)} sources of earlier runs are no longer in the input; "
+                         "their features are kept (--overwrite drops them), e.g.")
+            lines += [f"    {uri}" for uri in self.missing[:5]]
         return "\n".join(lines)
 
 
-def fingerprint(sources: list[AudioSource], config: FeaturizeConfig) -> str:
-    """Identifies what a destination holds: the inputs and every setting that shapes the output."""
+def fingerprint(config: FeaturizeConfig) -> str:
+    """Identifies how a destination was made: the input's location and every setting that shapes the
+    output. The sources themselves are not in it: a grown input adds shards to the same destination."""
     payload = {
         "format": FORMAT_VERSION, "shard_size": config.shard_size, "num_mel_bins": config.num_mel_bins,
-        "audio": config.audio.model_dump(), "sources": [source.to_dict() for source in sources],
+        "audio": config.audio.model_dump(), "input": config.input.model_dump(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -200,18 +233,18 @@ def _versions() -> dict[str, str]:
             "libsndfile": soundfile.__libsndfile_version__}
 
 
-def _prepare_destination(output: Location, input_fingerprint: str, overwrite: bool) -> None:
-    """Resume into a destination holding this very input, refuse any other unless ``overwrite``."""
+def _prepare_destination(output: Location, settings: str, overwrite: bool) -> None:
+    """Resume or grow a destination made with these settings, refuse any other unless ``overwrite``."""
     record_location = output.join(RUN_RECORD)
     if overwrite:
         output.delete_contents()
         return
     if record_location.exists():
         record = json.loads(record_location.read_bytes())
-        if record.get("fingerprint") != input_fingerprint:
+        if record.get("fingerprint") != settings:
             raise FeaturizeError(
-                f"{output} holds features of a different input or configuration; "
-                "choose another output or pass --overwrite to replace them"
+                f"{output} holds features of another input location or configuration (fbank, audio or shard "
+                "settings); choose another output or pass --overwrite to replace them"
             )
     elif output.filesystem.get_file_info(pafs.FileSelector(output.path, allow_not_found=True)):
         raise FeaturizeError(f"{output} is not empty and holds no featurize run; pass --overwrite to replace it")
@@ -237,29 +270,43 @@ def summarize(output: Location) -> Summary:
     return summary
 
 
+def _grow_plan(output: Location, sources: list[AudioSource], shard_size: int) -> tuple[dict, list[AudioSource], list[str]]:
+    """The destination's plan with the sources it lacks dealt into new shards: ``(plan, added, missing)``."""
+    plan = _read_plan(output)
+    planned = {source.uri for shards in plan.values() for source in shards}
+    current = {source.uri for source in sources}
+    added = [source for source in sources if source.uri not in planned]
+    missing = sorted(planned - current)
+    plan.update(deal_shards(added, shard_size, first_shard=max(plan, default=-1) + 1))
+    return plan, added, missing
+
+
 def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
-    """Featurize everything the config names; returns the destination's summary."""
+    """Featurize everything the config names (or what is new in it); returns the destination's summary."""
     import ray
 
     sources = list_sources(config.input, config.storage)
     output = resolve(config.output, config.storage)
-    input_fingerprint = fingerprint(sources, config)
-    _prepare_destination(output, input_fingerprint, overwrite)
-    shards = [sources[start : start + config.shard_size] for start in range(0, len(sources), config.shard_size)]
+    settings = fingerprint(config)
+    _prepare_destination(output, settings, overwrite)
+    plan, added, missing = _grow_plan(output, sources, config.shard_size)
+    if added:
+        _write_plan(output, plan)  # before any shard: a resumed run deals nothing twice
     done = _finished_shards(output)
-    pending = [index for index in range(len(shards)) if index not in done]
+    pending = [index for index in sorted(plan) if index not in done]
     started = dt.datetime.now(dt.timezone.utc).isoformat()
-    record = {"fingerprint": input_fingerprint, "config": public_dict(config), "sources": len(sources),
-              "shards": len(shards), "versions": _versions(), "started": started, "status": "running"}
+    record = {"fingerprint": settings, "config": public_dict(config), "sources": len(sources),
+              "added": len(added), "missing": len(missing), "missing_examples": missing[:100], "shards": len(plan), "versions": _versions(),
+              "started": started, "status": "running"}
     output.join(RUN_RECORD).write_bytes(json.dumps(record, indent=2).encode())
-    print(f"featurize: {len(sources)} files in {len(shards)} shards → {output} "
-          f"({len(pending)} to do, {len(shards) - len(pending)} already done)")
+    print(f"featurize: {len(sources)} sources ({len(added)} new, {len(missing)} missing) in {len(plan)} shards "
+          f"→ {output} ({len(pending)} to do, {len(plan) - len(pending)} already done)")
 
     if pending:
         if not ray.is_initialized():
             ray.init(address=config.ray_address)
         workers = config.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        rows = [{"shard": index, "sources": json.dumps([s.to_dict() for s in shards[index]])} for index in pending]
+        rows = [{"shard": index, "sources": json.dumps([s.to_dict() for s in plan[index]])} for index in pending]
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
         done_shards = dataset.map_batches(
             ShardFeaturizer, fn_constructor_kwargs={"config": config}, batch_size=1, num_cpus=1,
@@ -267,7 +314,8 @@ def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
         ).take_all()
 
     summary = summarize(output)
-    summary.shards_written, summary.shards_skipped = len(pending), len(shards) - len(pending)
+    summary.shards_written, summary.shards_skipped = len(pending), len(plan) - len(pending)
+    summary.added, summary.missing = len(added), missing
     if pending:
         busy = max(r["finished"] for r in done_shards) - min(r["started"] for r in done_shards)
         summary.files_per_second = sum(int(r["files"]) for r in done_shards) / max(busy, 1e-9)

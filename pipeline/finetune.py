@@ -157,7 +157,8 @@ def _build(loop: FinetuneLoop, worker: Worker) -> tuple[torch.nn.Module, torch.o
 
 def _train_batches(worker: Worker, config: FinetuneJobConfig):
     """One pass over this worker's share of the training examples."""
-    return worker.dataset("train").iter_torch_batches(batch_size=config.batch_size, drop_last=True, device=worker.device)
+    return worker.dataset("train").iter_torch_batches(batch_size=config.batch_size, drop_last=True, device=worker.device,
+                                                      local_shuffle_buffer_size=config.shuffle_buffer or None)
 
 
 def _train_epoch(model, optimizer, loop: FinetuneLoop, worker: Worker, epoch: int) -> float:

@@ -150,8 +150,9 @@ def build(config: PretrainJobConfig, worker: Worker) -> Training:
 
 def _train_batches(worker: Worker, config: PretrainJobConfig):
     """One pass over this worker's share of the training examples."""
-    return worker.dataset("train").iter_torch_batches(batch_size=config.train.batch_size, drop_last=True,
-                                                      device=worker.device, prefetch_batches=2)
+    return worker.dataset("train").iter_torch_batches(
+        batch_size=config.train.batch_size, drop_last=True, device=worker.device, prefetch_batches=2,
+        local_shuffle_buffer_size=config.data.local_shuffle_buffer)
 
 
 def _evaluate(training: Training, config: PretrainJobConfig, worker: Worker, autocast) -> dict[str, float]:

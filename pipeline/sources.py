@@ -1,4 +1,9 @@
-"""Which audio files a job reads: every file under a prefix, or the rows of a manifest.
+"""Which audio sources a job reads: every file under a prefix, or the rows of a manifest.
+
+Under a prefix, audio files are sources, and so is every audio member of a WebDataset ``.tar`` shard
+and every row of a ``.parquet`` audio table (``shard.tar#key.flac``, ``table.parquet#17``; see
+``pipeline.reading``), labelled by the shard's ``.cls``/``.json`` members or the table's ``label``
+column. Manifest rows may name such member URIs too.
 
 A manifest is CSV (header row) or JSON Lines with a ``uri`` per row and optional ``label``,
 ``split``, ``fold`` and ``labels`` (the classes of a multi-label clip: a JSON list, or one
@@ -17,7 +22,9 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from pipeline.audio import AudioError
 from pipeline.config import InputConfig, S3Config
+from pipeline.reading import CONTAINER_SUFFIXES, TAR, SourceReader
 from pipeline.storage import Location, resolve
 
 
@@ -73,18 +80,34 @@ def _list_prefix(config: InputConfig, storage: S3Config) -> list[AudioSource]:
     info = location.filesystem.get_file_info(location.path)
     if info.type == pafs.FileType.NotFound:
         raise SourceError(f"input.uri {location} does not exist")
-    if info.type == pafs.FileType.File:
-        return [AudioSource(uri_for(location, location.path))]
     extensions = {extension.lower().lstrip(".") for extension in config.extensions}
-    entries = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
-    sources = [
-        AudioSource(uri_for(location, entry.path))
-        for entry in entries
-        if entry.type == pafs.FileType.File and entry.extension.lower() in extensions
-    ]
+    if info.type == pafs.FileType.File:
+        entries = [info]
+    else:
+        entries = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
+    reader = SourceReader(storage)
+    sources = []
+    for entry in entries:
+        if entry.type != pafs.FileType.File:
+            continue
+        uri = uri_for(location, entry.path)
+        if uri.endswith(CONTAINER_SUFFIXES):
+            sources += _container_sources(reader, uri, extensions)
+        elif entry.extension.lower() in extensions or info.type == pafs.FileType.File:
+            sources.append(AudioSource(uri))
     if not sources:
-        raise SourceError(f"no files with extensions {sorted(extensions)} under {location}")
+        raise SourceError(f"no files with extensions {sorted(extensions)}, .tar or .parquet under {location}")
     return sources
+
+
+def _container_sources(reader: SourceReader, uri: str, extensions: set[str]) -> list[AudioSource]:
+    """The members of a tar shard or the rows of a Parquet table; a container that cannot be parsed
+    stops the job here (its members cannot even be named, so they cannot be quarantined one by one)."""
+    try:
+        members = reader.tar_members(uri, extensions) if uri.endswith(TAR) else reader.parquet_members(uri)
+        return [AudioSource(member.uri, member.label, labels=member.labels) for member in members]
+    except (AudioError, OSError, ValueError) as error:
+        raise SourceError(f"cannot list the members of {uri}: {error}") from None
 
 
 def _resolve_relative(manifest_uri: str, uri: str) -> str:

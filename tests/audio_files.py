@@ -8,6 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
+import torch
+import torchaudio
+
+from ssamba.features import waveform_to_fbank
 
 # relative path → (format, subtype, sample rate, channels, seconds)
 GOOD = {
@@ -73,4 +77,23 @@ def write_collection(root: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     (root / "README.txt").write_text("not audio, not listed\n")
+    return root
+
+
+def expected_fbank(data: bytes) -> torch.Tensor:
+    """The features ssamba gives for this file, decoded independently of the pipeline."""
+    samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    waveform = torch.from_numpy(samples.mean(axis=1))
+    if rate != 16_000:
+        waveform = torchaudio.functional.resample(waveform, rate, 16_000)
+    return waveform_to_fbank(waveform)
+
+
+def write_class_folders(root: Path, classes: int, per_class: int, seconds: float = 0.2) -> Path:
+    """A class-per-folder dataset (``class0/clip000.wav`` ...), the layout that must not give one-class batches."""
+    for label in range(classes):
+        (root / f"class{label}").mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            samples = signal(16_000, 1, seconds, seed=1000 * label + index)
+            (root / f"class{label}" / f"clip{index:03d}.wav").write_bytes(encode(samples, 16_000, "WAV", "PCM_16"))
     return root

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from audio_files import GOOD
-from pipeline import featurize
-from pipeline.config import ExamplesConfig, FeaturizeConfig, S3Config, load_config
+from audio_files import GOOD, write_class_folders
+from pipeline import featurize, finetune
+from pipeline.config import ExamplesConfig, FeaturizeConfig, FinetuneJobConfig, InputConfig, S3Config, load_config
 from pipeline.data import examples_dataset
+from pipeline.sources import AudioSource, list_sources
 from ssamba.features import crop_or_pad, norm_stats, normalize
 
 pytestmark = pytest.mark.timeout(300)
@@ -59,3 +60,46 @@ def test_spec_augment_masks_before_normalisation(feature_store):
     masked_value = (0.0 - stats.mean) / (2 * stats.std)
     masked = [np.isclose(row["fbank"], masked_value).all(axis=0).sum() for row in rows]  # fully masked bins
     assert max(masked) > 0
+
+
+def majority_share(labels: list[str], batch_size: int) -> float:
+    """Mean share of the most common class in each full batch."""
+    batches = [labels[start : start + batch_size] for start in range(0, len(labels) - batch_size + 1, batch_size)]
+    return float(np.mean([max(batch.count(name) for name in set(batch)) / batch_size for batch in batches]))
+
+
+@pytest.mark.timeout(600)
+def test_training_inputs_mix_classes_across_shards_and_epochs(ray_cluster, tmp_path):
+    """Class folders (4 classes, 6 shards): batches are as mixed as a random order, every epoch anew."""
+    root = write_class_folders(tmp_path / "audio", classes=4, per_class=12)
+    output = tmp_path / "features"
+    featurize.run(load_config(FeaturizeConfig, None, [f"input.uri={root}", f"output={output}", "shard_size=8"]))
+    sources = list_sources(InputConfig(uri=str(root)), S3Config())
+    label_of = {source.uri: source.uri.split("/")[-2] for source in sources}
+    batch_size = 4
+    rng = np.random.default_rng(0)
+    labels = sorted(label_of.values())
+    random_share = np.mean([majority_share(list(rng.permutation(labels)), batch_size) for _ in range(500)])
+    assert majority_share(labels, batch_size) == 1.0  # what reading the folders in order would give
+
+    config = ExamplesConfig(features=str(output), target_length=32, shuffle=True)
+    dataset = examples_dataset(config, S3Config())
+    pretrain_epochs = [[label_of[uri] for batch in dataset.iter_batches(
+        batch_size=batch_size, local_shuffle_buffer_size=config.local_shuffle_buffer) for uri in batch["uri"]]
+        for _ in range(2)]
+
+    job = load_config(FinetuneJobConfig, None, [
+        "name=mix", f"storage_path={tmp_path / 'ckpt'}", f"features={output}", "task=manifest",
+        f"data_root={root}", "target_length=32"])
+    classes = sorted(set(label_of.values()))
+    labelled = [AudioSource(uri, label) for uri, label in label_of.items()]
+    subset = finetune._subset(job, labelled, classes, train=True)
+    finetune_epochs = [[classes[int(np.argmax(target))] for batch in subset.iter_batches(
+        batch_size=batch_size, local_shuffle_buffer_size=job.shuffle_buffer) for target in batch["target"]]
+        for _ in range(2)]
+
+    for epochs in (pretrain_epochs, finetune_epochs):
+        assert all(sorted(epoch) == labels for epoch in epochs)  # every example once per epoch
+        share = np.mean([majority_share(epoch, batch_size) for epoch in epochs])
+        assert abs(share - random_share) < 0.1, (share, random_share)
+        assert epochs[0] != epochs[1]

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import soundfile
 import torch
-import torchaudio
 
-from audio_files import BAD, GOOD
+from audio_files import BAD, GOOD, expected_fbank
 from conftest import ACCESS_KEY, SECRET_KEY
 from pipeline import featurize
 from pipeline.config import FeaturizeConfig, load_config
-from ssamba.features import waveform_to_fbank
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def expected_fbank(data: bytes) -> torch.Tensor:
-    """The features ssamba gives for this file, decoded independently of the pipeline."""
-    samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    waveform = torch.from_numpy(samples.mean(axis=1))
-    if rate != 16_000:
-        waveform = torchaudio.functional.resample(waveform, rate, 16_000)
-    return waveform_to_fbank(waveform)
 
 
 def read_output(output, name: str):

@@ -1,0 +1,91 @@
+"""Training-input throughput with and without shuffling, side by side in one run.
+
+Writes a synthetic featurize destination (``--shards`` Parquet shards of ``--rows`` random 1024 × 128
+fbanks, the job's own schema), then reads full epochs of ``pipeline.data.examples_dataset`` through
+``iter_torch_batches`` as the pretraining loop does:
+
+* ordered: ``shuffle: false`` (files in order, no buffer);
+* shuffled: ``shuffle: true`` (a new file order every epoch) and a local shuffle buffer of
+  ``shuffle_buffer`` examples.
+
+The two alternate for ``--repeats`` epochs each; the median examples/s of each and their ratio are
+printed (the target: shuffled ≥ 90 % of ordered).
+
+    python benchmarks/shuffle.py [--shards 8] [--rows 64] [--repeats 3] [--buffer 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.config import ExamplesConfig, S3Config
+from pipeline.data import examples_dataset
+from pipeline.featurize import FEATURE_SCHEMA, shard_name
+
+
+def write_features(folder: Path, shards: int, rows: int) -> None:
+    rng = np.random.default_rng(0)
+    (folder / "features").mkdir(parents=True)
+    for shard in range(shards):
+        table = pa.Table.from_pylist([{
+            "uri": f"clip{shard}-{row}.wav", "label": str(row % 4), "split": None, "fold": None, "chunk": 0,
+            "offset_s": 0.0, "duration_s": 10.24, "source_sample_rate": 16_000, "source_channels": 1,
+            "n_frames": 1024, "n_mels": 128,
+            "fbank": rng.normal(-5, 3, (1024, 128)).astype(np.float16).tobytes(),
+        } for row in range(rows)], schema=FEATURE_SCHEMA)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        (folder / "features" / shard_name(shard)).write_bytes(buffer.getvalue())
+
+
+def epoch_rate(features: Path, shuffle: bool, buffer: int, batch_size: int) -> float:
+    config = ExamplesConfig(features=str(features), shuffle=shuffle, shuffle_buffer=buffer)
+    dataset = examples_dataset(config, S3Config()).select_columns(["fbank"])
+    start, count = time.perf_counter(), 0
+    for batch in dataset.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2,
+                                            local_shuffle_buffer_size=config.local_shuffle_buffer):
+        count += batch["fbank"].shape[0]
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=64, help="examples per shard")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--buffer", type=int, default=ExamplesConfig.model_fields["shuffle_buffer"].default)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with tempfile.TemporaryDirectory() as folder:
+        write_features(Path(folder), args.shards, args.rows)
+        epoch_rate(Path(folder), False, 0, args.batch_size)  # warm-up: workers, imports, page cache
+        rates: dict[str, list[float]] = {"ordered": [], "shuffled": []}
+        for _ in range(args.repeats):
+            rates["ordered"].append(epoch_rate(Path(folder), False, 0, args.batch_size))
+            rates["shuffled"].append(epoch_rate(Path(folder), True, args.buffer, args.batch_size))
+    ordered, shuffled = (statistics.median(rates[name]) for name in ("ordered", "shuffled"))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {args.shards} shards × {args.rows} examples "
+          f"(1024 × 128), batch {args.batch_size}, buffer {args.buffer}")
+    for name, values in rates.items():
+        print(f"{name:<9} median {statistics.median(values):7.1f} examples/s  (epochs: "
+              + ", ".join(f"{value:.1f}" for value in values) + ")")
+    print(f"shuffled / ordered = {shuffled / ordered:.3f}")
+
+
+if __name__ == "__main__":
+    main()
