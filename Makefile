@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-unit lint demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install
+test: install            # everything: unit and integration tests (what CI runs, after lint)
 	$(BIN)/python -m pytest
+
+test-unit: install       # the fast loop: no services, a couple of minutes
+	$(BIN)/python -m pytest tests/unit
+
+lint: install
+	$(BIN)/ruff check .
 
 demo: install
 	$(BIN)/python -m pipeline.demo

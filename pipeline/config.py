@@ -74,7 +74,7 @@ class S3Config(Strict):
     request_timeout_s: float = Field(60.0, gt=0, description="seconds to wait for a response")
 
     @model_validator(mode="after")
-    def _keys_come_in_pairs(self) -> "S3Config":
+    def _keys_come_in_pairs(self) -> S3Config:
         if (self.access_key_id is None) != (self.secret_access_key is None):
             raise ValueError("access_key_id and secret_access_key must be given together")
         if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
@@ -94,7 +94,7 @@ class InputConfig(Strict):
     extensions: tuple[str, ...] = Field(AUDIO_EXTENSIONS, description="file endings that count as audio under uri")
 
     @model_validator(mode="after")
-    def _exactly_one_source(self) -> "InputConfig":
+    def _exactly_one_source(self) -> InputConfig:
         _require_exactly_one(self, "uri", "manifest", "input.uri (a prefix) and input.manifest")
         return self
 
@@ -133,7 +133,7 @@ class ExamplesConfig(Strict):
                                 "holds this many examples per worker")
 
     @model_validator(mode="after")
-    def _exactly_one_source(self) -> "ExamplesConfig":
+    def _exactly_one_source(self) -> ExamplesConfig:
         _require_exactly_one(self, "features", "audio", "features (featurize output) and audio (on the fly)")
         return self
 
@@ -317,7 +317,7 @@ class MaskingConfig(Strict):
         return data
 
     @model_validator(mode="after")
-    def _library_accepts(self) -> "MaskingConfig":
+    def _library_accepts(self) -> MaskingConfig:
         self.pretrain_config()
         return self
 
@@ -414,7 +414,7 @@ class PretrainJobConfig(Strict):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _one_target_length(cls, data: Any, handler: Callable[[Any], "PretrainJobConfig"]) -> "PretrainJobConfig":
+    def _one_target_length(cls, data: Any, handler: Callable[[Any], PretrainJobConfig]) -> PretrainJobConfig:
         """Sections that do not set ``target_length`` take the job's. The value they take stays
         marked unset, so that a sweep trial (which re-applies what was set) that changes the job's
         ``target_length`` changes theirs too."""
@@ -433,7 +433,7 @@ class PretrainJobConfig(Strict):
         return config
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PretrainJobConfig":
+    def _consistent(self) -> PretrainJobConfig:
         for name in ("data", "validation"):
             section = getattr(self, name)
             if section is not None and section.target_length != self.model.target_length:
@@ -474,7 +474,7 @@ class EmbedConfig(Strict):
     use_gpu: bool = Field(False, description="one GPU per actor")
 
     @model_validator(mode="after")
-    def _exactly_one_source(self) -> "EmbedConfig":
+    def _exactly_one_source(self) -> EmbedConfig:
         _require_exactly_one(self, "input", "features", "input (audio) and features (featurize output)")
         return self
 

@@ -66,7 +66,7 @@ class _FeaturizeOnTheFly:
             try:
                 rows += [{**source.to_dict(), **row}
                          for row in featurize_source(self.reader.read(source.uri), source.uri, self.audio, self.fbank_config)]
-            except Exception as error:  # noqa: BLE001 - a bad file is dropped, never the epoch
+            except Exception as error:
                 log.warning("on-the-fly: skipping %s (%s)", source.uri, error)
         columns = ("uri", "label", "n_frames", "n_mels", "fbank")
         return {name: [row[name] for row in rows] for name in columns}

@@ -294,7 +294,7 @@ def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
         _write_plan(output, plan)  # before any shard: a resumed run deals nothing twice
     done = _finished_shards(output)
     pending = [index for index in sorted(plan) if index not in done]
-    started = dt.datetime.now(dt.timezone.utc).isoformat()
+    started = dt.datetime.now(dt.UTC).isoformat()
     record = {"fingerprint": settings, "config": public_dict(config), "sources": len(sources),
               "added": len(added), "missing": len(missing), "missing_examples": missing[:100], "shards": len(plan), "versions": _versions(),
               "started": started, "status": "running"}
@@ -319,7 +319,7 @@ def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
     if pending:
         busy = max(r["finished"] for r in done_shards) - min(r["started"] for r in done_shards)
         summary.files_per_second = sum(int(r["files"]) for r in done_shards) / max(busy, 1e-9)
-    record.update(status="complete", finished=dt.datetime.now(dt.timezone.utc).isoformat(), summary=summary.to_dict())
+    record.update(status="complete", finished=dt.datetime.now(dt.UTC).isoformat(), summary=summary.to_dict())
     output.join(RUN_RECORD).write_bytes(json.dumps(record, indent=2).encode())
     return summary
 

@@ -216,7 +216,7 @@ def fit(loop: FinetuneLoop, worker: Worker) -> None:
             say(f"epoch {epoch + 1}/{config.epochs} | {format_metrics(scores)} | {clock.timing(epoch + 1)}")
         worker.report({"epoch": epoch, **scores},
                       lambda: {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                               "epoch": epoch, "classes": loop.classes},
+                               "epoch": epoch, "classes": loop.classes},  # noqa: B023 - called at once
                       f"epoch-{epoch:04d}")
 
 

@@ -190,7 +190,7 @@ class TrackingSetup:
 
 
 def start_tracking(tracking: TrackingConfig, name: str, entry_point: str, use_gpu: bool,
-                   launch: Launch | None = None) -> "TrackingSetup":
+                   launch: Launch | None = None) -> TrackingSetup:
     """On the driver, once Ray is up: refuse a local store on a cluster of several machines, create
     the experiment with its artifact location, print where the run's artifacts go, record accepted
     config changes. Returns the run's source tags and whether its trainer samples system metrics."""

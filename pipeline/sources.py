@@ -56,7 +56,7 @@ class AudioSource:
         return row
 
     @classmethod
-    def from_dict(cls, row: dict) -> "AudioSource":
+    def from_dict(cls, row: dict) -> AudioSource:
         return cls(**{**row, "labels": tuple(row.get("labels", ()))})
 
 

@@ -35,7 +35,7 @@ class Location:
     uri: str
     endpoint: str | None = None
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         return Location(self.filesystem, posixpath.join(self.path, *parts), _rejoin(self.uri, *parts), self.endpoint)
 
     def __str__(self) -> str:
@@ -78,7 +78,7 @@ def _endpoint(config: S3Config, environ: Mapping[str, str] = os.environ) -> str 
     return config.endpoint_url or environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bucket_region(bucket: str) -> str | None:
     """Where an AWS bucket lives (one request, no credentials needed); ``None`` if it cannot be told."""
     try:

@@ -36,7 +36,7 @@ class Dimension(Strict):
     randint: tuple[int, int] | None = Field(None, description="an integer in [low, high)")
 
     @model_validator(mode="after")
-    def _one_kind_with_valid_bounds(self) -> "Dimension":
+    def _one_kind_with_valid_bounds(self) -> Dimension:
         given = [kind for kind in _KINDS if getattr(self, kind) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of {', '.join(_KINDS)}")
@@ -87,7 +87,7 @@ class SearchConfig(Strict):
     seed: int | None = Field(None, description="seeds the draws")
 
     @model_validator(mode="after")
-    def _optuna_has_no_grid(self) -> "SearchConfig":
+    def _optuna_has_no_grid(self) -> SearchConfig:
         if self.algorithm == "optuna" and any(d.grid is not None for d in self.space.values()):
             raise ValueError("search.algorithm optuna cannot search a grid: use choice")
         return self
@@ -104,7 +104,7 @@ class TrialResources(Strict):
     custom: dict[str, float] = Field({}, description="custom Ray resources per trial (node pinning)")
 
     @model_validator(mode="after")
-    def _not_empty(self) -> "TrialResources":
+    def _not_empty(self) -> TrialResources:
         if self.cpu == 0 and not self.gpu and not any(self.custom.values()):
             raise ValueError("a trial must reserve something: cpu, gpu or a custom resource")
         return self
@@ -153,7 +153,7 @@ class TuneJobConfig(Strict):
         return data
 
     @model_validator(mode="after")
-    def _job_matches_sweep(self) -> "TuneJobConfig":
+    def _job_matches_sweep(self) -> TuneJobConfig:
         if self.sweep == "mask":
             if self.pretrain is None or self.probe is None:
                 raise ValueError("a mask sweep needs pretrain (the base run) and probe (the scoring task)")

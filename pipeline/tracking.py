@@ -124,7 +124,7 @@ class RunTracker:
         return monitor
 
     @classmethod
-    def attach(cls, tracking_uri: str, run_id: str, system_metrics: bool = False) -> "RunTracker":
+    def attach(cls, tracking_uri: str, run_id: str, system_metrics: bool = False) -> RunTracker:
         """The run another process opened (a worker writing to its driver's run); its status stays as
         is. ``system_metrics`` samples this process's machine (the one that trains) into the run."""
         tracker = cls.__new__(cls)

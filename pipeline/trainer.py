@@ -44,7 +44,7 @@ class LoopConfig(Generic[JobT]):
         return {_LOOP_KEY: self}
 
     @staticmethod
-    def of(train_loop_config: dict[str, Any]) -> "LoopConfig":
+    def of(train_loop_config: dict[str, Any]) -> LoopConfig:
         return train_loop_config[_LOOP_KEY]
 
 

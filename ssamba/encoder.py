@@ -97,21 +97,21 @@ class EncoderConfig:
             raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {self.topology!r}")
 
     @classmethod
-    def from_size(cls, size: str, **overrides) -> "EncoderConfig":
+    def from_size(cls, size: str, **overrides) -> EncoderConfig:
         """``tiny`` / ``small`` / ``base`` (D = 192 / 384 / 768), depth 24 for all three; ``overrides``
         replace any field, the width included (a narrower model for small experiments)."""
         if size not in EMBED_DIMS:
             raise ValueError(f"unknown model size {size!r}; choose from {sorted(EMBED_DIMS)}")
         return cls(**{"embed_dim": EMBED_DIMS[size], **overrides})
 
-    def with_grid(self, grid: PatchGrid) -> "EncoderConfig":
+    def with_grid(self, grid: PatchGrid) -> EncoderConfig:
         return replace(self, grid=grid)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EncoderConfig":
+    def from_dict(cls, data: dict) -> EncoderConfig:
         data = dict(data)
         data["grid"] = PatchGrid(**data.get("grid", {}))
         return cls(**data)

@@ -93,7 +93,7 @@ class AudioClassifier(nn.Module):
         if config.freeze_encoder:
             self.encoder.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "AudioClassifier":
+    def train(self, mode: bool = True) -> AudioClassifier:
         super().train(mode)
         if self.config.freeze_encoder:
             self.encoder.eval()  # a probe sees the frozen encoder's deterministic features

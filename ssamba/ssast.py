@@ -32,7 +32,7 @@ class SSASTConfig:
     attention: Literal["eager", "sdpa"] = "eager"
 
     @classmethod
-    def from_size(cls, size: str, **overrides) -> "SSASTConfig":
+    def from_size(cls, size: str, **overrides) -> SSASTConfig:
         if size not in SSAST_SIZES:
             raise ValueError(f"unknown model size {size!r}; choose from {sorted(SSAST_SIZES)}")
         embed_dim, heads = SSAST_SIZES[size]

@@ -20,6 +20,13 @@ from pathlib import Path
 import pytest
 
 ACCESS_KEY = "test-access-key"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration is an integration test (``-m "not integration"`` skips them)."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
 SECRET_KEY = "test-secret-key-0123456789"
 
 
@@ -130,7 +137,7 @@ def s3_server(tmp_path_factory) -> S3Server:
 @pytest.fixture(scope="session")
 def collection(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
     """The test audio collection on disk, and each file's bytes by relative name."""
-    from audio_files import BAD, GOOD, write_collection
+    from support.audio_files import BAD, GOOD, write_collection
 
     root = write_collection(tmp_path_factory.mktemp("audio"))
     return root, {name: (root / name).read_bytes() for name in [*GOOD, *BAD]}

@@ -52,12 +52,12 @@ def _kernels() -> tuple[Callable | None, Callable | None]:
         return None, None
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception as error:  # noqa: BLE001 - any import failure means "no kernel"
+    except Exception as error:
         log.info("mamba_ssm selective scan kernel unavailable: %s", error)
         selective_scan_fn = None
     try:
         from causal_conv1d import causal_conv1d_fn
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         log.info("causal_conv1d kernel unavailable: %s", error)
         causal_conv1d_fn = None
     return selective_scan_fn, causal_conv1d_fn
@@ -68,7 +68,7 @@ def _fused_cpu_scan() -> Callable | None:
     """The fused numba CPU scan, or None if numba cannot be imported."""
     try:
         from ssamba.ops.fused_scan import fused_selective_scan
-    except Exception as error:  # noqa: BLE001 - any import failure means "no fused scan"
+    except Exception as error:
         log.info("fused CPU selective scan unavailable: %s", error)
         return None
     return fused_selective_scan

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from audio_files import bad_file_bytes, encode, expected_fbank, signal
+from support.audio_files import bad_file_bytes, encode, expected_fbank, signal
 from conftest import ACCESS_KEY, SECRET_KEY
 from pipeline import featurize
 from pipeline.config import FeaturizeConfig, load_config

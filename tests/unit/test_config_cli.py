@@ -17,7 +17,7 @@ from pipeline.fields import _leaf_types, _section_model, field_at, set_fields, t
 from pipeline.sweep_config import TuneJobConfig, with_values
 from ssamba import EMBED_DIMS, NORM_PRESETS, NORMS, EncoderConfig
 
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LOCAL_TINY = str(REPO / "configs/pretrain/local-tiny.yaml")
 ENTRY_POINTS = {"featurize": FeaturizeConfig, "pretrain": PretrainJobConfig, "finetune": FinetuneJobConfig,
                 "embed": EmbedConfig, "tune": TuneJobConfig}

@@ -15,7 +15,7 @@ import yaml
 from pipeline.config import EmbedConfig, FeaturizeConfig, FinetuneJobConfig, PretrainJobConfig, load_config
 from pipeline.sweep_config import TuneJobConfig
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 
 # Field names of the KubeRay v1 CRDs (ray-operator/apis/ray/v1: raycluster_types.go, rayjob_types.go).

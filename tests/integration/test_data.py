@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from audio_files import GOOD, write_class_folders
+from support.audio_files import GOOD, write_class_folders
 from pipeline import featurize, finetune
 from pipeline.config import ExamplesConfig, FeaturizeConfig, FinetuneJobConfig, InputConfig, S3Config, load_config
 from pipeline.data import examples_dataset

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from audio_files import BAD, GOOD, expected_fbank
+from support.audio_files import BAD, GOOD, expected_fbank
 from conftest import ACCESS_KEY, SECRET_KEY
 from pipeline import featurize
 from pipeline.config import FeaturizeConfig, load_config

@@ -11,6 +11,8 @@ from ssamba import (
     import_official_checkpoint, load_checkpoint, save_checkpoint,
 )
 
+from support.checkpoints import official_layout
+
 GRID = PatchGrid(num_mel_bins=32, target_length=64)
 
 
@@ -18,20 +20,6 @@ def pretrain_model(norm: str = "layernorm") -> SSAMBAPretrainModel:
     torch.manual_seed(0)
     config = EncoderConfig(embed_dim=16, depth=4, grid=GRID, norm=norm)
     return SSAMBAPretrainModel(SSAMBAEncoder(config), GRID, PretrainConfig(mask_patches=3)).eval()
-
-
-def official_layout(model: SSAMBAPretrainModel) -> dict[str, torch.Tensor]:
-    """Rename our weights to the official DataParallel layout and add the keys SSAMBA never uses."""
-    state = {}
-    for key, value in model.state_dict().items():
-        name = "v." + key.removeprefix("encoder.") if key.startswith("encoder.") else key
-        state["module." + name] = value.clone()
-    dim = model.encoder.embed_dim
-    state["module.v.head.weight"] = torch.randn(1000, dim)
-    state["module.v.head.bias"] = torch.randn(1000)
-    state["module.p_input_fdim"] = torch.tensor(model.grid.num_mel_bins)
-    state["module.p_input_tdim"] = torch.tensor(model.grid.target_length)
-    return state
 
 
 def test_roundtrip_of_our_checkpoint_with_weights_only_loading():

@@ -147,7 +147,7 @@ def test_ctrl_c_leaves_the_run_killed_after_progress_lines(ray_cluster, pretrain
                 "train.eval_every=10000", "train.figure_every=10000", "train.checkpoint_every=10000")
     command = [sys.executable, "-m", "pipeline.pretrain", *command_line(pretrain_features, tmp_path, *settings)]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen(command, cwd=Path(__file__).parents[1], env=env, stdout=subprocess.PIPE,
+    driver = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:

@@ -24,7 +24,7 @@ from pipeline.tracking import (
     RunTracker, TrackingSetupError, artifact_location, refuse_local_store_on_cluster, resolve_tracking_uri,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PRESET = "configs/pretrain/local-tiny.yaml"
 
 

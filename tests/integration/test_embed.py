@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from audio_files import BAD, GOOD
+from support.audio_files import BAD, GOOD
 from pipeline import embed
 from pipeline.audio import decode_audio
 from pipeline.config import EmbedConfig, load_config

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import tune as sweeps
 from pipeline.config import ConfigError, PretrainJobConfig, load_config
 from pipeline.sweep_config import TuneJobConfig, with_values
-from test_tasks import esc50
+from support.task_layouts import esc50
 
 pytestmark = pytest.mark.timeout(900)
 

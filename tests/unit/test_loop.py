@@ -8,7 +8,6 @@ import signal
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from pipeline.config import FinetuneJobConfig, PretrainJobConfig, load_config
 from pipeline.finetune import StepDecay

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from audio_files import BAD, GOOD, write_collection
+from support.audio_files import BAD, GOOD, write_collection
 from pipeline import featurize
 from pipeline.audio import AudioError, decode_audio, split_long_audio
 from pipeline.config import (
@@ -150,7 +150,7 @@ def test_split_long_audio():
 def test_shipped_presets_validate(folder, model):
     from pathlib import Path
 
-    presets = sorted(Path(__file__).parent.parent.joinpath("configs", folder).glob("*.yaml"))
+    presets = sorted(Path(__file__).resolve().parents[2].joinpath("configs", folder).glob("*.yaml"))
     assert presets
     for preset in presets:
         load_config(model, preset)

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import finetune
 from pipeline.config import ConfigError, FinetuneJobConfig, load_config
 from pipeline.sources import SourceError
-from test_tasks import audioset, esc50, speech_commands
+from support.task_layouts import audioset, esc50, speech_commands
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssamba import EncoderConfig, PatchGrid, PretrainConfig, SSAMBAEncoder, SSAMBAPretrainModel, hear, save_checkpoint
-from test_checkpoint import official_layout
+from support.checkpoints import official_layout
 
 GRID = PatchGrid(num_mel_bins=128, target_length=128)  # 8 × 8 patches; a 1.28-s window
 

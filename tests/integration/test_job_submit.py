@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import free_ports
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(600)
 
 
