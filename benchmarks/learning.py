@@ -1,0 +1,282 @@
+"""Does pretraining learn? Pretrain a small SSAMBA on real recordings for a fixed CPU budget, then
+compare frozen-embedding linear probes against the same encoder at random init and a log-mel baseline.
+
+    nice -n 5 .venv/bin/python benchmarks/learning_data.py          # once: the data and manifests
+    nice -n 5 .venv/bin/python benchmarks/learning.py --minutes 30  # the benchmark
+
+1. ``pipeline.featurize`` stores the fbanks of the unlabelled pool (long files in clips of the
+   pretraining length) and of each labelled task.
+2. A few pretraining steps are timed in this process at the workers' thread count; ``max_steps`` is
+   what fits in ``--minutes`` (or ``--steps``). ``pipeline.pretrain`` then pretrains on Ray Train,
+   tracked in MLflow (``<out>/mlflow.db``).
+3. Each labelled clip is embedded three ways: the pretrained encoder and the same architecture at
+   random init (mean of the output tokens over the patch columns the clip covers), and the mean and
+   standard deviation over time of its normalised log-mel frames.
+4. A multinomial logistic regression per embedding (features standardised on the train split, L2
+   weight chosen on the validation split) is scored on the test split; the splits are group-disjoint
+   (see learning_data.py).
+
+The table (test accuracy, in %) is printed and written to ``<out>/results.csv`` and ``results.md``;
+``<out>/run.json`` records the arguments, the timing and the data sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline import featurize, pretrain  # noqa: E402
+from pipeline.config import FeaturizeConfig, PretrainJobConfig  # noqa: E402
+from ssamba import SSAMBAEncoder, SSAMBAPretrainModel, crop_or_pad, load_checkpoint, norm_stats, normalize  # noqa: E402
+
+TASKS = ("voice", "language")
+EMBEDDINGS = ("pretrained", "random init", "log-mel mean/std")
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+TIME_SHARE = 0.85  # of --minutes for optimizer steps; the rest: evaluations, checkpoints, start-up
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("outputs/learning/data"), help="learning_data.py's cache")
+    parser.add_argument("--out", type=Path, default=Path("outputs/learning/run"))
+    parser.add_argument("--name", default="learning", help="pretraining run name (a rerun with it resumes)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="pretraining budget; max_steps is derived from it")
+    parser.add_argument("--steps", type=int, default=None, help="fixed max_steps instead of --minutes")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--patch", type=int, default=16, help="square patch = stride")
+    parser.add_argument("--target-length", type=int, default=256, help="frames per clip (10 ms each)")
+    parser.add_argument("--mask-ratio", type=float, default=0.4)
+    parser.add_argument("--passes", type=int, choices=(1, 2), default=2, help="2: the official InfoNCE and MSE passes")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--evaluations", type=int, default=5, help="validation evaluations during pretraining")
+    parser.add_argument("--pool-files", type=int, default=None, help="pretrain on the first N pool files only (smoke runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretraining through the pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+def first_rows(manifest: Path, rows: int, destination: Path) -> Path:
+    """A manifest of the first ``rows`` rows of ``manifest``, its URIs made absolute."""
+    with manifest.open(newline="") as handle:
+        kept = list(csv.DictReader(handle))[:rows]
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with destination.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["uri", "label", "split"])
+        writer.writeheader()
+        writer.writerows({**row, "uri": str((manifest.parent / row["uri"]).resolve())} for row in kept)
+    return destination
+
+
+def featurize_manifest(manifest: Path, output: Path, max_seconds: float | None) -> None:
+    audio = {"max_seconds": max_seconds, "long_audio": "chunk", "min_seconds": 0.5} if max_seconds else {}
+    config = FeaturizeConfig.model_validate({"input": {"manifest": str(manifest)}, "output": str(output),
+                                             "audio": audio, "shard_size": 64})
+    print(featurize.run(config).table())
+
+
+def pretrain_job(args: argparse.Namespace, max_steps: int) -> PretrainJobConfig:
+    grid_patches = (128 // args.patch) * (args.target_length // args.patch)
+    every = max(1, max_steps // args.evaluations)
+    return PretrainJobConfig.model_validate({
+        "name": args.name,
+        "storage_path": str((args.out / "checkpoints").resolve()),
+        "data": {"features": str((args.out / "features" / "pool_train").resolve()), "target_length": args.target_length},
+        "validation": {"features": str((args.out / "features" / "pool_validation").resolve()),
+                       "target_length": args.target_length, "shuffle": False},
+        "model": {"size": "tiny", "embed_dim": args.width, "depth": args.depth, "patch": args.patch,
+                  "target_length": args.target_length, "drop_path_rate": 0.0},
+        "masking": {"mask_ratio": args.mask_ratio, "two_pass": args.passes == 2,
+                    "validation_mask_patches": max(1, round(args.mask_ratio * grid_patches))},
+        "optim": {"lr": args.lr, "warmup_steps": min(args.warmup_steps, max_steps // 2), "schedule": "cosine"},
+        "train": {"batch_size": args.batch_size, "max_steps": max_steps, "eval_every": every, "eval_batches": 8,
+                  "checkpoint_every": every, "log_every": max(1, every // 5), "figure_every": max_steps,
+                  "precision": "fp32", "seed": args.seed},
+        "scaling": {"num_workers": 1},
+        "tracking": {"tracking_uri": f"sqlite:///{(args.out / 'mlflow.db').resolve()}", "experiment": "ssamba-learning"},
+    })
+
+
+def step_seconds(config: PretrainJobConfig, steps: int = 3) -> float:
+    """Seconds per optimizer step of this config, on one thread as the Ray Train worker (1 CPU) runs it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    encoder_config = pretrain.encoder_config(config)
+    model = SSAMBAPretrainModel(SSAMBAEncoder(encoder_config), encoder_config.grid, pretrain.pretrain_config(config))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
+    batch = torch.randn(config.train.batch_size, config.model.target_length, config.model.num_mel_bins)
+    rng = random.Random(0)
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        model(batch, rng).loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return float(np.median(times[1:]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Embeddings and probes
+# --------------------------------------------------------------------------------------------------
+
+
+def read_features(folder: Path) -> list[dict]:
+    """The stored rows of a featurized task: label, split and the raw log-mel frames."""
+    rows = []
+    for shard in sorted((folder / "features").glob("*.parquet")):
+        for row in pq.read_table(shard, columns=["label", "split", "n_frames", "n_mels", "fbank"]).to_pylist():
+            frames = np.frombuffer(row["fbank"], dtype=np.float16).reshape(row["n_frames"], row["n_mels"])
+            rows.append({"label": row["label"], "split": row["split"], "fbank": torch.from_numpy(frames.astype(np.float32))})
+    return rows
+
+
+def logmel_embeddings(rows: list[dict]) -> torch.Tensor:
+    stats = norm_stats("audioset")
+    return torch.stack([torch.cat([normalize(r["fbank"], stats).mean(0), normalize(r["fbank"], stats).std(0, correction=0)])
+                        for r in rows])
+
+
+@torch.no_grad()
+def encoder_embeddings(encoder: SSAMBAEncoder, rows: list[dict], target_length: int, batch_size: int = 32) -> torch.Tensor:
+    """Mean of the output patch tokens over the time columns that hold the clip (not its zero padding)."""
+    encoder.eval()
+    grid, stats = encoder.config.grid, norm_stats("audioset")
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        features = torch.stack([normalize(crop_or_pad(r["fbank"], target_length), stats) for r in chunk])
+        tokens = encoder(features)[:, 1:].reshape(len(chunk), grid.freq_patches, grid.time_patches, -1).mean(1)
+        for tokens_of_clip, row in zip(tokens, chunk):
+            covered = min(grid.time_patches, max(1, math.ceil(min(row["fbank"].shape[0], target_length) / grid.tstride)))
+            outputs.append(tokens_of_clip[:covered].mean(0))
+    return torch.stack(outputs)
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float) -> torch.nn.Linear:
+    """Multinomial logistic regression, full batch, L-BFGS (a convex problem: the optimum, not a schedule)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(x.shape[1], classes).double()
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=500, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y) + l2 * model.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return model
+
+
+def probe(embeddings: torch.Tensor, labels: list[str], splits: list[str]) -> dict[str, float]:
+    """Validation-selected L2, test accuracy; features standardised with the train split's statistics."""
+    classes = sorted(set(labels))
+    y = torch.tensor([classes.index(label) for label in labels])
+    part = {name: torch.tensor([s == name for s in splits]) for name in ("train", "validation", "test")}
+    x = embeddings.double()
+    mean, std = x[part["train"]].mean(0), x[part["train"]].std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+
+    def accuracy(model: torch.nn.Linear, name: str) -> float:
+        with torch.no_grad():
+            return 100.0 * (model(x[part[name]]).argmax(1) == y[part[name]]).double().mean().item()
+
+    fits = [(l2, fit_logistic(x[part["train"]], y[part["train"]], len(classes), l2)) for l2 in L2_GRID]
+    l2, best = max(fits, key=lambda fit: accuracy(fit[1], "validation"))
+    return {"test": accuracy(best, "test"), "validation": accuracy(best, "validation"), "l2": l2}
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------------
+
+
+def write_table(out: Path, results: dict[str, dict[str, dict]], chance: dict[str, float]) -> str:
+    header = ["task", "chance", *EMBEDDINGS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    with (out / "results.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["task", "embedding", "test_accuracy", "validation_accuracy", "l2"])
+        for task, by_embedding in results.items():
+            for name, scores in by_embedding.items():
+                writer.writerow([task, name, f"{scores['test']:.2f}", f"{scores['validation']:.2f}", scores["l2"]])
+            lines.append(f"| {task} | {chance[task]:.1f} | "
+                         + " | ".join(f"{by_embedding[name]['test']:.1f}" for name in EMBEDDINGS) + " |")
+    table = "\n".join(lines)
+    (out / "results.md").write_text(table + "\n")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args.out.mkdir(parents=True, exist_ok=True)
+    record: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+
+    clip_seconds = (args.target_length - 1) * 0.01 + 0.025  # exactly target_length fbank frames
+    for name in ("pool_train", "pool_validation"):
+        manifest = args.data / f"{name}.csv"
+        if args.pool_files is not None:
+            manifest = first_rows(manifest, args.pool_files, args.out / f"{name}.csv")
+        featurize_manifest(manifest, args.out / "features" / name, clip_seconds)
+    for task in TASKS:
+        featurize_manifest(args.data / f"task_{task}.csv", args.out / "features" / f"task_{task}", None)
+
+    if args.steps is None:
+        seconds = step_seconds(pretrain_job(args, 100))
+        max_steps = max(1, int(args.minutes * 60 * TIME_SHARE / seconds))
+        record["measured_step_seconds"] = seconds
+        print(f"one pretraining step: {seconds:.2f} s → {max_steps} steps in {args.minutes:g} minutes")
+    else:
+        max_steps = args.steps
+    config = pretrain_job(args, max_steps)
+    started = time.perf_counter()
+    result = pretrain.run(config)
+    record.update(max_steps=max_steps, pretrain_seconds=time.perf_counter() - started,
+                  pretrain_metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+    print(f"pretrained {max_steps} steps in {record['pretrain_seconds'] / 60:.1f} min: {record['pretrain_metrics']}")
+
+    pretrained = load_checkpoint(pretrain.encoder_uri(config)).build_encoder()
+    torch.manual_seed(args.seed)
+    random_init = SSAMBAEncoder(pretrained.config)
+    results, chance, record["tasks"] = {}, {}, {}
+    for task in TASKS:
+        rows = read_features(args.out / "features" / f"task_{task}")
+        labels, splits = [r["label"] for r in rows], [r["split"] for r in rows]
+        test_labels = [label for label, split in zip(labels, splits) if split == "test"]
+        chance[task] = 100.0 * max(test_labels.count(label) for label in set(test_labels)) / len(test_labels)
+        record["tasks"][task] = {split: splits.count(split) for split in ("train", "validation", "test")}
+        embeddings = {"pretrained": encoder_embeddings(pretrained, rows, args.target_length),
+                      "random init": encoder_embeddings(random_init, rows, args.target_length),
+                      "log-mel mean/std": logmel_embeddings(rows)}
+        results[task] = {name: probe(vectors, labels, splits) for name, vectors in embeddings.items()}
+    record["results"] = results
+    (args.out / "run.json").write_text(json.dumps(record, indent=2))
+    print("\ntest accuracy (%) of linear probes on frozen embeddings; chance = the test split's largest class")
+    print(write_table(args.out, results, chance))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
