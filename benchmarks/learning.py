@@ -37,9 +37,9 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import featurize, pretrain  # noqa: E402
-from pipeline.config import FeaturizeConfig, PretrainJobConfig  # noqa: E402
-from ssamba import SSAMBAEncoder, SSAMBAPretrainModel, crop_or_pad, load_checkpoint, norm_stats, normalize  # noqa: E402
+from pipeline import featurize, pretrain
+from pipeline.config import FeaturizeConfig, PretrainJobConfig
+from ssamba import SSAMBAEncoder, SSAMBAPretrainModel, crop_or_pad, load_checkpoint, norm_stats, normalize
 
 TASKS = ("voice", "language")
 EMBEDDINGS = ("pretrained", "random init", "log-mel mean/std")
