@@ -113,7 +113,8 @@ def profile(model: str, size: str, batch: int, device: str, bf16: bool, out: Pat
     wall = time.perf_counter() - start
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
-    kernel_time = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 if device == "cuda" else float("nan")
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_time = sum(e.self_device_time_total for e in kernels) / 1e6 if device == "cuda" else float("nan")
     launches = sum(e.count for e in prof.key_averages() if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
     summary = [f"profile: {model}-{size}, batch {batch}, one step {wall:.3f} s wall (profiler on), "
                f"GPU kernels {kernel_time:.3f} s = {100 * kernel_time / wall:.0f}% busy, {launches} kernel launches"]

@@ -165,14 +165,17 @@ class BiMambaMixer(nn.Module):
     ) -> torch.Tensor:
         """:meth:`_scan_direction` on ``xz`` ``(batch, 2E, L)``; intermediates stay channel-major."""
         batch, _, length = xz.shape
-        x, z = xz.chunk(2, dim=1)
+        # With gradients, the kernels get the standard layouts the reference forward gives them: their
+        # backward is verified on those (benchmarks/kernel_parity.py); channel-major only in inference.
+        layout = torch.Tensor.contiguous if torch.is_grad_enabled() else _same
+        x, z = (layout(half) for half in xz.chunk(2, dim=1))
         x = ops.causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation="silu")
         x_dbl = x_proj.weight @ fastpath.channel_major(x)  # (R + 2N, batch·L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=0)
         delta = dt_proj.weight @ dt  # (E, batch·L); bias and softplus happen inside the scan
 
         def batch_first(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.view(tensor.shape[0], batch, length).transpose(0, 1)
+            return layout(tensor.view(tensor.shape[0], batch, length).transpose(0, 1))
 
         return ops.selective_scan(
             x,
@@ -185,6 +188,10 @@ class BiMambaMixer(nn.Module):
             delta_bias=dt_proj.bias.float(),
             delta_softplus=True,
         )
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def init_mixer_weights(module: nn.Module, n_layer: int) -> None:
