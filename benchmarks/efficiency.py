@@ -7,6 +7,9 @@ fairer modern baseline).
 
 * CUDA: CUDA-event timing, ``torch.cuda.max_memory_allocated`` (weights included), OOM recorded.
 * CPU: every point runs in its own process; memory is that process's peak resident size.
+* ``ssamba-ref`` (CUDA only) is SSAMBA with the reference forward instead of the lean one, to show
+  what the lean forward gains in the same run. ``--precision tf32|bf16`` (CUDA) measures the
+  inference-precision options (TF32 matrix products, or bf16 autocast), apart from the fp32 protocol.
 
 Writes ``efficiency.csv`` and ``efficiency.png`` to ``--out`` and prints, per size, the time and
 memory ratios at 22k tokens (or the largest token count both models reached).
@@ -17,6 +20,7 @@ memory ratios at 22k tokens (or the largest token count both models reached).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import resource
@@ -28,23 +32,47 @@ from pathlib import Path
 
 import torch
 
+from ssamba import fastpath
 from ssamba import AudioClassifier, ClassifierConfig, EncoderConfig, PatchGrid, SSAMBAEncoder, SSASTConfig, SSASTEncoder
 
-MODELS = ("ssamba", "ssast-eager", "ssast-sdpa")
+MODELS = ("ssamba", "ssamba-ref", "ssast-eager", "ssast-sdpa")
 PAPER_TOKENS = 22_000
 
 
 def build(model: str, size: str, tokens: int) -> AudioClassifier:
     grid = PatchGrid(num_mel_bins=128, target_length=2 * tokens)  # 8 frequency × T/16 time patches
-    if model == "ssamba":
+    if model.startswith("ssamba"):
         encoder = SSAMBAEncoder(EncoderConfig.from_size(size, grid=grid))
     else:
         encoder = SSASTEncoder(SSASTConfig.from_size(size, grid=grid, attention=model.split("-")[1]))
     return AudioClassifier(encoder, ClassifierConfig(num_classes=50)).eval()
 
 
-def measure(model: str, size: str, batch: int, tokens: int, repeats: int, device: str) -> dict:
+@contextlib.contextmanager
+def precision_and_path(model: str, precision: str, device: str):
+    """The forward path (lean / reference) and the arithmetic precision of one CUDA point."""
+    if device != "cuda":
+        yield
+        return
+    fastpath.set_lean_forward(False if model == "ssamba-ref" else None)
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        fastpath.set_lean_forward(None)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def measure(model: str, size: str, batch: int, tokens: int, repeats: int, device: str, precision: str = "fp32") -> dict:
     """One point, in this process: seconds per forward and peak memory in MiB."""
+    with precision_and_path(model, precision, device):
+        return _measure(model, size, batch, tokens, repeats, device)
+
+
+def _measure(model: str, size: str, batch: int, tokens: int, repeats: int, device: str) -> dict:
     torch.manual_seed(0)
     net = build(model, size, tokens).to(device)
     features = torch.randn(batch, 2 * tokens, 128, device=device)
@@ -127,6 +155,23 @@ def summarize(rows: list[dict]) -> list[str]:
     return lines
 
 
+def compare_cuda(rows: list[dict]) -> list[str]:
+    """Lean against reference forward, and the first token count from which SSAMBA beats SDPA."""
+    lines = []
+    for size, batch in sorted({(r["size"], r["batch"]) for r in rows}):
+        ok = {(r["model"], r["tokens"]): r for r in rows if r["size"] == size and r["batch"] == batch and r["status"] == "ok"}
+        for tokens in sorted({t for (m, t) in ok if m == "ssamba" and ("ssamba-ref", t) in ok}):
+            lean, ref = ok[("ssamba", tokens)], ok[("ssamba-ref", tokens)]
+            lines.append(f"{size} batch {batch} at {tokens} tokens: lean {lean['seconds']:.4f} s / {lean['memory_mib']:.0f} MiB, "
+                         f"reference {ref['seconds']:.4f} s / {ref['memory_mib']:.0f} MiB → {ref['seconds'] / lean['seconds']:.2f}× faster")
+        shared = sorted(t for (m, t) in ok if m == "ssamba" and ("ssast-sdpa", t) in ok)
+        faster = [t for t in shared if ok[("ssamba", t)]["seconds"] < ok[("ssast-sdpa", t)]["seconds"]]
+        if shared:
+            lines.append(f"{size} batch {batch}: SSAMBA faster than SSAST-SDPA at {faster or 'no'} tokens "
+                         f"(of {shared})")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny"])
@@ -135,6 +180,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="CUDA only")
     parser.add_argument("--out", type=Path, default=Path("outputs/efficiency"))
     parser.add_argument("--point", nargs=4, metavar=("MODEL", "SIZE", "BATCH", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -146,7 +192,7 @@ def main() -> None:
     if any(t % 8 for t in args.tokens):
         parser.error("token counts must be multiples of 8 (8 frequency patches per time step)")
     machine = torch.cuda.get_device_name() if args.device == "cuda" else "CPU, one process per point"
-    print(f"efficiency study on {machine}, torch {torch.__version__}, fp32, no_grad, median of {args.repeats}")
+    print(f"efficiency study on {machine}, torch {torch.__version__}, {args.precision}, no_grad, median of {args.repeats}")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for size in args.sizes:
@@ -154,7 +200,7 @@ def main() -> None:
             for model in args.models:
                 for tokens in sorted(args.tokens):
                     if args.device == "cuda":
-                        result = measure(model, size, batch, tokens, args.repeats, "cuda")
+                        result = measure(model, size, batch, tokens, args.repeats, "cuda", args.precision)
                         torch.cuda.empty_cache()
                     else:
                         result = measure_in_subprocess(model, size, batch, tokens, args.repeats)
@@ -167,7 +213,7 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, args.out / "efficiency.png")
-    for line in summarize(rows):
+    for line in summarize(rows) + compare_cuda(rows):
         print(line)
 
 

@@ -8,6 +8,12 @@ checkpoints load and give the same outputs:
 * a final residual add with drop-path 0.1, then the final norm applied twice.
 
 ``topology="sequential"`` is the plain 24-block stack, an option, never the default.
+
+On CUDA the flip-pairs run a lean form of the same computation (:mod:`ssamba.fastpath`): a flip-pair's
+backward block normalises per token and its mixer can read the sequence reversed by itself
+(``BiMambaMixer.forward_lean(reverse=True)``), so neither stream is ever flipped; outside training
+both blocks see the same residual stream, so one fused pass adds it and applies both norms, and the
+pair's residual sum is that stream doubled.
 Token order is frequency-major: all time steps of the lowest 16-bin band first, then the next band.
 """
 
@@ -20,6 +26,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from ssamba import fastpath
 from ssamba.mixer import BiMambaMixer, init_mixer_weights
 
 # The named model sizes (width; depth 24 for all), the norms and the block topologies: the one list
@@ -208,10 +215,15 @@ class SSAMBAEncoder(nn.Module):
         """Patch tokens ``(batch, N, D)`` → encoded ``(batch, N + 1, D)`` with [CLS] at 0."""
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         hidden = torch.cat([cls, tokens], dim=1) + self.pos_embed
-        if self.config.topology == "flip_pairs":
+        if self.config.topology == "flip_pairs" and fastpath.use_lean_forward(hidden):
+            hidden, residual = self._run_flip_pairs_lean(hidden)
+        elif self.config.topology == "flip_pairs":
             hidden, residual = self._run_flip_pairs(hidden)
         else:
             hidden, residual = self._run_sequential(hidden)
+        if fastpath.use_lean_forward(hidden):
+            normed, _ = fastpath.add_norm(drop_path(hidden, self.config.drop_path_rate, self.training), residual, self.norm_f)
+            return fastpath.add_norm(normed, None, self.norm_f)[0]  # the official code normalises twice
         residual = residual + drop_path(hidden, self.config.drop_path_rate, self.training)
         return self.norm_f(self.norm_f(residual))  # the official code normalises twice (docs/model.md#final-norm-twice)
 
@@ -221,6 +233,34 @@ class SSAMBAEncoder(nn.Module):
             hidden_f, residual_f = forward_block(hidden, residual)
             hidden_b, residual_b = backward_block(hidden.flip(1), None if residual is None else residual.flip(1))
             hidden, residual = hidden_f + hidden_b.flip(1), residual_f + residual_b.flip(1)
+        return hidden, residual
+
+    def _run_flip_pairs_lean(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_run_flip_pairs` without flips. Per pair, with ``s = residual + hidden``: the reference's
+        ``residual_f + residual_b.flip(1)`` is ``s + s`` outside training (drop-path draws one mask
+        per sample and block, so in training the two sums differ) and ``hidden_b.flip(1)`` is the
+        backward block's mixer run reversed on ``norm_b(s)``."""
+        residual = None
+        inference = not torch.is_grad_enabled()
+        for forward_block, backward_block in zip(self.layers[0::2], self.layers[1::2]):
+            stochastic = self.training and (forward_block.drop_path_rate > 0 or backward_block.drop_path_rate > 0)
+            if residual is None or not stochastic:
+                normed_f, normed_b, summed = fastpath.add_norm_pair(hidden, residual, forward_block.norm, backward_block.norm)
+                residual = summed.add_(summed) if inference and residual is not None else summed + summed
+                del summed
+            else:
+                normed_f, summed_f = fastpath.add_norm(
+                    drop_path(hidden, forward_block.drop_path_rate, True), residual, forward_block.norm)
+                normed_b, summed_b = fastpath.add_norm(
+                    drop_path(hidden, backward_block.drop_path_rate, True), residual, backward_block.norm)
+                residual = summed_f + summed_b
+            del hidden
+            hidden = forward_block.mixer.forward_lean(normed_f)
+            del normed_f
+            hidden_b = backward_block.mixer.forward_lean(normed_b, reverse=True)
+            del normed_b
+            hidden = hidden.add_(hidden_b) if inference else hidden + hidden_b
+            del hidden_b
         return hidden, residual
 
     def _run_sequential(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,11 @@ depthwise conv, ``x_proj``, ``dt_proj``, ``A`` and ``D``, and is flipped back. T
 (``if_devide_out=True`` in the official scripts) and go through one shared output projection.
 
 Parameter names equal the official ones, so official checkpoints load by name.
+
+:meth:`BiMambaMixer.forward_lean` computes the same function with its tensors stored channel-major
+(``(channels, batch·L)``, the layout the CUDA kernels read), so that the projections are plain
+matrix products with no transposed copies; with ``reverse=True`` it gives the mixer's output on the
+reversed sequence, flipped back, without flipping its input or output (see its docstring).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from ssamba import ops
+from ssamba import fastpath, ops
 
 
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +116,8 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(batch, L, d_model)`` → ``(batch, L, d_model)``."""
+        if fastpath.use_lean_forward(hidden):
+            return self.forward_lean(hidden)
         xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2E, L)
         x, z = xz.chunk(2, dim=1)
         x, z = x.contiguous(), z.contiguous()
@@ -122,6 +129,69 @@ class BiMambaMixer(nn.Module):
         if self.divide_out:
             y = y / 2
         return self.out_proj(y.transpose(1, 2))
+
+    def forward_lean(self, hidden: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """:meth:`forward` with channel-major tensors; ``reverse=True`` returns ``forward(hidden.flip(1)).flip(1)``.
+
+        The projections act per token, so reversing the input reverses ``x`` and ``z``; the forward
+        branch then scans the original sequence backwards and the backward branch scans it forwards.
+        Reversing the mixer therefore only swaps which parameter set scans which way."""
+        batch, length, _ = hidden.shape
+        d_inner = self.d_inner
+        xz = self.in_proj.weight @ hidden.reshape(batch * length, self.d_model).t()  # (2E, batch·L)
+        xz = xz.view(2 * d_inner, batch, length).transpose(0, 1)  # (batch, 2E, L), stored channel-major
+        forward_params = (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        backward_params = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
+        along, against = (backward_params, forward_params) if reverse else (forward_params, backward_params)
+        y = self._scan_lean(xz, *along)
+        y_against = self._scan_lean(xz.flip(-1), *against).flip(-1)
+        del xz
+        inference = not torch.is_grad_enabled()
+        y = y.add_(y_against) if inference else y + y_against
+        del y_against
+        if self.divide_out:
+            y = y.div_(2) if inference else y / 2
+        out = fastpath.channel_major(y).t() @ self.out_proj.weight.t()  # (batch·L, d_model)
+        return out.view(batch, length, self.d_model)
+
+    def _scan_lean(
+        self,
+        xz: torch.Tensor,
+        conv: nn.Conv1d,
+        x_proj: nn.Linear,
+        dt_proj: nn.Linear,
+        A_log: torch.Tensor,
+        D: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`_scan_direction` on ``xz`` ``(batch, 2E, L)``; intermediates stay channel-major."""
+        batch, _, length = xz.shape
+        # With gradients, the kernels get the standard layouts the reference forward gives them: their
+        # backward is verified on those (benchmarks/kernel_parity.py); channel-major only in inference.
+        layout = torch.Tensor.contiguous if torch.is_grad_enabled() else _same
+        x, z = (layout(half) for half in xz.chunk(2, dim=1))
+        x = ops.causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation="silu")
+        x_dbl = x_proj.weight @ fastpath.channel_major(x)  # (R + 2N, batch·L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=0)
+        delta = dt_proj.weight @ dt  # (E, batch·L); bias and softplus happen inside the scan
+
+        def batch_first(tensor: torch.Tensor) -> torch.Tensor:
+            return layout(tensor.view(tensor.shape[0], batch, length).transpose(0, 1))
+
+        return ops.selective_scan(
+            x,
+            batch_first(delta),
+            -torch.exp(A_log.float()),
+            batch_first(B),
+            batch_first(C),
+            D.float(),
+            z=z,
+            delta_bias=dt_proj.bias.float(),
+            delta_softplus=True,
+        )
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def init_mixer_weights(module: nn.Module, n_layer: int) -> None:

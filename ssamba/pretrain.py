@@ -134,6 +134,13 @@ def patchify(features: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
     return F.unfold(image, kernel_size=(grid.fshape, grid.tshape), stride=(grid.fstride, grid.tstride)).transpose(1, 2)
 
 
+def _to_device(masks: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Masks drawn on the host to the device without waiting for the device's queue (pinned copy)."""
+    if device.type != "cuda":
+        return masks.to(device)
+    return masks.pin_memory().to(device, non_blocking=True)
+
+
 def _gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
@@ -205,8 +212,8 @@ class SSAMBAPretrainModel(nn.Module):
         num_mask = self.num_mask if num_mask is None else num_mask
         targets = patchify(features, self.grid)
         batch = features.shape[0]
-        nce_masks = sample_masks(self.grid, batch, num_mask, rng).to(features.device)
-        mse_masks = sample_masks(self.grid, batch, num_mask, rng).to(features.device) if self.config.two_pass else nce_masks
+        nce_masks = _to_device(sample_masks(self.grid, batch, num_mask, rng), features.device)
+        mse_masks = _to_device(sample_masks(self.grid, batch, num_mask, rng), features.device) if self.config.two_pass else nce_masks
         nce_hidden = self.encode_masked(features, nce_masks)
         mse_hidden = self.encode_masked(features, mse_masks) if self.config.two_pass else nce_hidden
         nce, accuracy = info_nce(_gather_tokens(targets, nce_masks).float(), self.cpredlayer(nce_hidden).float())
