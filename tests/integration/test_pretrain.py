@@ -163,7 +163,7 @@ def test_ctrl_c_leaves_the_run_killed_after_progress_lines(ray_cluster, pretrain
         if driver.poll() is None:
             driver.kill()
     output = "".join(lines)
-    assert "compute: selective_scan: pure PyTorch" in output and "world size 1 | global batch 4" in output
+    assert "compute: selective_scan: fused CPU (numba)" in output and "world size 1 | global batch 4" in output
     progress = [line for line in lines if "step 2/10000 | loss " in line]
     assert progress and "samples/s | elapsed " in progress[0] and "| ETA " in progress[0], output[-3000:]
     client, run = run_of(job(pretrain_features, tmp_path, *settings))

@@ -42,10 +42,11 @@ def test_run_status_follows_how_the_block_ends(tmp_path):
     assert _status(killed) == "KILLED"
 
     terminated = _tracker(tmp_path, "terminated")
+    handler_before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's own once an earlier test started Ray
     with pytest.raises(KeyboardInterrupt), run_status(terminated):
         os.kill(os.getpid(), signal.SIGTERM)
     assert _status(terminated) == "KILLED"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the block's only
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the block's handler is gone with the block
 
     aborted = _tracker(tmp_path, "aborted")  # Ray Train's Ctrl-C handler exits with status 0
     with pytest.raises(KeyboardInterrupt), run_status(aborted):
