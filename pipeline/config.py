@@ -467,15 +467,20 @@ class EmbedConfig(Strict):
     model: Place = Field("", description="our checkpoint or an official .pth (local or s3://); empty = random tiny")
     storage: S3Config = S3Config()
     audio: AudioConfig = AudioConfig()
-    embeddings: Literal["scene", "timestamp", "both"] = Field("scene", description="one vector per clip, one per "
-                                                              "time step, or both")
+    embeddings: Literal["scene", "timestamp", "both", "none"] = Field(
+        "scene", description="one vector per clip, one per time step, both, or none (labels only: needs classifier)")
+    classifier: Place | None = Field(None, description="a fine-tuning job's exported classifier.pt (local or s3://): "
+                                     "adds each source's top_k labels and probabilities")
+    top_k: int = Field(5, ge=1, description="labels written per source when a classifier is given")
     batch_size: int = Field(8, ge=1, description="files per inference call")
     num_workers: int | None = Field(None, ge=1, description="inference actors; default: as the cluster fits")
     use_gpu: bool = Field(False, description="one GPU per actor")
 
     @model_validator(mode="after")
-    def _exactly_one_source(self) -> EmbedConfig:
+    def _consistent(self) -> EmbedConfig:
         _require_exactly_one(self, "input", "features", "input (audio) and features (featurize output)")
+        if self.embeddings == "none" and self.classifier is None:
+            raise ValueError("embeddings: none leaves nothing to write without a classifier")
         return self
 
 

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     losses = client.get_metric_history(run.info.run_id, "loss")
     print(f"\npretrained {config.name} for {result.metrics['step']} steps: "
           f"loss {losses[0].value:.3f} (step {losses[0].step}) → {losses[-1].value:.3f} (step {losses[-1].step}), "
-          f"validation masked-patch accuracy {result.metrics.get('val_accuracy', float('nan')):.3f}")
+          f"validation masked-patch accuracy {result.metrics.get('val_masked_accuracy', float('nan')):.3f}")
     print(f"  checkpoints: {resolve(config.storage_path).join(config.name)}")
     print(f"  encoder:     {pretrain.encoder_uri(config)} (model.checkpoint of a fine-tuning job)")
     print(f"  look at it:  mlflow ui --backend-store-uri {tracking_uri}")

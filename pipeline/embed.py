@@ -5,15 +5,15 @@
 An actor pool (CPU or GPU workers) loads the encoder once per actor through the HEAR module
 (``ssamba.hear``) and embeds audio files, or the stored fbanks of a featurize run, batch by batch.
 Output Parquet rows: ``uri, chunk, ok, error``, then ``scene`` (D floats) and/or ``timestamps``
-(ms) and ``timestamp_embeddings`` (one D-float list per timestamp). A file that cannot be decoded
-gets ``ok = false`` and its reason, never a failed job.
+(ms) and ``timestamp_embeddings`` (one D-float list per timestamp). With a ``classifier`` (a
+fine-tuning job's exported ``classifier.pt``) each row also gets its ``top_k`` most probable
+``labels`` and their ``probabilities``; ``embeddings: none`` then skips the encoder. A file that
+cannot be decoded gets ``ok = false`` and its reason, never a failed job.
 """
 
 from __future__ import annotations
 
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,7 @@ import torch
 
 from pipeline.audio import AudioError, decode_audio
 from pipeline.config import EmbedConfig, run_command
+from pipeline.models import load_classifier, load_hear_model
 from pipeline.reading import SourceReader
 from pipeline.sources import SourceError, list_sources
 from pipeline.storage import resolve
@@ -35,6 +36,7 @@ OUTPUT_TYPES = {
     "uri": pa.string(), "chunk": pa.int32(), "ok": pa.bool_(), "error": pa.string(),
     "scene": pa.list_(pa.float32()), "timestamps": pa.list_(pa.float32()),
     "timestamp_embeddings": pa.list_(pa.list_(pa.float32())),
+    "labels": pa.list_(pa.string()), "probabilities": pa.list_(pa.float32()),
 }
 
 
@@ -43,31 +45,40 @@ class EmbedError(RuntimeError):
 
 
 class Embedder:
-    """The Ray Data actor: one encoder per actor, rows of audio URIs or stored fbanks in, embeddings out."""
+    """The Ray Data actor: the encoder and/or classifier loaded once per actor, rows of audio URIs or
+    stored fbanks in, embeddings and top-k labels out."""
 
     def __init__(self, config: EmbedConfig) -> None:
         self.config = config
         self.device = torch.device("cuda" if config.use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(1)
-        self.model = self._load_model().to(self.device)
+        self.model = None if config.embeddings == "none" else load_hear_model(config.model, config.storage).to(self.device)
+        self.classifier = None if config.classifier is None else load_classifier(config.classifier, config.storage).to(self.device)
         self.reader = SourceReader(config.storage)
 
-    def _load_model(self) -> hear.HEARModel:
-        if not self.config.model.startswith("s3://"):
-            return hear.load_model(self.config.model)
-        with tempfile.TemporaryDirectory() as folder:  # the checkpoint is read once, then loaded from disk
-            path = Path(folder) / Path(self.config.model).name
-            path.write_bytes(resolve(self.config.model, self.config.storage).read_bytes())
-            return hear.load_model(str(path))
-
-    def _features(self, row: dict) -> torch.Tensor:
-        if "fbank" in row:  # stored raw log-mel from the featurize job
+    def _read(self, row: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(waveform at audio.sample_rate, None)`` of an audio source, or ``(None, raw log-mel)`` of a
+        row stored by the featurize job."""
+        if "fbank" in row:
             raw = np.frombuffer(row["fbank"], dtype=np.float16).reshape(int(row["n_frames"]), int(row["n_mels"]))
-            return normalize(torch.from_numpy(raw.astype(np.float32)), norm_stats("audioset"))
+            return None, torch.from_numpy(raw.astype(np.float32))
         decoded = decode_audio(self.reader.read(row["uri"]), row["uri"], self.config.audio.sample_rate,
                                self.config.audio.min_seconds)
-        return hear._fbank_batch(torch.from_numpy(decoded.waveform)[None], self.model)[0]
+        return torch.from_numpy(decoded.waveform), None
+
+    def _embeddings(self, waveform: torch.Tensor | None, raw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if raw is not None:
+            features = normalize(raw, norm_stats("audioset"))
+        else:
+            features = hear._fbank_batch(waveform[None], self.model)[0]
+        embeddings, timestamps = hear.timestamp_embeddings_from_features(features[None].to(self.device), self.model)
+        return embeddings[0].cpu(), timestamps[0].cpu()
+
+    def _probabilities(self, waveform: torch.Tensor | None, raw: torch.Tensor | None) -> torch.Tensor:
+        if raw is not None:
+            return self.classifier.predict_fbank(raw[None])[0].cpu()
+        return self.classifier.predict(waveform, self.config.audio.sample_rate)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
@@ -77,22 +88,31 @@ class Embedder:
             out["scene"] = []
         if wanted in ("timestamp", "both"):
             out["timestamps"], out["timestamp_embeddings"] = [], []
+        if self.classifier is not None:
+            out["labels"], out["probabilities"] = [], []
         for row in rows:
             out["uri"].append(str(row["uri"]))
             out["chunk"].append(int(row.get("chunk", 0)))
+            embeddings = timestamps = top = None
             try:
-                features = self._features(row).to(self.device)
-                embeddings, timestamps = hear.timestamp_embeddings_from_features(features[None], self.model)
+                waveform, raw = self._read(row)
+                if self.model is not None:
+                    embeddings, timestamps = self._embeddings(waveform, raw)
+                if self.classifier is not None:
+                    top = self.classifier.top_k(self._probabilities(waveform, raw), self.config.top_k)
                 error = None
             except (AudioError, OSError) as failure:
-                embeddings, timestamps, error = None, None, str(failure)
+                error = str(failure)
             out["ok"].append(error is None)
             out["error"].append(error)
             if "scene" in out:
-                out["scene"].append(None if error else embeddings[0].mean(dim=0).cpu().numpy().tolist())
+                out["scene"].append(None if error else embeddings.mean(dim=0).numpy().tolist())
             if "timestamps" in out:
-                out["timestamps"].append(None if error else timestamps[0].cpu().numpy().tolist())
-                out["timestamp_embeddings"].append(None if error else embeddings[0].cpu().numpy().tolist())
+                out["timestamps"].append(None if error else timestamps.numpy().tolist())
+                out["timestamp_embeddings"].append(None if error else embeddings.numpy().tolist())
+            if "labels" in out:
+                out["labels"].append(None if error else [label for label, _ in top])
+                out["probabilities"].append(None if error else [probability for _, probability in top])
         return pa.Table.from_pydict(out, schema=pa.schema([(name, OUTPUT_TYPES[name]) for name in out]))
 
 

@@ -15,6 +15,10 @@
    every epoch to MLflow (``val_accuracy``/``test_accuracy``, or ``val_mAP`` for AudioSet); the best
    epoch's checkpoint kept by :func:`validation_metric`. Rank 0 prints a line per epoch (train loss,
    the metrics, elapsed time, ETA); each split's MLflow run ends FINISHED, FAILED or KILLED.
+4. From the selected epoch's checkpoint the driver logs the run's summary metrics, per-class scores
+   and confusion matrix (``pipeline.results``) and exports the model as ``classifier.pt`` beside the
+   checkpoints and in MLflow (``ssamba.load_classifier``). Several folds nest under a parent MLflow run
+   named ``name`` that gets the folds' mean and std.
 
 Mixup mixes batches of finished examples (normalised, augmented log-mel features) with partners from
 the same batch, where the official loader mixes waveforms with partners from the whole dataset: the
@@ -23,6 +27,8 @@ featurize-once path stores fbanks, not waveforms.
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -33,12 +39,13 @@ import ray.train
 import torch
 import torch.nn.functional as F
 
-from pipeline import featurize, run_record
+from pipeline import featurize, results, run_record
 from pipeline.config import (
     AugmentConfig, ExamplesConfig, FeaturizeConfig, FinetuneJobConfig, FinetuneOptimConfig, InputConfig, flatten,
     public_dict, run_command,
 )
 from pipeline.data import examples_dataset
+from pipeline.models import load_encoder_weights
 from pipeline.loop import (
     Clock, all_gather_rows, announce_compute, base_rates, format_metrics, say, seed_worker, set_learning_rates,
     start_tracking, unwrap,
@@ -49,14 +56,17 @@ from pipeline.sources import AudioSource, SourceError
 from pipeline.storage import resolve
 from pipeline.tasks import TaskData, read_task
 from pipeline.tracking import RunTracker, resolve_tracking_uri, run_status
-from pipeline.trainer import LoopConfig, TrainWorker, TuneTrial, Worker, torch_trainer
-from ssamba import AudioClassifier, ClassifierConfig, EncoderConfig, PatchGrid, SSAMBAEncoder
-from ssamba.checkpoint import load_encoder_weights
-from ssamba.features import mix_batch
+from pipeline.trainer import LoopConfig, TrainWorker, TuneTrial, Worker, load_state, torch_trainer
+from ssamba import (
+    AudioClassifier, ClassifierConfig, EncoderConfig, FbankConfig, FeatureSettings, PatchGrid, SSAMBAEncoder,
+    save_classifier,
+)
+from ssamba.features import mix_batch, norm_stats
 from ssamba.finetune import encoder_on_grid
 from ssamba.metrics import accuracy, mean_average_precision
 
 METRICS = {"accuracy": accuracy, "mAP": mean_average_precision}
+CLASSIFIER_FILE = "classifier.pt"
 LOSSES = {"ce": F.cross_entropy, "bce": F.binary_cross_entropy_with_logits}  # both take float (soft) targets
 
 
@@ -84,8 +94,7 @@ def build_classifier(config: FinetuneJobConfig, num_classes: int) -> AudioClassi
     grid = PatchGrid(num_mel_bins=128, target_length=config.target_length, fstride=config.model.stride,
                      tstride=config.model.stride)
     if config.model.checkpoint:
-        data = resolve(config.model.checkpoint, config.storage).read_bytes()
-        encoder_config, state = load_encoder_weights(data)
+        encoder_config, state = load_encoder_weights(config.model.checkpoint, config.storage)
         encoder = encoder_on_grid(encoder_config, state, grid)
     else:
         encoder = SSAMBAEncoder(EncoderConfig.from_size(config.model.size, grid=grid))
@@ -175,24 +184,36 @@ def _train_epoch(model, optimizer, loop: FinetuneLoop, worker: Worker, epoch: in
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def _evaluate(model, shard, batch_size: int, device, metric: str, num_classes: int) -> float:
-    """``metric`` over the whole split: mAP needs every example's scores, not per-worker partial sums."""
+def _outputs(model, shard, batch_size: int, device, num_classes: int) -> torch.Tensor:
+    """``(examples, 2·classes)``: the scores and targets of the whole split, gathered from every worker
+    (mAP needs every example's scores, not per-worker partial sums)."""
     model.eval()
     with torch.no_grad():
         rows = [torch.cat([model(batch["fbank"]).float(), batch["target"]], dim=1)
                 for batch in shard.iter_torch_batches(batch_size=batch_size, device=device)]
     model.train()
-    rows = all_gather_rows(torch.cat(rows) if rows else torch.empty(0, 2 * num_classes, device=device))
-    return METRICS[metric](rows[:, :num_classes], rows[:, num_classes:])
+    return all_gather_rows(torch.cat(rows) if rows else torch.empty(0, 2 * num_classes, device=device))
 
 
-def _scores(model, loop: FinetuneLoop, worker: Worker) -> dict[str, float]:
-    """The task's metric on the selection split (``val_``) and, where there is one, the test split."""
-    config, metric = loop.job, metric_name(loop.job)
+def _scores(model, loop: FinetuneLoop, worker: Worker) -> tuple[dict[str, float], dict[str, dict[str, torch.Tensor]]]:
+    """The task's metric on the selection split (``val_``) and, where there is one, the test split;
+    and each split's scores and targets (kept with the epoch's checkpoint for the selected epoch's report)."""
+    config, metric, classes = loop.job, metric_name(loop.job), len(loop.classes)
     splits_to_score = {"val": "eval", **({"test": "test"} if loop.has_test else {})}
-    return {f"{prefix}_{metric}": _evaluate(model, worker.dataset(name), config.batch_size, worker.device, metric,
-                                            len(loop.classes))
-            for prefix, name in splits_to_score.items()}
+    scores, outputs = {}, {}
+    for prefix, name in splits_to_score.items():
+        rows = _outputs(model, worker.dataset(name), config.batch_size, worker.device, classes)
+        scores[f"{prefix}_{metric}"] = METRICS[metric](rows[:, :classes], rows[:, classes:])
+        outputs[prefix] = {"scores": rows[:, :classes].cpu(), "targets": rows[:, classes:].cpu() > 0.5}
+    return scores, outputs
+
+
+def _epoch_state(model, optimizer, epoch: int, classes: list[str], outputs: dict) -> dict:
+    """An epoch's checkpoint: what resuming needs, the encoder config (to rebuild the classifier
+    without its source checkpoint) and the epoch's scores and targets per split (for the report)."""
+    inner = unwrap(model)
+    return {"model": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "classes": classes,
+            "encoder_config": inner.encoder.config.to_dict(), "outputs": outputs}
 
 
 def fit(loop: FinetuneLoop, worker: Worker) -> None:
@@ -210,13 +231,14 @@ def fit(loop: FinetuneLoop, worker: Worker) -> None:
         if config.testing.fail_at_epoch == epoch and not restored:
             raise RuntimeError(f"injected failure at epoch {epoch} (testing.fail_at_epoch)")
         set_learning_rates(optimizer, rates, schedule.factor(epoch))
-        scores = {"train_loss": _train_epoch(model, optimizer, loop, worker, epoch), **_scores(model, loop, worker)}
+        train_loss = _train_epoch(model, optimizer, loop, worker, epoch)
+        split_scores, outputs = _scores(model, loop, worker)
+        scores = {"train_loss": train_loss, **split_scores}
         if tracker is not None:
             tracker.log_metrics(scores, epoch)
             say(f"epoch {epoch + 1}/{config.epochs} | {format_metrics(scores)} | {clock.timing(epoch + 1)}")
         worker.report({"epoch": epoch, **scores},
-                      lambda: {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                               "epoch": epoch, "classes": loop.classes},  # noqa: B023 - called at once
+                      functools.partial(_epoch_state, model, optimizer, epoch, loop.classes, outputs),
                       f"epoch-{epoch:04d}")
 
 
@@ -264,10 +286,46 @@ def _open_run(config: FinetuneJobConfig, run_name: str, classes: list[str], spli
     return tracker, loop
 
 
+def feature_settings(config: FinetuneJobConfig) -> FeatureSettings:
+    """How the job turns audio into model input: the featurize defaults :func:`prepare` uses (the
+    library's fbank), stored as float16 by the featurize job, cropped/padded and normalised as configured."""
+    return FeatureSettings(FbankConfig(), config.target_length, norm_stats(config.norm), stored_precision="float16")
+
+
+def classifier_uri(config: FinetuneJobConfig, run_name: str) -> str:
+    """Where a split's selected model is exported: beside its checkpoints."""
+    return resolve(config.storage_path, config.storage).join(run_name, CLASSIFIER_FILE).uri
+
+
+def export_classifier(config: FinetuneJobConfig, run_name: str, classes: list[str], state: dict,
+                      tracker: RunTracker) -> str:
+    """Write the selected epoch's model as a classifier file (``ssamba.load_classifier``) beside the
+    split's checkpoints and as the MLflow artifact ``model/classifier.pt``; returns its URI."""
+    encoder = SSAMBAEncoder(EncoderConfig.from_dict(state["encoder_config"]))
+    model = AudioClassifier(encoder, ClassifierConfig(len(classes), config.model.pooling))
+    model.load_state_dict(state["model"])
+    buffer = io.BytesIO()
+    save_classifier(buffer, model, classes, feature_settings(config),
+                    activation="sigmoid" if config.loss == "bce" else "softmax",
+                    multi_label=metric_name(config) == "mAP",
+                    metadata={"run": run_name, "task": config.task, "epoch": int(state["epoch"])})
+    uri = classifier_uri(config, run_name)
+    resolve(uri, config.storage).write_bytes(buffer.getvalue())
+    tracker.log_bytes(buffer.getvalue(), CLASSIFIER_FILE, "model")
+    tracker.set_tags({"classifier_location": uri})
+    return uri
+
+
+def selected_epoch(result: ray.train.Result, selector: str) -> tuple[ray.train.Checkpoint, dict]:
+    """The kept checkpoint and reported metrics of the epoch with the best ``selector`` metric."""
+    return max(result.best_checkpoints, key=lambda kept: kept[1][selector])
+
+
 def train_once(config: FinetuneJobConfig, classes: list[str], split: Split,
-               parent_run_id: str | None = None, tracking: TrackingSetup | None = None) -> ray.train.Result:
-    """One split on Ray Train, named ``<name><suffix>`` (a relaunch resumes it); its MLflow run ends
-    FINISHED, FAILED or KILLED."""
+               parent_run_id: str | None = None, tracking: TrackingSetup | None = None) -> dict[str, float]:
+    """One split on Ray Train, named ``<name><suffix>`` (a relaunch resumes it), then the selected
+    epoch's report (``pipeline.results``) and exported classifier; returns the selected epoch's
+    reported metrics. Its MLflow run ends FINISHED, FAILED or KILLED."""
     run_name = config.name + split.suffix
     check_cluster(config.scaling)
     tracker, loop = _open_run(config, run_name, classes, split, parent_run_id, tracking)
@@ -278,7 +336,12 @@ def train_once(config: FinetuneJobConfig, classes: list[str], split: Split,
                                    checkpoint_score_order="max"),
     )
     with run_status(tracker):
-        return trainer.fit()
+        checkpoint, selected = selected_epoch(trainer.fit(), validation_metric(config))
+        state = load_state(checkpoint)
+        results.log_selected(tracker, metric_name(config), classes, selected, state["outputs"],
+                             multi_label=metric_name(config) == "mAP")
+        export_classifier(config, run_name, classes, state, tracker)
+        return selected
 
 
 def train_in_trial(config: FinetuneJobConfig, data: TaskData, parent_run_id: str) -> None:
@@ -293,27 +356,45 @@ def train_in_trial(config: FinetuneJobConfig, data: TaskData, parent_run_id: str
         fit(loop, TuneTrial(_datasets(config, data.classes, split)))
 
 
-def best_metrics(result: ray.train.Result, selector: str) -> dict:
-    """The reported metrics of the epoch with the best ``selector`` metric (its checkpoint is kept)."""
-    return max((metrics for _, metrics in result.best_checkpoints), key=lambda metrics: metrics[selector])
+def _parent_run(config: FinetuneJobConfig, parent_run_id: str | None, tracking: TrackingSetup | None) -> RunTracker:
+    """The MLflow run of a multi-fold job, named ``name``, with the job's config; its folds nest below it."""
+    tracker = RunTracker(resolve_tracking_uri(config.tracking.tracking_uri), config.tracking.experiment, config.name,
+                         tags={"task": config.task}, parent_run_id=parent_run_id,
+                         source_tags=(tracking or TrackingSetup({}, False)).source_tags)
+    if not tracker.has_params():
+        tracker.log_params(flatten(public_dict(config)))
+    return tracker
 
 
 def evaluate(config: FinetuneJobConfig, data: TaskData, parent_run_id: str | None = None,
              tracking: TrackingSetup | None = None) -> dict:
-    """Train every split of a prepared task; the summary names the task's metric: per fold and
-    ``mean_<metric>``, or the selected epoch's ``validation_<metric>`` and ``test_<metric>``; plus
-    ``missing_audio`` per split and ``selected``: the validation score that ranks encoders and recipes."""
+    """Train every split of a prepared task. Several folds run under a parent MLflow run that gets the
+    mean and std over the folds of the selected epochs' metrics. The summary names the task's metric:
+    per fold, ``mean_<metric>`` and ``std_<metric>``, or the selected epoch's ``validation_<metric>`` and
+    ``test_<metric>``; plus ``missing_audio`` per split and ``selected``: the validation score that
+    ranks encoders and recipes."""
     metric, selector = metric_name(config), validation_metric(config)
-    best = {split.suffix: best_metrics(train_once(config, data.classes, split, parent_run_id, tracking), selector)
-            for split in splits(config, data)}
-    if list(best) != [""]:
-        folds = {suffix.lstrip("-"): metrics[selector] for suffix, metrics in best.items()}
-        mean = float(np.mean(list(folds.values())))
-        return {"folds": folds, f"mean_{metric}": mean, "selected": mean, "missing_audio": data.missing_audio}
-    chosen = best[""]
-    return {"best_epoch": int(chosen["epoch"]), f"validation_{metric}": chosen[selector],
-            f"test_{metric}": chosen.get(f"test_{metric}"), "selected": chosen[selector],
-            "missing_audio": data.missing_audio}
+    task_splits = splits(config, data)
+    if len(task_splits) == 1:
+        chosen = train_once(config, data.classes, task_splits[0], parent_run_id, tracking)
+        if task_splits[0].suffix:
+            return _folds_summary(config, data, {task_splits[0].suffix: chosen})
+        return {"best_epoch": int(chosen["epoch"]), f"validation_{metric}": chosen[selector],
+                f"test_{metric}": chosen.get(f"test_{metric}"), "selected": chosen[selector],
+                "missing_audio": data.missing_audio}
+    parent = _parent_run(config, parent_run_id, tracking)
+    with run_status(parent):
+        best = {split.suffix: train_once(config, data.classes, split, parent.run_id, tracking) for split in task_splits}
+        parent.log_metrics(results.fold_statistics([results.selected_summary(metric, chosen) for chosen in best.values()]), 0)
+    return _folds_summary(config, data, best)
+
+
+def _folds_summary(config: FinetuneJobConfig, data: TaskData, best: dict[str, dict]) -> dict:
+    metric, selector = metric_name(config), validation_metric(config)
+    folds = {suffix.lstrip("-"): chosen[selector] for suffix, chosen in best.items()}
+    values = np.array(list(folds.values()), dtype=np.float64)
+    return {"folds": folds, f"mean_{metric}": float(values.mean()), f"std_{metric}": float(values.std()),
+            "selected": float(values.mean()), "missing_audio": data.missing_audio}
 
 
 def run(config: FinetuneJobConfig, accept_config_changes: bool = False) -> dict:

@@ -176,7 +176,7 @@ def _evaluate(training: Training, config: PretrainJobConfig, worker: Worker, aut
     inner.train()
     nce, mse, accuracy, clips = all_reduce_sum(sums, worker.device)
     clips = max(clips, 1.0)
-    return {"val_nce": nce / clips, "val_mse": mse / clips, "val_accuracy": accuracy / clips}
+    return {"val_masked_nce": nce / clips, "val_masked_mse": mse / clips, "val_masked_accuracy": accuracy / clips}
 
 
 def _log_reconstruction(tracker: RunTracker, training: Training, features: torch.Tensor, step: int) -> None:
@@ -227,7 +227,7 @@ def _log_step(tracker: RunTracker, training: Training, out, interval: Interval, 
     """The step's metrics to MLflow and one progress line to the console."""
     rates = interval.rates(training.inner.grid.num_patches + 1)
     tracker.log_metrics({"loss": out.loss.item(), "nce": out.nce.item(), "mse": out.mse.item(),
-                         "accuracy": out.accuracy.item(), "lr": lr, **rates}, training.step)
+                         "masked_accuracy": out.accuracy.item(), "lr": lr, **rates}, training.step)
     say(f"step {training.step}/{config.train.max_steps} | loss {interval.mean_loss():.4f} | "
         f"{rates['samples_per_s']:.1f} samples/s | {clock.timing(training.step)}")
 
@@ -303,7 +303,7 @@ def train_loop(train_loop_config: dict) -> None:
             metrics = {"step": training.step, "epoch": training.epoch, "loss": out.loss.item()}
             if config.validation is not None and due(cadence.eval_every):
                 validation = _evaluate(training, config, worker, autocast_context)
-                training.schedule.observe(validation["val_accuracy"])
+                training.schedule.observe(validation["val_masked_accuracy"])
                 metrics.update(validation)
                 if tracker is not None:
                     tracker.log_metrics(validation, training.step)

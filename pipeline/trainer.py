@@ -108,7 +108,8 @@ def _saved(state: dict, folder: str) -> str:
     return folder
 
 
-def _loaded(checkpoint: ray.train.Checkpoint | None) -> dict | None:
+def load_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
+    """The state a loop saved with its report (see :meth:`TrainWorker.report`), if there is a checkpoint."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
@@ -147,7 +148,7 @@ class TrainWorker:
 
     def restored_state(self) -> dict | None:
         """The state saved by :meth:`report` in the run's last checkpoint, if the run has one."""
-        return _loaded(ray.train.get_checkpoint())
+        return load_state(ray.train.get_checkpoint())
 
 
 class TuneTrial:
@@ -176,4 +177,4 @@ class TuneTrial:
             ray.tune.report(metrics, checkpoint=checkpoint)
 
     def restored_state(self) -> dict | None:
-        return _loaded(ray.tune.get_checkpoint())
+        return load_state(ray.tune.get_checkpoint())

@@ -4,6 +4,7 @@ Pure PyTorch; this package never imports Ray, MLflow or boto3. The public API:
 """
 
 from ssamba.checkpoint import Checkpoint, OfficialImport, import_official_checkpoint, load_checkpoint, save_checkpoint
+from ssamba.classifier import Classifier, FeatureSettings, load_classifier, save_classifier
 from ssamba.encoder import EMBED_DIMS, NORMS, TOPOLOGIES, EncoderConfig, Norm, PatchGrid, SSAMBAEncoder, Topology
 from ssamba.features import FbankConfig, NORM_PRESETS, crop_or_pad, fbank, normalize, norm_stats, waveform_to_fbank
 from ssamba.finetune import AudioClassifier, ClassifierConfig, adapt_encoder_state, adapt_pos_embed
@@ -16,9 +17,11 @@ __all__ = [
     "TOPOLOGIES",
     "AudioClassifier",
     "Checkpoint",
+    "Classifier",
     "ClassifierConfig",
     "EncoderConfig",
     "FbankConfig",
+    "FeatureSettings",
     "NORM_PRESETS",
     "Norm",
     "OfficialImport",
@@ -36,9 +39,11 @@ __all__ = [
     "crop_or_pad",
     "fbank",
     "import_official_checkpoint",
+    "load_classifier",
     "load_checkpoint",
     "normalize",
     "norm_stats",
     "save_checkpoint",
+    "save_classifier",
     "waveform_to_fbank",
 ]

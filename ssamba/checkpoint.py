@@ -24,7 +24,22 @@ VERSION = 1
 Source = str | os.PathLike | BinaryIO | bytes
 
 
-def _load(source: Source) -> dict[str, Any]:
+def local_path(path: str) -> str:
+    """A local path (``file://`` accepted); other URIs are refused with a pointer to the pipeline,
+    which resolves them (this package has no S3 client)."""
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    if "://" in path:
+        raise ValueError(f"{path!r}: ssamba reads local files and file objects; for URIs use "
+                         "pipeline.models (load_checkpoint, load_classifier, load_hear_model)")
+    return path
+
+
+def read_payload(source: Source) -> dict[str, Any]:
+    """What ``torch.save`` wrote to a local path, a file object or bytes, loaded with ``weights_only``.
+    URIs are refused with a pointer to the pipeline, which resolves them (this package has no S3 client)."""
+    if isinstance(source, str):
+        source = local_path(source)
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     return torch.load(source, map_location="cpu", weights_only=True)
@@ -82,7 +97,7 @@ def save_checkpoint(
 
 def load_checkpoint(source: Source) -> Checkpoint:
     """Read one of our checkpoints (never executes pickled code)."""
-    payload = _load(source)
+    payload = read_payload(source)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError("not an SSAMBA-on-Ray checkpoint; for official SSAMBA weights use import_official_checkpoint")
     if payload["version"] > VERSION:
@@ -145,7 +160,7 @@ def import_official_checkpoint(
     checkpoint's norm type is not the one you meant to use (the official loader silently lost the
     norm biases in that case). Unused official keys are dropped and listed; unknown keys are errors.
     """
-    state = source if isinstance(source, dict) else _load(source)
+    state = source if isinstance(source, dict) else read_payload(source)
     state = {key.removeprefix("module."): value for key, value in state.items()}
     encoder_state: dict[str, torch.Tensor] = {}
     head_state: dict[str, torch.Tensor] = {}
@@ -206,7 +221,7 @@ def _infer_encoder_config(
 def load_encoder_weights(source: Source) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
     """The encoder config and weights of one of our checkpoints or of an official SSAMBA ``.pth``."""
     if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as handle:
+        with open(local_path(os.fspath(source)), "rb") as handle:
             source = handle.read()
     try:
         checkpoint = load_checkpoint(source)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssamba.checkpoint import load_encoder_weights
+from ssamba.checkpoint import Source, load_encoder_weights
 from ssamba.encoder import EncoderConfig, PatchGrid, SSAMBAEncoder
 from ssamba.features import FbankConfig, fbank, norm_stats, normalize, remove_dc
 from ssamba.finetune import encoder_on_grid
@@ -68,8 +68,9 @@ def _encoder_for_hear(config: EncoderConfig, state: dict[str, torch.Tensor]) -> 
     return encoder_on_grid(config, state, target)
 
 
-def load_model(model_file_path: str = "", windows_per_batch: int = 8) -> HEARModel:
-    """Load an encoder from one of our checkpoints or an official SSAMBA ``.pth``.
+def load_model(model_file_path: Source = "", windows_per_batch: int = 8) -> HEARModel:
+    """Load an encoder from one of our checkpoints or an official SSAMBA ``.pth``: a local path, a file
+    object or bytes (for ``s3://`` and other URIs, ``pipeline.models.load_hear_model``).
 
     With no path, a randomly initialised SSAMBA-tiny (fixed seed): a baseline, not a trained model."""
     if not model_file_path:

@@ -43,3 +43,23 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float
     per_class = average_precision(scores, targets)
     present = per_class[~per_class.isnan()]
     return present.mean().item() if present.numel() else float("nan")
+
+
+def confusion_matrix(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(classes, classes)`` counts of single-label predictions: row = true class (the target's
+    argmax), column = predicted class (the highest score)."""
+    classes = scores.shape[-1]
+    pairs = targets.argmax(dim=-1) * classes + scores.argmax(dim=-1)
+    return torch.bincount(pairs.cpu(), minlength=classes * classes).reshape(classes, classes)
+
+
+def per_class_scores(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each class's ``support`` (true examples), ``precision``, ``recall`` and ``f1`` from a
+    :func:`confusion_matrix`; 0 where undefined (no predictions or no examples), as sklearn reports."""
+    counts = confusion.double()
+    hits, support, predicted = counts.diagonal(), counts.sum(dim=1), counts.sum(dim=0)
+    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), 0.0)
+    recall = torch.where(support > 0, hits / support.clamp(min=1), 0.0)
+    both = precision + recall
+    f1 = torch.where(both > 0, 2 * precision * recall / both.where(both > 0, 1.0), 0.0)
+    return {"support": support.long(), "precision": precision, "recall": recall, "f1": f1}

@@ -14,7 +14,13 @@ from pipeline import embed
 from pipeline.audio import decode_audio
 from pipeline.config import EmbedConfig, load_config
 from pipeline.storage import resolve
-from ssamba import EncoderConfig, PatchGrid, SSAMBAEncoder, hear, save_checkpoint
+from ssamba import (
+    AudioClassifier, ClassifierConfig, EncoderConfig, FbankConfig, FeatureSettings, PatchGrid, SSAMBAEncoder, hear,
+    load_classifier, save_checkpoint, save_classifier,
+)
+from ssamba.features import norm_stats
+
+CLASSES = ["hum", "tone", "whistle"]
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -57,9 +63,32 @@ def test_embed_audio_from_s3(ray_cluster, s3_server, collection, model_in_s3, tm
         embed.run(config)
 
 
-def test_embed_featurize_output(ray_cluster, pretrain_features, model_in_s3, tmp_path):
+@pytest.fixture(scope="module")
+def classifier_in_s3(s3_server):
+    """A classifier file as a fine-tuning job exports it, in the S3 test server."""
+    torch.manual_seed(1)
+    encoder = SSAMBAEncoder(EncoderConfig(embed_dim=32, depth=2, grid=PatchGrid(target_length=64, fstride=10, tstride=10)))
+    buffer = io.BytesIO()
+    settings = FeatureSettings(FbankConfig(), 64, norm_stats("audioset"), "float16")
+    save_classifier(buffer, AudioClassifier(encoder, ClassifierConfig(len(CLASSES))), CLASSES, settings, "softmax", False)
+    s3_server.create_bucket("embed")
+    s3_server.client().put_object(Bucket="embed", Key="models/classifier.pt", Body=buffer.getvalue())
+    return "s3://embed/models/classifier.pt", buffer.getvalue()
+
+
+def test_embed_featurize_output_with_a_classifier(ray_cluster, pretrain_features, model_in_s3, classifier_in_s3, tmp_path):
     config = load_config(EmbedConfig, None, [
-        f"features={pretrain_features}", f"output={tmp_path / 'emb'}", f"model={model_in_s3[0]}"])
+        f"features={pretrain_features}", f"output={tmp_path / 'emb'}", f"model={model_in_s3[0]}",
+        f"classifier={classifier_in_s3[0]}", "top_k=2"])
     assert embed.run(config) == 24
     table = pq.read_table(str(tmp_path / "emb"))
     assert all(table.column("ok").to_pylist()) and len(table.column("scene")[0]) == 32
+    classifier = load_classifier(classifier_in_s3[1])
+    features = resolve(pretrain_features).join("features")
+    stored = {row["uri"]: row for row in pq.read_table(features.path).to_pylist()}
+    for row in table.to_pylist():
+        source = stored[row["uri"]]
+        raw = np.frombuffer(source["fbank"], dtype=np.float16).reshape(source["n_frames"], source["n_mels"])
+        expected = classifier.top_k(classifier.predict_fbank(torch.from_numpy(raw.astype(np.float32))[None])[0], 2)
+        assert row["labels"] == [label for label, _ in expected]
+        np.testing.assert_allclose(row["probabilities"], [p for _, p in expected], rtol=1e-5)

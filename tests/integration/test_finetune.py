@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import soundfile
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import finetune
-from pipeline.config import ConfigError, FinetuneJobConfig, load_config
+from pipeline.config import ConfigError, ExamplesConfig, FinetuneJobConfig, load_config
+from pipeline.data import to_examples
 from pipeline.sources import SourceError
+from pipeline.tasks import read_task
+from ssamba import AudioClassifier, load_classifier
 from support.task_layouts import audioset, esc50, speech_commands
 
 pytestmark = pytest.mark.timeout(600)
@@ -20,18 +30,61 @@ def job(tmp_path, encoder: str, *overrides: str) -> FinetuneJobConfig:
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
 
 
+def artifacts(client: MlflowClient, run_id: str, folder: str = "") -> set[str]:
+    return {item.path for item in client.list_artifacts(run_id, folder or None)}
+
+
+def selected_model(config: FinetuneJobConfig, folder, classes: list[str]) -> AudioClassifier:
+    """The model as training left it at the selected epoch: its kept checkpoint, rebuilt the way training built it."""
+    (kept,) = [p for p in folder.iterdir() if p.name.startswith("epoch-")]  # only the best epoch's checkpoint is kept
+    model = finetune.build_classifier(config, len(classes))
+    model.load_state_dict(torch.load(kept / "state.pt", weights_only=True)["model"])
+    return model.eval()
+
+
 def test_linear_probe_on_esc50_folds(ray_cluster, small_encoder, tmp_path):
     root = esc50(tmp_path / "esc50")
     config = job(tmp_path, small_encoder, "task=esc50", f"data_root={root}", "folds=[1, 2]",
                  "model.freeze_encoder=true", "optim.lr=0.01")
     summary = finetune.run(config)
     assert set(summary["folds"]) == {"fold1", "fold2"} and 0.0 <= summary["mean_accuracy"] <= 1.0
+
+    # MLflow: a parent run with the folds' mean and std; per fold the selected epoch's scores.
     client = MlflowClient(config.tracking.tracking_uri)
     experiment = client.get_experiment_by_name("ssamba-finetune")
-    (run,) = client.search_runs([experiment.experiment_id], "tags.ray_run_name = 'ft-fold1'")
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [0, 1]
-    kept = [p.name for p in (tmp_path / "ckpt" / "ft-fold1").iterdir() if p.name.startswith("epoch-")]
-    assert len(kept) == 1  # only the best epoch's checkpoint is kept
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.ray_run_name = 'ft'")
+    folds = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(run.data.tags["ray_run_name"] for run in folds) == ["ft-fold1", "ft-fold2"]
+    best = [run.data.metrics["best_val_accuracy"] for run in folds]
+    assert sorted(best) == sorted(summary["folds"].values())
+    assert parent.data.metrics["best_val_accuracy_mean"] == pytest.approx(np.mean(best))
+    assert parent.data.metrics["best_val_accuracy_std"] == pytest.approx(np.std(best))
+    assert parent.info.status == "FINISHED" and parent.data.params["model.freeze_encoder"] == "True"
+    (run,) = [run for run in folds if run.data.tags["ray_run_name"] == "ft-fold1"]
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [0, 1]
+    assert run.data.metrics["best_val_accuracy"] == max(m.value for m in history)
+    assert {"per_class_val.json", "confusion_val.png", "model"} <= artifacts(client, run.info.run_id)
+    assert artifacts(client, run.info.run_id, "model") == {"model/classifier.pt"}
+
+    # The exported classifier predicts what the selected model does, from the audio alone.
+    data = read_task("esc50", str(root), config.storage)
+    classifier = load_classifier(tmp_path / "ckpt" / "ft-fold1" / "classifier.pt")
+    assert classifier.classes == data.classes and not classifier.multi_label
+    assert run.data.tags["classifier_location"] == str(tmp_path / "ckpt" / "ft-fold1" / "classifier.pt")
+    model = selected_model(config, tmp_path / "ckpt" / "ft-fold1", data.classes)
+    stored = pq.read_table(tmp_path / "features" / "features").to_pydict()
+    examples = to_examples(stored, ExamplesConfig(features=str(tmp_path / "features"), target_length=64, norm=config.norm))
+    trained = dict(zip(examples["uri"], examples["fbank"]))
+    correct = 0
+    for source in data.fold(1):
+        waveform, rate = soundfile.read(source.uri, dtype="float32")
+        probabilities = classifier.predict(torch.from_numpy(waveform), rate)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(trained[source.uri])[None])[0].softmax(dim=-1)
+        torch.testing.assert_close(probabilities, expected, rtol=0, atol=1e-5)
+        correct += classifier.classes[int(probabilities.argmax())] == source.targets[0]
+    assert correct / len(data.fold(1)) == pytest.approx(summary["folds"]["fold1"])
 
 
 def test_full_finetuning_on_speech_commands(ray_cluster, small_encoder, tmp_path):
@@ -39,6 +92,11 @@ def test_full_finetuning_on_speech_commands(ray_cluster, small_encoder, tmp_path
     config = job(tmp_path, small_encoder, "task=speechcommands_v2", f"data_root={root}", "name=sc")
     summary = finetune.run(config)
     assert summary["best_epoch"] in (0, 1) and summary["test_accuracy"] is not None
+    client = MlflowClient(config.tracking.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ssamba-finetune").experiment_id],
+                                "tags.ray_run_name = 'sc'")
+    assert run.data.metrics["test_accuracy_at_best"] == summary["test_accuracy"]
+    assert {"per_class_val.json", "per_class_test.json", "confusion_test.png"} <= artifacts(client, run.info.run_id)
 
 
 def test_multi_label_finetuning_on_audioset_selects_by_map(ray_cluster, small_encoder, tmp_path):
@@ -54,6 +112,12 @@ def test_multi_label_finetuning_on_audioset_selects_by_map(ray_cluster, small_en
     history = client.get_metric_history(run.info.run_id, "val_mAP")
     assert [m.step for m in history] == [0, 1] and all(0.0 <= m.value <= 1.0 for m in history)
     assert summary["validation_mAP"] == max(m.value for m in history)  # the selected epoch is the best one
+    assert run.data.metrics["best_val_mAP"] == summary["validation_mAP"]
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "per_class_val.json", str(tmp_path))).read_text())
+    assert table["columns"] == ["class", "positives", "average_precision"] and len(table["data"]) == 3
+    assert "confusion_val.png" not in artifacts(client, run.info.run_id)  # multi-label: per-class AP instead
+    classifier = load_classifier(tmp_path / "ckpt" / "as" / "classifier.pt")
+    assert classifier.multi_label and classifier.activation == "sigmoid"
 
 
 def test_recipes_select_on_their_task_metric():

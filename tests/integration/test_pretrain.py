@@ -85,7 +85,7 @@ def test_local_mode_run_tracks_metrics_figure_and_model(pretrain_features, tmp_p
                  "scaling.num_workers=0", "train.max_steps=6", "train.eval_every=3", "train.figure_every=3",
                  "train.log_every=2", "tracking.system_metrics=true")
     result = pretrain.run(config)
-    assert result.metrics["step"] == 6 and "val_accuracy" in result.metrics
+    assert result.metrics["step"] == 6 and "val_masked_accuracy" in result.metrics
     client, run = run_of(config)
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.source.name"] == "pipeline.pretrain" and run.data.tags["host"]
@@ -93,7 +93,7 @@ def test_local_mode_run_tracks_metrics_figure_and_model(pretrain_features, tmp_p
     assert run.data.params["model.embed_dim"] == "64" and run.data.params["global_batch_size"] == "4"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 4, 6]
-    assert {"lr", "samples_per_s", "tokens_per_s", "nce", "mse", "accuracy", "val_accuracy"} <= set(run.data.metrics)
+    assert {"lr", "samples_per_s", "tokens_per_s", "nce", "mse", "masked_accuracy", "val_masked_accuracy"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reconstruction")}
     assert artifacts == {"reconstruction/step-00000003.png", "reconstruction/step-00000006.png"}
     model_file = client.download_artifacts(run.info.run_id, "model/ssamba_encoder.pt", str(tmp_path))

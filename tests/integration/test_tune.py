@@ -121,7 +121,8 @@ def test_mask_sweep_pretrains_probes_and_nests_trials_in_mlflow(ray_cluster, pre
     assert "best.probe_val_accuracy" in parent.data.metrics
     assert {c.data.params["masking.mask_patches"] for c in children} == {"32", "64"}
     for child in children:  # each trial: its pretraining metrics, its probe's score, the probe nested below
-        assert {"loss", "val_accuracy", "probe_val_accuracy"} <= set(child.data.metrics)
+        assert {"loss", "val_masked_accuracy", "probe_val_accuracy"} <= set(child.data.metrics)
+        assert "val_accuracy" not in child.data.metrics  # pretraining's validation is named for what it is
         (probe,) = client.search_runs([child.info.experiment_id], f"tags.mlflow.parentRunId = '{child.info.run_id}'")
         assert probe.data.params["model.freeze_encoder"] == "True"
     table = trials_table(client, parent.info.run_id, tmp_path)

@@ -1,0 +1,45 @@
+"""Models by URI: the ``ssamba`` loaders (which read local files and file objects only, having no
+S3 client) for anything :func:`pipeline.storage.resolve` reaches: ``s3://`` (custom endpoints via
+``storage``), ``file://`` and local paths.
+
+    from pipeline.models import load_classifier
+    classifier = load_classifier("s3://bucket/runs/esc50-fold1/classifier.pt")
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+from pipeline.config import S3Config
+from pipeline.storage import resolve
+from ssamba import Checkpoint, Classifier, EncoderConfig, hear
+from ssamba import load_checkpoint as _load_checkpoint
+from ssamba import load_classifier as _load_classifier
+from ssamba.checkpoint import load_encoder_weights as _load_encoder_weights
+
+
+def read_model(uri: str, storage: S3Config | None = None) -> bytes:
+    """The bytes of a model file, read once (then loaded from memory)."""
+    return resolve(uri, storage).read_bytes()
+
+
+def load_checkpoint(uri: str, storage: S3Config | None = None) -> Checkpoint:
+    """One of our checkpoints (``ssamba.load_checkpoint``) at any URI."""
+    return _load_checkpoint(io.BytesIO(read_model(uri, storage)))
+
+
+def load_encoder_weights(uri: str, storage: S3Config | None = None) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
+    """The encoder config and weights of our checkpoint or an official SSAMBA ``.pth`` at any URI."""
+    return _load_encoder_weights(read_model(uri, storage))
+
+
+def load_hear_model(uri: str, storage: S3Config | None = None, windows_per_batch: int = 8) -> hear.HEARModel:
+    """``ssamba.hear.load_model`` at any URI; ``""``: the random SSAMBA-tiny baseline."""
+    return hear.load_model(read_model(uri, storage) if uri else "", windows_per_batch)
+
+
+def load_classifier(uri: str, storage: S3Config | None = None) -> Classifier:
+    """A fine-tuning job's exported classifier (``ssamba.load_classifier``) at any URI."""
+    return _load_classifier(io.BytesIO(read_model(uri, storage)))
