@@ -8,6 +8,7 @@ logs or tracked parameters (:func:`public_dict` drops them).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, TypeVar
@@ -345,7 +346,11 @@ class TrainLoopConfig(Strict):
     """Steps, batches, and how often the loop evaluates, checkpoints, logs and draws."""
 
     batch_size: int = Field(64, ge=1, description="per worker and micro-step")
-    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step on the most workers (an elastic "
+                            "run on fewer accumulates more; see global_batch_size)")
+    global_batch_size: int | None = Field(None, ge=1, description="examples per optimizer step over all workers, "
+                                          "held when an elastic run changes size (accumulation adapts); "
+                                          "default: batch_size x most workers x grad_accum")
     max_steps: int = Field(..., ge=1, description="optimizer steps in all (the run resumes up to it)")
     eval_every: int = Field(4000, ge=1, description="steps between validations")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation batches per evaluation")
@@ -358,13 +363,57 @@ class TrainLoopConfig(Strict):
 
 
 class ScalingSection(Strict):
-    """Ray Train workers. ``num_workers: 0`` runs the loop in the driver process (local mode: no
-    fault tolerance, checkpoints kept in memory)."""
+    """Ray Train workers, a fixed number. ``num_workers: 0`` runs the loop in the driver process (local
+    mode: no fault tolerance, checkpoints kept in memory)."""
 
-    num_workers: int = Field(1, ge=0, description="Ray Train workers (0: run in the driver)")
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (0: run in the driver); fine-tuning takes "
+                             "a fixed number")
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = unlimited")
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """The fewest and the most Train workers (the same number unless the run is elastic)."""
+        count = self.num_workers
+        return (count, count) if isinstance(count, int) else (count[0], count[1])
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
+
+    def ray_scaling(self) -> dict[str, Any]:
+        """The arguments of Ray Train's ``ScalingConfig``."""
+        return {"num_workers": self.num_workers, "use_gpu": self.use_gpu,
+                "resources_per_worker": {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}}
+
+
+WorkerCount = Annotated[int, Field(ge=0)]
+
+
+class ElasticScalingSection(ScalingSection):
+    """Ray Train workers for pretraining: a fixed number, or ``[min, max]`` for an elastic run that
+    starts with the workers the cluster has room for (at least ``min``), grows as nodes join and
+    shrinks as they leave, each time resuming from the last checkpoint (Ray Train's elastic training).
+    The global batch stays the same: gradient accumulation adapts to the number of workers."""
+
+    num_workers: WorkerCount | tuple[WorkerCount, WorkerCount] = Field(
+        1, description="Ray Train workers (0: run in the driver), or [min, max] for an elastic run")
+    resize_interval_s: float = Field(60.0, gt=0, description="elastic runs: seconds between Ray Train's looks at "
+                                     "the cluster for room to grow (a lost node restarts the run at once)")
+
+    @model_validator(mode="after")
+    def _ordered_range(self) -> ElasticScalingSection:
+        low, high = self.worker_range
+        if self.elastic and not 1 <= low <= high:
+            raise ValueError(f"num_workers: [min, max] needs 1 <= min <= max, got [{low}, {high}]")
+        return self
+
+    def ray_scaling(self) -> dict[str, Any]:
+        if not self.elastic:
+            return super().ray_scaling()
+        return {**super().ray_scaling(), "num_workers": self.worker_range,
+                "elastic_resize_monitor_interval_s": self.resize_interval_s}
 
 
 class TrackingConfig(Strict):
@@ -382,6 +431,9 @@ class FaultInjectionConfig(Strict):
     """Switches for tests only."""
 
     fail_at_step: int | None = Field(None, ge=1, description="raise in the last worker at this step, first attempt only")
+    hold_at_step: int | None = Field(None, ge=1, description="every worker of the first attempt waits after this "
+                                     "step (and its checkpoint) until Ray Train replaces the worker group")
+    hold_s: float = Field(300.0, gt=0, description="hold_at_step: fail if the worker group is not replaced in time")
 
 
 class FinetuneFaultInjectionConfig(Strict):
@@ -408,7 +460,7 @@ class PretrainJobConfig(Strict):
     masking: MaskingConfig = MaskingConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainLoopConfig
-    scaling: ScalingSection = ScalingSection()
+    scaling: ElasticScalingSection = ElasticScalingSection()
     tracking: TrackingConfig = TrackingConfig()
     testing: FaultInjectionConfig = FaultInjectionConfig()
 
@@ -430,6 +482,9 @@ class PretrainJobConfig(Strict):
         config = handler(data)
         for name in inherited:
             getattr(config, name).model_fields_set.discard("target_length")
+        if config.train.global_batch_size is None:  # derived, and unset: a sweep trial derives it anew
+            object.__setattr__(config.train, "global_batch_size", config.default_global_batch_size)
+            config.train.model_fields_set.discard("global_batch_size")
         return config
 
     @model_validator(mode="after")
@@ -450,11 +505,35 @@ class PretrainJobConfig(Strict):
             raise ValueError(f"masking.{given}: {error}") from None
         if self.scaling.num_workers == 0 and self.scaling.max_failures:
             raise ValueError("scaling.max_failures needs Ray Train workers (num_workers ≥ 1); local mode cannot restart")
+        self._global_batch_divides()
         return self
 
     @property
-    def global_batch_size(self) -> int:
-        return self.train.batch_size * max(1, self.scaling.num_workers) * self.train.grad_accum
+    def world_sizes(self) -> range:
+        """Every number of workers the run may train on (local mode trains on one)."""
+        low, high = self.scaling.worker_range
+        return range(max(1, low), max(1, high) + 1)
+
+    @property
+    def default_global_batch_size(self) -> int:
+        return self.train.batch_size * self.world_sizes[-1] * self.train.grad_accum
+
+    def _global_batch_divides(self) -> None:
+        """The global batch must be whole micro-batches on every world size the run may have."""
+        train, sizes = self.train, self.world_sizes
+        given = train.global_batch_size if "global_batch_size" in train.model_fields_set else None
+        if given is not None and "grad_accum" in train.model_fields_set and given != self.default_global_batch_size:
+            raise ValueError(f"train.global_batch_size ({given}) and train.grad_accum ({train.grad_accum}) disagree "
+                             f"(batch_size {train.batch_size} x {sizes[-1]} workers x grad_accum = "
+                             f"{self.default_global_batch_size}): give one of them")
+        total = self.default_global_batch_size if given is None else given
+        uneven = [size for size in sizes if total % (train.batch_size * size)]
+        if uneven:
+            origin = "" if given is not None else " (batch_size x most workers x grad_accum)"
+            step = train.batch_size * math.lcm(*sizes)
+            raise ValueError(f"train.global_batch_size: {total}{origin} is not a whole number of micro-batches of "
+                             f"train.batch_size {train.batch_size} on {uneven[0]} workers (scaling.num_workers "
+                             f"{list(self.scaling.worker_range)}): use a multiple of {step}")
 
 
 class EmbedConfig(Strict):

@@ -47,6 +47,16 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def node_count(worker: Worker) -> int:
+    """How many Ray nodes the run's workers are on (every worker must ask: it is a collective). By
+    node id: Ray Train's node rank counts IP addresses, and several nodes may share one."""
+    if not distributed():
+        return 1
+    ids: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(ids, worker.node_id)
+    return len(set(ids))
+
+
 def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     """Every worker's ``rows``, concatenated (workers may hold different numbers of rows)."""
     if not distributed():

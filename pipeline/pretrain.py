@@ -6,6 +6,9 @@
 The run is named by ``name``: its checkpoints live under ``<storage_path>/<name>`` and relaunching
 with the same name continues from the last one (step count, optimizer, schedule, RNG state). Inside
 a run, ``scaling.max_failures`` lets Ray restart a failed worker group from the last checkpoint.
+With ``scaling.num_workers: [min, max]`` the run is elastic: Ray Train restarts the group larger or
+smaller as nodes come and go, and each start accumulates as many micro-batches as keep
+``train.global_batch_size``.
 The run's MLflow status tells how it ended: FINISHED, FAILED (restarts used up) or KILLED (Ctrl-C or
 SIGTERM of this command); a relaunch sets it RUNNING again.
 
@@ -37,8 +40,8 @@ from pipeline import run_record
 from pipeline.config import PretrainJobConfig, flatten, public_dict, run_command
 from pipeline.data import examples_dataset
 from pipeline.loop import (
-    Clock, all_reduce_sum, announce_compute, autocast, base_rates, effective_precision, say, seed_worker,
-    set_learning_rates, start_tracking, unwrap,
+    Clock, all_reduce_sum, announce_compute, autocast, base_rates, effective_precision, node_count, say,
+    seed_worker, set_learning_rates, start_tracking, unwrap,
 )
 from pipeline.resources import check_cluster
 from pipeline.storage import resolve
@@ -89,11 +92,10 @@ class LearningRate:
         self.plateau_scale, self.best, self.bad_evaluations = state["plateau_scale"], state["best"], state["bad_evaluations"]
 
 
-def accumulation_steps(config: PretrainJobConfig, world_size: int) -> tuple[int, int]:
-    """Micro-batches per optimizer step and the resulting global batch on ``world_size`` workers:
-    the one place that relates the two."""
-    accum = config.train.grad_accum
-    return accum, config.train.batch_size * world_size * accum
+def accumulation_steps(config: PretrainJobConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on ``world_size`` workers: whatever keeps the global batch
+    (the config checked that it divides for every world size the run may have)."""
+    return config.train.global_batch_size // (config.train.batch_size * world_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,11 +225,11 @@ class Interval:
 
 
 def _log_step(tracker: RunTracker, training: Training, out, interval: Interval, lr: float, clock: Clock,
-              config: PretrainJobConfig) -> None:
-    """The step's metrics to MLflow and one progress line to the console."""
+              config: PretrainJobConfig, scale: dict[str, int]) -> None:
+    """The step's metrics (with the scale it ran at) to MLflow and one progress line to the console."""
     rates = interval.rates(training.inner.grid.num_patches + 1)
     tracker.log_metrics({"loss": out.loss.item(), "nce": out.nce.item(), "mse": out.mse.item(),
-                         "masked_accuracy": out.accuracy.item(), "lr": lr, **rates}, training.step)
+                         "masked_accuracy": out.accuracy.item(), "lr": lr, **rates, **scale}, training.step)
     say(f"step {training.step}/{config.train.max_steps} | loss {interval.mean_loss():.4f} | "
         f"{rates['samples_per_s']:.1f} samples/s | {clock.timing(training.step)}")
 
@@ -235,6 +237,18 @@ def _log_step(tracker: RunTracker, training: Training, out, interval: Interval, 
 def _inject_failure(config: PretrainJobConfig, training: Training, worker: Worker) -> None:
     if config.testing.fail_at_step == training.step and not training.restored and worker.rank == worker.world_size - 1:
         raise RuntimeError(f"injected failure at step {training.step} (testing.fail_at_step)")
+
+
+def _hold(config: PretrainJobConfig, training: Training, worker: Worker) -> None:
+    """``testing.hold_at_step``: the first attempt waits here until Ray Train replaces its worker group
+    (an elastic resize or a restart after a lost node ends this process), so that a test can change
+    the cluster at a known step."""
+    if config.testing.hold_at_step != training.step or training.restored:
+        return
+    if worker.rank == 0:
+        say(f"holding at step {training.step} until the worker group is replaced (testing.hold_at_step)")
+    time.sleep(config.testing.hold_s)
+    raise RuntimeError(f"testing.hold_at_step: the worker group was not replaced within {config.testing.hold_s:g} s")
 
 
 def _export_encoder(tracker: RunTracker, training: Training, config: PretrainJobConfig) -> None:
@@ -257,17 +271,18 @@ def train_loop(train_loop_config: dict) -> None:
     max_steps, cadence = config.train.max_steps, config.train
     training = build(config, worker)
     model, optimizer = training.model, training.optimizer
-    accum, global_batch = accumulation_steps(config, worker.world_size)
+    accum = accumulation_steps(config, worker.world_size)
+    scale = {"world_size": worker.world_size, "nodes": node_count(worker), "grad_accum": accum,
+             "global_batch_size": config.train.global_batch_size}  # fixed until the run resizes
     precision = effective_precision(worker.device, config.train.precision)
     autocast_context = autocast(worker.device, config.train.precision)
 
     tracker = start_tracking(loop, worker, lambda: {
-        **flatten(public_dict(config)), "global_batch_size": global_batch, "world_size": worker.world_size,
-        "encoder_parameters": sum(p.numel() for p in training.inner.encoder.parameters())},
+        **flatten(public_dict(config)), "encoder_parameters": sum(p.numel() for p in training.inner.encoder.parameters())},
         documents={"config.json": public_dict(config)})
     if tracker is not None:
         tracker.set_tags({"resumed_from_step": str(training.step)} if training.restored else {})
-        announce_compute(worker.device, precision, worker.world_size, global_batch)
+        announce_compute(worker.device, precision, worker.world_size, config.train.global_batch_size)
 
     def due(every: int) -> bool:
         return training.step % every == 0 or training.step == max_steps
@@ -298,7 +313,7 @@ def train_loop(train_loop_config: dict) -> None:
 
             # Cadences: log, evaluate, figure, checkpoint.
             if tracker is not None and (training.step % cadence.log_every == 0 or training.step == 1):
-                _log_step(tracker, training, out, interval, lr, clock, config)
+                _log_step(tracker, training, out, interval, lr, clock, config, scale)
                 interval = Interval()
             metrics = {"step": training.step, "epoch": training.epoch, "loss": out.loss.item()}
             if config.validation is not None and due(cadence.eval_every):
@@ -311,6 +326,7 @@ def train_loop(train_loop_config: dict) -> None:
                 _log_reconstruction(tracker, training, batch["fbank"], training.step)
             if due(cadence.checkpoint_every):
                 worker.report(metrics, lambda: training.state(config), f"step-{training.step:08d}")
+            _hold(config, training, worker)
             if training.step >= max_steps:
                 break
         training.epoch += 1

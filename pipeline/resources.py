@@ -3,6 +3,8 @@
 Ray Data reads, crops and batches the training examples in tasks of their own; when the Train
 workers hold every CPU of the cluster those tasks never start and training waits at 0 rows without
 a word. The check runs on the driver before the trainer starts and fails with the numbers and the fix.
+An elastic run (``num_workers: [min, max]``) is checked at the size Ray Train starts it with: as
+many workers as the cluster has CPUs for, at most ``max``.
 """
 
 from __future__ import annotations
@@ -16,18 +18,28 @@ class ClusterTooSmall(ConfigError):
     """The cluster cannot hold the Train workers and the input pipeline together."""
 
 
+def starting_workers(cluster_cpus: float, scaling: ScalingSection) -> int:
+    """The workers Ray Train starts the run with: the fixed number, or for an elastic run as many
+    as the cluster's CPUs hold, at most its ``max``."""
+    low, high = scaling.worker_range
+    return min(high, int(cluster_cpus // scaling.cpus_per_worker)) if scaling.elastic else high
+
+
 def check_data_cpus(cluster_cpus: float, scaling: ScalingSection, data_cpus: float = DATA_CPUS) -> None:
     """Raise :class:`ClusterTooSmall` when the workers would fit but leave the data pipeline fewer than
-    ``data_cpus``. A cluster too small for the workers alone is left to Ray Train, which waits for the
-    autoscaler to add nodes (and times out on a fixed cluster); local mode (no workers) reserves nothing."""
-    train_cpus = scaling.num_workers * scaling.cpus_per_worker
-    if train_cpus == 0 or cluster_cpus < train_cpus or cluster_cpus - train_cpus >= data_cpus:
+    ``data_cpus``. A cluster too small for the (fewest) workers is left to Ray Train, which waits for
+    the autoscaler to add nodes (and times out on a fixed cluster); local mode (no workers) reserves nothing."""
+    workers = starting_workers(cluster_cpus, scaling)
+    train_cpus = workers * scaling.cpus_per_worker
+    if workers == 0 or workers < scaling.worker_range[0] or cluster_cpus < train_cpus \
+            or cluster_cpus - train_cpus >= data_cpus:
         return
     most = max(0, int((cluster_cpus - data_cpus) // scaling.cpus_per_worker))
+    field = "scaling.num_workers (its max)" if scaling.elastic else "scaling.num_workers"
     raise ClusterTooSmall(
-        f"scaling: {scaling.num_workers} Train workers x {scaling.cpus_per_worker:g} CPUs = {train_cpus:g} of the "
+        f"scaling: {workers} Train workers x {scaling.cpus_per_worker:g} CPUs = {train_cpus:g} of the "
         f"cluster's {cluster_cpus:g} CPUs leave {cluster_cpus - train_cpus:g} for the input pipeline (Ray Data), which "
-        f"needs at least {data_cpus:g}: training would wait for data forever. Lower scaling.num_workers (at most "
+        f"needs at least {data_cpus:g}: training would wait for data forever. Lower {field} (at most "
         f"{most} here) or scaling.cpus_per_worker, or add CPUs to the cluster.")
 
 

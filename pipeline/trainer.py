@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Protocol, TypeVar
 
+import ray
 import ray.data
 import ray.train
 import ray.train.torch
@@ -59,6 +60,9 @@ class Worker(Protocol):
     def world_size(self) -> int: ...
 
     @property
+    def node_id(self) -> str: ...
+
+    @property
     def device(self) -> torch.device: ...
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
@@ -86,9 +90,7 @@ def torch_trainer(
     return ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=loop.as_train_loop_config(),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}),
+        scaling_config=ray.train.ScalingConfig(**scaling.ray_scaling()),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage.path if storage.is_s3 else storage.uri,  # S3: the path goes with its filesystem
@@ -129,6 +131,10 @@ class TrainWorker:
         return ray.train.get_context().get_world_size()
 
     @property
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    @property
     def device(self) -> torch.device:
         return ray.train.torch.get_device()
 
@@ -157,6 +163,7 @@ class TuneTrial:
 
     rank = 0
     world_size = 1
+    node_id = "trial"
 
     def __init__(self, datasets: dict[str, ray.data.Dataset]) -> None:
         self.datasets = datasets

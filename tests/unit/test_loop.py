@@ -100,5 +100,6 @@ def test_schedules_scale_each_group_from_its_base_rate():
 
 
 def test_global_batch_counts_workers_and_accumulation():
-    config = load_config(PretrainJobConfig, "configs/pretrain/local-tiny.yaml", ["train.grad_accum=2", "train.batch_size=4"])
-    assert accumulation_steps(config, world_size=3) == (2, 24)
+    config = load_config(PretrainJobConfig, "configs/pretrain/local-tiny.yaml",
+                         ["train.grad_accum=2", "train.batch_size=4", "scaling.num_workers=3"])
+    assert config.train.global_batch_size == 24 and accumulation_steps(config, world_size=3) == 2

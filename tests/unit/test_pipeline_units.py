@@ -158,12 +158,42 @@ def test_shipped_presets_validate(folder, model):
 
 def test_paper_recipe_preset():
     config = load_config(PretrainJobConfig, "configs/pretrain/base.yaml")
-    assert config.global_batch_size == 64 and config.optim.lr == 1e-4 and config.optim.weight_decay == 5e-8
+    assert config.train.global_batch_size == 64 and config.optim.lr == 1e-4 and config.optim.weight_decay == 5e-8
     assert config.optim.betas == (0.95, 0.999) and config.optim.warmup_steps == 1000 and config.masking.mask_patches == 400
     with pytest.raises(ConfigError, match="exactly one of mask_patches and mask_ratio"):
         load_config(PretrainJobConfig, "configs/pretrain/base.yaml", ["masking.mask_ratio=0.5", "masking.mask_patches=300"])
     ratio = load_config(PretrainJobConfig, "configs/pretrain/base.yaml", ["masking={mask_ratio: 0.6}"])
     assert ratio.masking.mask_patches is None and ratio.masking.mask_ratio == 0.6
+
+
+def test_elastic_scaling_and_a_global_batch_that_holds_on_every_world_size():
+    from pipeline.pretrain import accumulation_steps
+
+    preset = "configs/pretrain/local-tiny.yaml"  # batch_size 8
+    config = load_config(PretrainJobConfig, preset, ["scaling.num_workers=[1, 4]", "scaling.resize_interval_s=5",
+                                                     "train.global_batch_size=96"])
+    assert config.scaling.elastic and config.scaling.worker_range == (1, 4)
+    assert config.scaling.ray_scaling() == {"num_workers": (1, 4), "use_gpu": False, "resources_per_worker": {"CPU": 1},
+                                            "elastic_resize_monitor_interval_s": 5.0}
+    assert [accumulation_steps(config, size) for size in (1, 2, 3, 4)] == [12, 6, 4, 3]
+    derived = load_config(PretrainJobConfig, preset, ["scaling.num_workers=[1, 2]", "train.grad_accum=2"])
+    assert derived.train.global_batch_size == 32 and "global_batch_size" not in derived.train.model_fields_set
+    assert [accumulation_steps(derived, size) for size in (1, 2)] == [4, 2]
+    fixed = load_config(PretrainJobConfig, preset, ["scaling.num_workers=2", "train.grad_accum=3"])
+    assert fixed.scaling.ray_scaling()["num_workers"] == 2 and fixed.train.global_batch_size == 48
+    assert accumulation_steps(fixed, 2) == 3
+    local = load_config(PretrainJobConfig, preset, ["scaling.num_workers=0", "train.global_batch_size=16"])
+    assert accumulation_steps(local, 1) == 2
+    for bad, field in ((["scaling.num_workers=[2, 1]"], "1 <= min <= max"), (["scaling.num_workers=[0, 2]"], "1 <= min"),
+                       (["scaling.num_workers=[2, 3]"], r"train.global_batch_size: 24 \(batch_size x most workers x "
+                        r"grad_accum\) is not a whole number of micro-batches of train.batch_size 8 on 2 workers .* "
+                        r"multiple of 48"),
+                       (["train.global_batch_size=16", "train.grad_accum=3"], "disagree"),
+                       (["scaling.num_workers=[1, 2, 3]"], "scaling.num_workers")):
+        with pytest.raises(ConfigError, match=field):
+            load_config(PretrainJobConfig, preset, bad)
+    with pytest.raises(ConfigError, match="scaling.num_workers"):  # fine-tuning keeps a fixed number
+        load_config(FinetuneJobConfig, "configs/finetune/esc50.yaml", ["scaling.num_workers=[1, 2]"])
 
 
 def test_learning_rate_warmup_plateau_and_cosine():

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import PretrainJobConfig, ScalingSection, load_config
-from pipeline.resources import ClusterTooSmall, check_data_cpus
+from pipeline.config import ConfigError, ElasticScalingSection, PretrainJobConfig, ScalingSection, load_config
+from pipeline.resources import ClusterTooSmall, check_data_cpus, starting_workers
 from pipeline.run_record import (
     CONFIG_FILE, Change, ConfigChangedError, Launch, check_config, config_changes, may_change_on_resume, plain,
     record_accepted_changes, source_tags,
@@ -61,8 +61,12 @@ def test_a_relaunch_keeps_its_config_and_refuses_changes_unless_accepted(tmp_pat
     assert check_config(first.name, storage, first) == Launch(plain(first))
     (record.parent / "step-00000020").mkdir()  # the run has started: its config is kept from now on
 
-    longer = job(tmp_path, "train.max_steps=120", "train.checkpoint_every=40", "scaling.num_workers=2")
+    longer = job(tmp_path, "train.max_steps=120", "train.checkpoint_every=40", "scaling.cpus_per_worker=2")
     assert check_config(longer.name, storage, longer).accepted == []  # resumes; the record follows
+    wider = job(tmp_path, "train.max_steps=120", "train.checkpoint_every=40", "scaling.cpus_per_worker=2",
+                "scaling.num_workers=2")  # the default global batch would double with the workers
+    with pytest.raises(ConfigChangedError, match=r"train.global_batch_size: 8 -> 16"):
+        check_config(wider.name, storage, wider)
 
     changed = job(tmp_path, "train.max_steps=120", "optim.lr=0.01", "masking.mask_patches=40")
     with pytest.raises(ConfigChangedError) as refused:
@@ -148,6 +152,35 @@ def test_workers_leave_cpus_for_the_input_pipeline():
     assert "scaling.num_workers (at most 3 here)" in message and "scaling.cpus_per_worker" in message
     with pytest.raises(ClusterTooSmall, match="at most 1 here"):
         check_data_cpus(15.5, scaling(2, 7.5))  # 0.5 CPU left
+
+
+def test_an_elastic_run_is_checked_at_the_size_it_starts_with():
+    def elastic(low: int, high: int, cpus: float = 1) -> ElasticScalingSection:
+        return ElasticScalingSection(num_workers=(low, high), cpus_per_worker=cpus)
+
+    assert starting_workers(4, elastic(1, 8)) == 4 and starting_workers(4, elastic(1, 2)) == 2
+    check_data_cpus(4, elastic(1, 3))       # starts with 3, one CPU left for Ray Data
+    check_data_cpus(3, elastic(1, 2, 2))    # starts with 1 worker of 2 CPUs
+    check_data_cpus(1, elastic(2, 4))       # too small for min: Ray Train waits for nodes
+    with pytest.raises(ClusterTooSmall, match=r"4 Train workers .* scaling.num_workers \(its max\) \(at most 3"):
+        check_data_cpus(4, elastic(1, 8))
+
+
+def test_a_resumed_run_may_change_its_scaling_but_not_its_global_batch(tmp_path):
+    storage = resolve(str(tmp_path / "ckpt"))
+    first = job(tmp_path, "scaling.num_workers=2")  # global batch 8 x 2 x 1 = 16
+    check_config(first.name, storage, first)
+    (tmp_path / "ckpt" / first.name / "step-00000020").mkdir()
+    elastic = job(tmp_path, "scaling.num_workers=[1, 2]", "scaling.resize_interval_s=5")
+    assert elastic.train.global_batch_size == 16
+    assert check_config(elastic.name, storage, elastic).accepted == []
+    grown = job(tmp_path, "scaling.num_workers=[1, 2]", "train.grad_accum=2")  # default 8 x 2 x 2 = 32
+    with pytest.raises(ConfigChangedError, match=r"train.global_batch_size: 16 -> 32"):
+        check_config(grown.name, storage, grown)
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: 16 is not a whole number .* on 3 workers"):
+        job(tmp_path, "scaling.num_workers=[1, 4]", "train.global_batch_size=16")  # 3 x 8 does not divide 16
+    kept = job(tmp_path, "scaling.num_workers=[1, 2]", "train.global_batch_size=16", "scaling.max_failures=3")
+    assert check_config(kept.name, storage, kept).accepted == []
 
 
 def test_sweep_restores_and_fine_tuning_follow_the_same_rule(tmp_path):

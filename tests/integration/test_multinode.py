@@ -1,0 +1,149 @@
+"""Pretraining on a Ray cluster of several nodes on one machine (Ray's ``cluster_utils.Cluster``: a
+head and worker nodes, each with its own raylet): DDP across two nodes that survives losing one of
+them to a replacement, and an elastic run that grows from 1 to 2 workers with its global batch held.
+
+Workers reserve 2 CPUs; the head has 3 and every other node 2, so each node holds one worker and the
+head keeps a CPU for Ray Data. The driver is ``python -m pipeline.pretrain`` pointed at the cluster
+(this process keeps its own Ray session for the fixtures). A run waits at a known step
+(``testing.hold_at_step``) until the test has changed the cluster, and the test changes it once the
+controller has recorded the checkpoint of that step: nothing depends on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.timeout(420)
+
+REPO = Path(__file__).resolve().parents[2]
+HEAD_CPUS, NODE_CPUS, WORKER_CPUS = 3, 2, 2
+HOLD_STEP, MAX_STEPS = 2, 4
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node; tests add and remove the other nodes. Torn down node by node (``Cluster.shutdown``
+    would also reset this process's Ray session state)."""
+    from ray.cluster_utils import Cluster
+
+    temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # unix socket paths must stay short
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": HEAD_CPUS, "temp_dir": temp_dir,
+                                                            "include_dashboard": False})
+    yield cluster
+    for node in list(cluster.worker_nodes):
+        cluster.remove_node(node)
+    cluster.remove_node(cluster.head_node)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def with_worker_nodes(cluster, count: int) -> None:
+    for node in list(cluster.worker_nodes)[count:]:
+        cluster.remove_node(node)
+    while len(cluster.worker_nodes) < count:
+        cluster.add_node(num_cpus=NODE_CPUS)
+
+
+class Driver:
+    """``python -m pipeline.pretrain`` against the cluster, its output in a file to show on failure."""
+
+    def __init__(self, cluster, tmp_path: Path, features: str, name: str, *settings: str) -> None:
+        self.name, self.storage, self.tracking = name, tmp_path / "ckpt", f"sqlite:///{tmp_path / 'mlflow.db'}"
+        overrides = [f"name={name}", f"storage_path={self.storage}", f"data.features={features}",
+                     "validation=null", f"tracking.tracking_uri={self.tracking}",
+                     "train.batch_size=4", f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={HOLD_STEP}",
+                     "train.log_every=1", "train.figure_every=100",
+                     f"scaling.cpus_per_worker={WORKER_CPUS}", f"testing.hold_at_step={HOLD_STEP}",
+                     "testing.hold_s=240", *settings]
+        command = [sys.executable, "-m", "pipeline.pretrain", "--config", "configs/pretrain/local-tiny.yaml",
+                   *[arg for override in overrides for arg in ("--set", override)]]
+        env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"}
+        self.log = tmp_path / "driver.log"
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text()[-6000:]
+
+    def wait_for_checkpoint(self, step: int, timeout: float = 240) -> None:
+        """Until Ray Train's controller has recorded the checkpoint of ``step`` (its snapshot in storage)."""
+        snapshot = self.storage / self.name / "checkpoint_manager_snapshot.json"
+        deadline = time.monotonic() + timeout
+        while not (snapshot.exists() and f"step-{step:08d}" in snapshot.read_text()):
+            assert self.process.poll() is None, f"the driver exited early:\n{self.output()}"
+            assert time.monotonic() < deadline, f"no checkpoint at step {step} within {timeout:g} s:\n{self.output()}"
+            time.sleep(0.5)
+
+    def finish(self, timeout: float = 300) -> None:
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"the run did not finish within {timeout:g} s:\n{self.output()}")
+        assert code == 0, self.output()
+
+    def run(self):
+        """The run's one MLflow run and a function giving a metric's history as (step, value) pairs."""
+        client = MlflowClient(self.tracking)
+        experiment = client.get_experiment_by_name("ssamba-local")
+        runs = client.search_runs([experiment.experiment_id], f"tags.ray_run_name = '{self.name}'")
+        assert len(runs) == 1
+        run = runs[0]
+
+        def history(metric: str) -> list[tuple[int, float]]:
+            return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric))
+
+        return run, history
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def test_ddp_across_two_nodes_survives_losing_one_to_a_replacement(cluster, pretrain_features, tmp_path):
+    with_worker_nodes(cluster, 1)
+    driver = Driver(cluster, tmp_path, pretrain_features, "two-nodes", "scaling.num_workers=2", "scaling.max_failures=2")
+    try:
+        driver.wait_for_checkpoint(HOLD_STEP)
+        (lost,) = cluster.worker_nodes
+        cluster.remove_node(lost)  # kills the worker on it: Ray Train restarts the group from the checkpoint
+        cluster.add_node(num_cpus=NODE_CPUS)  # where the restarted group's second worker goes
+        driver.finish()
+    finally:
+        driver.stop()
+    run, history = driver.run()
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == str(HOLD_STEP)
+    assert [step for step, _ in history("loss")] == [1, 2, 3, 4]  # each step logged once, across the restart
+    assert history("nodes") == [(step, 2) for step in range(1, 5)]  # before the loss and after the replacement
+    assert history("world_size") == [(step, 2) for step in range(1, 5)]
+    assert (driver.storage / "two-nodes" / f"step-{MAX_STEPS:08d}" / "state.pt").exists()
+
+
+def test_an_elastic_run_grows_to_a_new_node_and_keeps_its_global_batch(cluster, pretrain_features, tmp_path):
+    with_worker_nodes(cluster, 0)  # room for one worker: the run starts with it
+    driver = Driver(cluster, tmp_path, pretrain_features, "elastic", "scaling.num_workers=[1, 2]",
+                    "scaling.resize_interval_s=1")
+    try:
+        driver.wait_for_checkpoint(HOLD_STEP)
+        cluster.add_node(num_cpus=NODE_CPUS)  # room for a second worker: Ray Train resizes at its next look
+        driver.finish()
+    finally:
+        driver.stop()
+    run, history = driver.run()
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == str(HOLD_STEP)
+    assert [step for step, _ in history("loss")] == [1, 2, 3, 4]
+    assert history("world_size") == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    assert history("grad_accum") == [(1, 2), (2, 2), (3, 1), (4, 1)]  # 4 per worker x 1 x 2 = 4 x 2 x 1
+    assert history("global_batch_size") == [(step, 8) for step in range(1, 5)]
+    assert run.data.params["train.global_batch_size"] == "8"
