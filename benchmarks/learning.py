@@ -10,8 +10,10 @@ compare frozen-embedding linear probes against the same encoder at random init a
    what fits in ``--minutes`` (or ``--steps``). ``pipeline.pretrain`` then pretrains on Ray Train,
    tracked in MLflow (``<out>/mlflow.db``).
 3. Each labelled clip is embedded three ways: the pretrained encoder and the same architecture at
-   random init (mean of the output tokens over the patch columns the clip covers), and the mean and
-   standard deviation over time of its normalised log-mel frames.
+   random init (mean of the output tokens over the patch columns the clip covers; also mean and
+   standard deviation of those tokens), and the mean and standard deviation over time of its
+   normalised log-mel frames. ``--probe-step N`` skips pretraining and probes a stopped run's
+   step-N checkpoint.
 4. A multinomial logistic regression per embedding (features standardised on the train split, L2
    weight chosen on the validation split) is scored on the test split; the splits are group-disjoint
    (see learning_data.py).
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,7 +45,7 @@ from pipeline.config import FeaturizeConfig, PretrainJobConfig
 from ssamba import SSAMBAEncoder, SSAMBAPretrainModel, crop_or_pad, load_checkpoint, norm_stats, normalize
 
 TASKS = ("voice", "language")
-EMBEDDINGS = ("pretrained", "random init", "log-mel mean/std")
+EMBEDDINGS = ("pretrained", "random init", "log-mel mean/std", "pretrained mean/std", "random init mean/std")
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 TIME_SHARE = 0.85  # of --minutes for optimizer steps; the rest: evaluations, checkpoints, start-up
 
@@ -66,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--evaluations", type=int, default=5, help="validation evaluations during pretraining")
     parser.add_argument("--pool-files", type=int, default=None, help="pretrain on the first N pool files only (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe-step", type=int, default=None, help="no pretraining: probe the named run's "
+                        "training checkpoint of this step (a run stopped before its end)")
     return parser.parse_args(argv)
 
 
@@ -120,8 +125,8 @@ def step_seconds(config: PretrainJobConfig, steps: int = 3) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    encoder_config = pretrain.encoder_config(config)
-    model = SSAMBAPretrainModel(SSAMBAEncoder(encoder_config), encoder_config.grid, pretrain.pretrain_config(config))
+    encoder_config = config.model.encoder_config()
+    model = SSAMBAPretrainModel(SSAMBAEncoder(encoder_config), encoder_config.grid, config.masking.pretrain_config())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
     batch = torch.randn(config.train.batch_size, config.model.target_length, config.model.num_mel_bins)
     rng = random.Random(0)
@@ -159,17 +164,19 @@ def logmel_embeddings(rows: list[dict]) -> torch.Tensor:
 
 @torch.no_grad()
 def encoder_embeddings(encoder: SSAMBAEncoder, rows: list[dict], target_length: int, batch_size: int = 32) -> torch.Tensor:
-    """Mean of the output patch tokens over the time columns that hold the clip (not its zero padding)."""
+    """Mean, then standard deviation, of the output patch tokens over the time columns that hold the
+    clip (not its zero padding): ``(clips, 2·D)``; the first half is the plain mean embedding."""
     encoder.eval()
     grid, stats = encoder.config.grid, norm_stats("audioset")
     outputs = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         features = torch.stack([normalize(crop_or_pad(r["fbank"], target_length), stats) for r in chunk])
-        tokens = encoder(features)[:, 1:].reshape(len(chunk), grid.freq_patches, grid.time_patches, -1).mean(1)
+        tokens = encoder(features)[:, 1:].reshape(len(chunk), grid.freq_patches, grid.time_patches, -1)
         for tokens_of_clip, row in zip(tokens, chunk):
             covered = min(grid.time_patches, max(1, math.ceil(min(row["fbank"].shape[0], target_length) / grid.tstride)))
-            outputs.append(tokens_of_clip[:covered].mean(0))
+            kept = tokens_of_clip[:, :covered].reshape(-1, tokens.shape[-1])
+            outputs.append(torch.cat([kept.mean(0), kept.std(0, correction=0)]))
     return torch.stack(outputs)
 
 
@@ -228,12 +235,24 @@ def write_table(out: Path, results: dict[str, dict[str, dict]], chance: dict[str
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    args.out.mkdir(parents=True, exist_ok=True)
-    record: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+def start_local_ray(attempts: int = 3) -> None:
+    """A Ray instance of our own: the pipeline's bare ``ray.init()`` would join whichever cluster on
+    this machine started last (another job's) and die with it. Retried because Ray gives a starting
+    node a fixed 30 s, which a heavily loaded machine can miss."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", include_dashboard=False)
+            return
+        except Exception as error:  # Ray raises a bare Exception on a start-up timeout
+            print(f"Ray start-up attempt {attempt} failed: {error}")
+            ray.shutdown()
+            if attempt == attempts:
+                raise
 
+
+def pretrain_and_export(args: argparse.Namespace, record: dict) -> SSAMBAEncoder:
+    """Featurize, pretrain on Ray Train for the budget, return the exported encoder."""
+    start_local_ray()
     clip_seconds = (args.target_length - 1) * 0.01 + 0.025  # exactly target_length fbank frames
     for name in ("pool_train", "pool_validation"):
         manifest = args.data / f"{name}.csv"
@@ -256,8 +275,31 @@ def main(argv: list[str] | None = None) -> int:
     record.update(max_steps=max_steps, pretrain_seconds=time.perf_counter() - started,
                   pretrain_metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
     print(f"pretrained {max_steps} steps in {record['pretrain_seconds'] / 60:.1f} min: {record['pretrain_metrics']}")
+    return load_checkpoint(pretrain.encoder_uri(config)).build_encoder()
 
-    pretrained = load_checkpoint(pretrain.encoder_uri(config)).build_encoder()
+
+def checkpoint_encoder(config: PretrainJobConfig, step: int) -> SSAMBAEncoder:
+    """The encoder of the run's training checkpoint at ``step`` (the model part of its state)."""
+    state = torch.load(state_path(config, step), map_location="cpu", weights_only=True)
+    encoder_config = config.model.encoder_config()
+    model = SSAMBAPretrainModel(SSAMBAEncoder(encoder_config), encoder_config.grid, config.masking.pretrain_config())
+    model.load_state_dict(state["model"])
+    return model.encoder
+
+
+def state_path(config: PretrainJobConfig, step: int) -> Path:
+    return Path(config.storage_path) / config.name / f"step-{step:08d}" / "state.pt"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args.out.mkdir(parents=True, exist_ok=True)
+    record: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    if args.probe_step is None:
+        pretrained = pretrain_and_export(args, record)
+    else:
+        pretrained = checkpoint_encoder(pretrain_job(args, args.probe_step), args.probe_step)
     torch.manual_seed(args.seed)
     random_init = SSAMBAEncoder(pretrained.config)
     results, chance, record["tasks"] = {}, {}, {}
@@ -267,9 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         test_labels = [label for label, split in zip(labels, splits) if split == "test"]
         chance[task] = 100.0 * max(test_labels.count(label) for label in set(test_labels)) / len(test_labels)
         record["tasks"][task] = {split: splits.count(split) for split in ("train", "validation", "test")}
-        embeddings = {"pretrained": encoder_embeddings(pretrained, rows, args.target_length),
-                      "random init": encoder_embeddings(random_init, rows, args.target_length),
-                      "log-mel mean/std": logmel_embeddings(rows)}
+        pretrained_pooled = encoder_embeddings(pretrained, rows, args.target_length)
+        random_pooled = encoder_embeddings(random_init, rows, args.target_length)
+        width = pretrained.embed_dim
+        embeddings = {"pretrained": pretrained_pooled[:, :width], "random init": random_pooled[:, :width],
+                      "log-mel mean/std": logmel_embeddings(rows),
+                      "pretrained mean/std": pretrained_pooled, "random init mean/std": random_pooled}
         results[task] = {name: probe(vectors, labels, splits) for name, vectors in embeddings.items()}
     record["results"] = results
     (args.out / "run.json").write_text(json.dumps(record, indent=2))

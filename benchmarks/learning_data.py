@@ -12,7 +12,7 @@ written beside them:
   Czech and Dutch (fillets-ng-data-cs/-nl) and its sound effects (fillets-ng-data), telephone prompts
   in five languages (asterisk-core-sounds-{en,es,fr,it,ru}-wav), game music and effects
   (hedgewars-data without its voice packs) and the stamp sound effects of tuxpaint-stamps-default.
-  The validation part is 5 % of the files, chosen by a hash of the path.
+  The validation part is 5 % of the files, chosen by a hash of the relative path.
 * ``task_voice.csv``: which of hedgewars' 15 voice packs (one actor or character voice each) says a
   phrase. Grouped by phrase: a phrase (e.g. every pack's ``Hello``) is in one split only, so the
   probe must recognise the voice in words it never heard from it.
@@ -30,6 +30,7 @@ import argparse
 import collections
 import csv
 import hashlib
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -82,6 +83,8 @@ def fetch(package: str, cache: Path) -> Path:
         subprocess.run(["apt-get", "download", package], cwd=debs, check=True)
     (deb,) = debs.glob(f"{package}_*.deb")
     partial = root.with_suffix(".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # an interrupted unpack
+    partial.parent.mkdir(parents=True, exist_ok=True)  # dpkg -x creates only the last level
     subprocess.run(["dpkg", "-x", str(deb), str(partial)], check=True)
     partial.rename(root)
     return root
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = [clip for clip in pool if clip.target.exists()]
     tasks = {name: [clip for clip in clips if clip.target.exists()] for name, clips in tasks.items()}
 
-    pool_split = {name: [c for c in pool if (unit_hash(str(c.target)) < 0.05) == (name == "validation")]
+    pool_split = {name: [c for c in pool if (unit_hash(relative_uri(c, cache)) < 0.05) == (name == "validation")]
                   for name in ("train", "validation")}
     for name, clips in pool_split.items():
         write_manifest(cache / f"pool_{name}.csv", [(relative_uri(clip, cache), "", "") for clip in clips])
