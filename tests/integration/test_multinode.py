@@ -11,6 +11,7 @@ controller has recorded the checkpoint of that step: nothing depends on how fast
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -29,6 +30,24 @@ HEAD_CPUS, NODE_CPUS, WORKER_CPUS = 3, 2, 2
 HOLD_STEP, MAX_STEPS = 2, 4
 
 
+@contextlib.contextmanager
+def session_kv_kept():
+    """Starting a node points Ray's process-wide internal-KV client at that node's GCS. Put this
+    process's own session back afterwards: a client left pointing at a head the test later removes
+    ends the whole process (exit 1, no traceback) 60 s after that GCS is gone, the first time anything
+    here (Ray Train's local mode, for one) reads the KV."""
+    from ray.experimental import internal_kv
+
+    session_client = internal_kv.internal_kv_get_gcs_client()
+    try:
+        yield
+    finally:
+        if session_client is None:
+            internal_kv._internal_kv_reset()
+        else:
+            internal_kv._initialize_internal_kv(session_client)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A head node; tests add and remove the other nodes. Torn down node by node (``Cluster.shutdown``
@@ -37,8 +56,9 @@ def cluster():
 
     temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # unix socket paths must stay short
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": HEAD_CPUS, "temp_dir": temp_dir,
-                                                            "include_dashboard": False})
+    with session_kv_kept():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": HEAD_CPUS, "temp_dir": temp_dir,
+                                                                "include_dashboard": False})
     yield cluster
     for node in list(cluster.worker_nodes):
         cluster.remove_node(node)
@@ -46,11 +66,16 @@ def cluster():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def add_node(cluster) -> None:
+    with session_kv_kept():
+        cluster.add_node(num_cpus=NODE_CPUS)
+
+
 def with_worker_nodes(cluster, count: int) -> None:
     for node in list(cluster.worker_nodes)[count:]:
         cluster.remove_node(node)
     while len(cluster.worker_nodes) < count:
-        cluster.add_node(num_cpus=NODE_CPUS)
+        add_node(cluster)
 
 
 class Driver:
@@ -118,7 +143,7 @@ def test_ddp_across_two_nodes_survives_losing_one_to_a_replacement(cluster, pret
         driver.wait_for_checkpoint(HOLD_STEP)
         (lost,) = cluster.worker_nodes
         cluster.remove_node(lost)  # kills the worker on it: Ray Train restarts the group from the checkpoint
-        cluster.add_node(num_cpus=NODE_CPUS)  # where the restarted group's second worker goes
+        add_node(cluster)  # where the restarted group's second worker goes
         driver.finish()
     finally:
         driver.stop()
@@ -136,7 +161,7 @@ def test_an_elastic_run_grows_to_a_new_node_and_keeps_its_global_batch(cluster, 
                     "scaling.resize_interval_s=1")
     try:
         driver.wait_for_checkpoint(HOLD_STEP)
-        cluster.add_node(num_cpus=NODE_CPUS)  # room for a second worker: Ray Train resizes at its next look
+        add_node(cluster)  # room for a second worker: Ray Train resizes at its next look
         driver.finish()
     finally:
         driver.stop()

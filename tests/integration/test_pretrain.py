@@ -90,7 +90,7 @@ def test_local_mode_run_tracks_metrics_figure_and_model(pretrain_features, tmp_p
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.source.name"] == "pipeline.pretrain" and run.data.tags["host"]
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
-    assert run.data.params["model.embed_dim"] == "64" and run.data.params["global_batch_size"] == "4"
+    assert run.data.params["model.embed_dim"] == "64" and run.data.params["train.global_batch_size"] == "4"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 4, 6]
     assert {"lr", "samples_per_s", "tokens_per_s", "nce", "mse", "masked_accuracy", "val_masked_accuracy"} <= set(run.data.metrics)
@@ -115,7 +115,7 @@ def test_two_workers_survive_a_failure_and_a_relaunch_resumes(pretrain_features,
     client, run = run_of(config)
     assert run.data.tags["checkpoint_location"] == "s3://checkpoints/runs/ddp-ft"
     assert run.data.tags["resumed_from_step"] == "3"  # the failure at step 5 restarted from step 3
-    assert run.data.params["global_batch_size"] == "8"
+    assert run.data.params["train.global_batch_size"] == "8"
     assert "system/cpu_utilization_percentage" not in run.data.metrics  # auto: off on the CPU
     assert_artifacts_outlive_ray(client, run, tmp_path)
 
@@ -193,7 +193,7 @@ def test_remote_mlflow_server_and_gradient_accumulation(pretrain_features, tmp_p
                      f"tracking.tracking_uri={uri}")
         assert pretrain.run(config).metrics["step"] == 2
         client, run = run_of(config)
-        assert run.info.status == "FINISHED" and run.data.params["global_batch_size"] == "8"
+        assert run.info.status == "FINISHED" and run.data.params["train.global_batch_size"] == "8"
         assert "model/ssamba_encoder.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     finally:
         server.terminate()
