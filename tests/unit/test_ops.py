@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -88,6 +89,21 @@ def test_fused_scan_matches_float64_reference_forward_and_gradients(batch, d_inn
             grad = torch.zeros_like(tensor) if tensor.grad is None else tensor.grad
             assert grad.shape == tensor.shape and grad.dtype == tensor.dtype, name
             assert relative_error(grad, inputs64[name].grad) <= 1e-5, name
+
+
+def test_fused_scan_exponential_against_float64():
+    """The vectorisable exp of the decays: within 2 float32 ulp of exp in float64 over the normal
+    range, e^-87 (≈ 0) below it, infinity above it, NaN kept."""
+    from ssamba.ops.fused_scan import _fill_decays
+
+    x = np.concatenate([np.linspace(-87.0, 88.0, 200_001), [-1e4, -90.0, 0.0, 89.0, 1e4, np.nan]]).astype(np.float32)
+    decay, bits = np.empty_like(x), np.empty(len(x), dtype=np.int32)
+    _fill_decays(np.float32(1.0), x, decay, bits, bits.view(np.float32))
+    normal = slice(0, 200_001)
+    exact = np.exp(x[normal].astype(np.float64))
+    assert np.max(np.abs(decay[normal] - exact) / exact) <= 2 * np.finfo(np.float32).eps
+    assert decay[-6] == decay[-5] == np.float32(np.exp(np.float64(-87.0))) and decay[-4] == 1.0
+    assert np.isinf(decay[-3]) and np.isinf(decay[-2]) and np.isnan(decay[-1])
 
 
 def test_fused_scan_takes_strided_inputs_and_strong_decay():
