@@ -9,11 +9,11 @@ compare frozen-embedding linear probes against the same encoder at random init a
 2. A few pretraining steps are timed in this process at the workers' thread count; ``max_steps`` is
    what fits in ``--minutes`` (or ``--steps``). ``pipeline.pretrain`` then pretrains on Ray Train,
    tracked in MLflow (``<out>/mlflow.db``).
-3. Each labelled clip is embedded three ways: the pretrained encoder and the same architecture at
-   random init (mean of the output tokens over the patch columns the clip covers; also mean and
-   standard deviation of those tokens), and the mean and standard deviation over time of its
-   normalised log-mel frames. ``--probe-step N`` skips pretraining and probes a stopped run's
-   step-N checkpoint.
+3. Each labelled clip is embedded by the pretrained encoder and the same architecture at random init
+   (output tokens over the patch columns the clip covers, pooled as their mean, their mean and
+   standard deviation, and the mean of each frequency row), and by the mean and standard deviation
+   over time of its normalised log-mel frames (the whole clip, and only the frames the encoder
+   sees). ``--probe-step N`` skips pretraining and probes a stopped run's step-N checkpoint.
 4. A multinomial logistic regression per embedding (features standardised on the train split, L2
    weight chosen on the validation split) is scored on the test split; the splits are group-disjoint
    (see learning_data.py).
@@ -45,7 +45,15 @@ from pipeline.config import FeaturizeConfig, PretrainJobConfig
 from ssamba import SSAMBAEncoder, SSAMBAPretrainModel, crop_or_pad, load_checkpoint, norm_stats, normalize
 
 TASKS = ("voice", "language")
-EMBEDDINGS = ("pretrained", "random init", "log-mel mean/std", "pretrained mean/std", "random init mean/std")
+POOLINGS = ("mean", "mean/std", "band means")
+
+
+def embedding_name(encoder: str, pooling: str) -> str:
+    return encoder if pooling == "mean" else f"{encoder} {pooling}"
+
+
+EMBEDDINGS = ("pretrained", "random init", "log-mel mean/std", "log-mel mean/std, encoder's crop",
+              *(embedding_name(encoder, pooling) for pooling in POOLINGS[1:] for encoder in ("pretrained", "random init")))
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 TIME_SHARE = 0.85  # of --minutes for optimizer steps; the rest: evaluations, checkpoints, start-up
 
@@ -69,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--evaluations", type=int, default=5, help="validation evaluations during pretraining")
     parser.add_argument("--pool-files", type=int, default=None, help="pretrain on the first N pool files only (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker-cpus", type=int, default=os.cpu_count() or 1,
+                        help="threads of the one Train worker (Ray gets one more logical CPU for Ray Data's reads)")
     parser.add_argument("--probe-step", type=int, default=None, help="no pretraining: probe the named run's "
                         "training checkpoint of this step (a run stopped before its end)")
     return parser.parse_args(argv)
@@ -115,15 +125,15 @@ def pretrain_job(args: argparse.Namespace, max_steps: int) -> PretrainJobConfig:
         "train": {"batch_size": args.batch_size, "max_steps": max_steps, "eval_every": every, "eval_batches": 8,
                   "checkpoint_every": every, "log_every": max(1, every // 5), "figure_every": max_steps,
                   "precision": "fp32", "seed": args.seed},
-        "scaling": {"num_workers": 1},
+        "scaling": {"num_workers": 1, "cpus_per_worker": args.worker_cpus},
         "tracking": {"tracking_uri": f"sqlite:///{(args.out / 'mlflow.db').resolve()}", "experiment": "ssamba-learning"},
     })
 
 
 def step_seconds(config: PretrainJobConfig, steps: int = 3) -> float:
-    """Seconds per optimizer step of this config, on one thread as the Ray Train worker (1 CPU) runs it."""
+    """Seconds per optimizer step of this config, at the Ray Train worker's thread count."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(config.scaling.cpus_per_worker))
     torch.manual_seed(0)
     encoder_config = config.model.encoder_config()
     model = SSAMBAPretrainModel(SSAMBAEncoder(encoder_config), encoder_config.grid, config.masking.pretrain_config())
@@ -156,28 +166,35 @@ def read_features(folder: Path) -> list[dict]:
     return rows
 
 
-def logmel_embeddings(rows: list[dict]) -> torch.Tensor:
+def logmel_embeddings(rows: list[dict], frames: int | None = None) -> torch.Tensor:
+    """Mean and standard deviation over time of the normalised log-mel frames: of the whole clip, or of
+    its first ``frames`` (what the encoder sees, for a like-for-like comparison)."""
     stats = norm_stats("audioset")
-    return torch.stack([torch.cat([normalize(r["fbank"], stats).mean(0), normalize(r["fbank"], stats).std(0, correction=0)])
-                        for r in rows])
+    kept = [normalize(r["fbank"][:frames], stats) for r in rows]
+    return torch.stack([torch.cat([frames_of_clip.mean(0), frames_of_clip.std(0, correction=0)]) for frames_of_clip in kept])
 
 
 @torch.no_grad()
-def encoder_embeddings(encoder: SSAMBAEncoder, rows: list[dict], target_length: int, batch_size: int = 32) -> torch.Tensor:
-    """Mean, then standard deviation, of the output patch tokens over the time columns that hold the
-    clip (not its zero padding): ``(clips, 2·D)``; the first half is the plain mean embedding."""
+def encoder_embeddings(encoder: SSAMBAEncoder, rows: list[dict], target_length: int,
+                       batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """The output patch tokens over the time columns that hold the clip (not its zero padding),
+    pooled three ways: ``mean`` (D), ``mean/std`` (2·D) and ``band means`` (the mean over time of each
+    frequency row, F·D: it keeps the spectral envelope that a mean over every patch averages away)."""
     encoder.eval()
     grid, stats = encoder.config.grid, norm_stats("audioset")
-    outputs = []
+    pooled: dict[str, list[torch.Tensor]] = {"mean": [], "mean/std": [], "band means": []}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         features = torch.stack([normalize(crop_or_pad(r["fbank"], target_length), stats) for r in chunk])
         tokens = encoder(features)[:, 1:].reshape(len(chunk), grid.freq_patches, grid.time_patches, -1)
         for tokens_of_clip, row in zip(tokens, chunk):
             covered = min(grid.time_patches, max(1, math.ceil(min(row["fbank"].shape[0], target_length) / grid.tstride)))
-            kept = tokens_of_clip[:, :covered].reshape(-1, tokens.shape[-1])
-            outputs.append(torch.cat([kept.mean(0), kept.std(0, correction=0)]))
-    return torch.stack(outputs)
+            bands = tokens_of_clip[:, :covered]  # (F, T covered, D)
+            every = bands.reshape(-1, tokens.shape[-1])
+            pooled["mean"].append(every.mean(0))
+            pooled["mean/std"].append(torch.cat([every.mean(0), every.std(0, correction=0)]))
+            pooled["band means"].append(bands.mean(1).flatten())
+    return {name: torch.stack(vectors) for name, vectors in pooled.items()}
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float) -> torch.nn.Linear:
@@ -235,13 +252,14 @@ def write_table(out: Path, results: dict[str, dict[str, dict]], chance: dict[str
     return table
 
 
-def start_local_ray(attempts: int = 3) -> None:
+def start_local_ray(worker_cpus: int, attempts: int = 3) -> None:
     """A Ray instance of our own: the pipeline's bare ``ray.init()`` would join whichever cluster on
-    this machine started last (another job's) and die with it. Retried because Ray gives a starting
-    node a fixed 30 s, which a heavily loaded machine can miss."""
+    this machine started last (another job's) and die with it. It has one logical CPU more than the
+    worker takes, so Ray Data's reads (light: the features are stored) always find a slot. Retried
+    because Ray gives a starting node a fixed 30 s, which a heavily loaded machine can miss."""
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(address="local", include_dashboard=False)
+            ray.init(address="local", num_cpus=worker_cpus + 1, include_dashboard=False)
             return
         except Exception as error:  # Ray raises a bare Exception on a start-up timeout
             print(f"Ray start-up attempt {attempt} failed: {error}")
@@ -252,7 +270,7 @@ def start_local_ray(attempts: int = 3) -> None:
 
 def pretrain_and_export(args: argparse.Namespace, record: dict) -> SSAMBAEncoder:
     """Featurize, pretrain on Ray Train for the budget, return the exported encoder."""
-    start_local_ray()
+    start_local_ray(args.worker_cpus)
     clip_seconds = (args.target_length - 1) * 0.01 + 0.025  # exactly target_length fbank frames
     for name in ("pool_train", "pool_validation"):
         manifest = args.data / f"{name}.csv"
@@ -311,10 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         record["tasks"][task] = {split: splits.count(split) for split in ("train", "validation", "test")}
         pretrained_pooled = encoder_embeddings(pretrained, rows, args.target_length)
         random_pooled = encoder_embeddings(random_init, rows, args.target_length)
-        width = pretrained.embed_dim
-        embeddings = {"pretrained": pretrained_pooled[:, :width], "random init": random_pooled[:, :width],
-                      "log-mel mean/std": logmel_embeddings(rows),
-                      "pretrained mean/std": pretrained_pooled, "random init mean/std": random_pooled}
+        embeddings = {"log-mel mean/std": logmel_embeddings(rows),
+                      "log-mel mean/std, encoder's crop": logmel_embeddings(rows, args.target_length)}
+        for pooling in POOLINGS:
+            embeddings[embedding_name("pretrained", pooling)] = pretrained_pooled[pooling]
+            embeddings[embedding_name("random init", pooling)] = random_pooled[pooling]
         results[task] = {name: probe(vectors, labels, splits) for name, vectors in embeddings.items()}
     record["results"] = results
     (args.out / "run.json").write_text(json.dumps(record, indent=2))
