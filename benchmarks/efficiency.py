@@ -6,7 +6,9 @@ timed forwards after a warm-up. SSAST runs with eager attention (as in the paper
 fairer modern baseline).
 
 * CUDA: CUDA-event timing, ``torch.cuda.max_memory_allocated`` (weights included), OOM recorded.
-* CPU: every point runs in its own process; memory is that process's peak resident size.
+* CPU: every point runs in its own process; memory is that process's peak resident size, and
+  ``baseline_mib`` its peak after one 16-token forward of the same model (the libraries' fixed cost:
+  torch, and for SSAMBA numba with its compiled scan), so the difference is the working set.
 * ``ssamba-ref`` (CUDA only) is SSAMBA with the reference forward instead of the lean one, to show
   what the lean forward gains in the same run. ``--precision tf32|bf16`` (CUDA) measures the
   inference-precision options (TF32 matrix products, or bf16 autocast), apart from the fp32 protocol.
@@ -72,7 +74,16 @@ def measure(model: str, size: str, batch: int, tokens: int, repeats: int, device
         return _measure(model, size, batch, tokens, repeats, device)
 
 
+def warm_libraries(model: str, size: str) -> float:
+    """Run the model's code path once on a 16-token input and return the process's peak resident MiB:
+    what the libraries cost (torch, numba and its compiled scan), before any real working set."""
+    with torch.no_grad():
+        build(model, size, 16)(torch.randn(1, 32, 128))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _measure(model: str, size: str, batch: int, tokens: int, repeats: int, device: str) -> dict:
+    baseline = warm_libraries(model, size) if device == "cpu" else None
     torch.manual_seed(0)
     net = build(model, size, tokens).to(device)
     features = torch.randn(batch, 2 * tokens, 128, device=device)
@@ -96,19 +107,19 @@ def _measure(model: str, size: str, batch: int, tokens: int, repeats: int, devic
                 if run:
                     times.append(seconds)
     except torch.cuda.OutOfMemoryError:
-        return {"status": "oom", "seconds": None, "memory_mib": None}
+        return {"status": "oom", "seconds": None, "memory_mib": None, "baseline_mib": None}
     if device == "cuda":
         memory = torch.cuda.max_memory_allocated() / 2**20
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"status": "ok", "seconds": statistics.median(times), "memory_mib": memory}
+    return {"status": "ok", "seconds": statistics.median(times), "memory_mib": memory, "baseline_mib": baseline}
 
 
 def measure_in_subprocess(model: str, size: str, batch: int, tokens: int, repeats: int) -> dict:
     command = [sys.executable, __file__, "--point", model, size, str(batch), str(tokens), "--repeats", str(repeats)]
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:  # killed for memory, typically
-        return {"status": f"failed ({finished.returncode})", "seconds": None, "memory_mib": None}
+        return {"status": f"failed ({finished.returncode})", "seconds": None, "memory_mib": None, "baseline_mib": None}
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
@@ -152,6 +163,10 @@ def summarize(rows: list[dict]) -> list[str]:
                      f"{mamba['memory_mib']:.0f} MiB vs SSAST (eager) {ssast['seconds']:.3f} s / {ssast['memory_mib']:.0f} MiB "
                      f"→ {100 * (1 - mamba['seconds'] / ssast['seconds']):+.1f}% faster, "
                      f"{100 * (1 - mamba['memory_mib'] / ssast['memory_mib']):+.1f}% less memory")
+        if mamba["baseline_mib"] is not None:  # CPU: the peak above each process's warm libraries
+            working = {name: r["memory_mib"] - r["baseline_mib"] for name, r in (("ssamba", mamba), ("ssast", ssast))}
+            lines.append(f"  above the warm libraries ({mamba['baseline_mib']:.0f} / {ssast['baseline_mib']:.0f} MiB): "
+                         f"SSAMBA {working['ssamba']:.0f} MiB vs SSAST {working['ssast']:.0f} MiB")
     return lines
 
 
