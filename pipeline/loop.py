@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from datetime import timedelta
 from typing import Any, Callable, ContextManager, Protocol
@@ -129,8 +130,11 @@ def start_tracking(loop: LoopConfig, worker: Worker, params: Callable[[], dict[s
 
 
 def say(line: str) -> None:
-    """One progress line on stdout, flushed (Ray forwards worker output to the driver and job logs)."""
-    print(line, flush=True)
+    """One progress line on stdout, flushed (Ray forwards worker output to the driver and job logs).
+    Written to the stream rather than printed: Ray Train patches ``print`` in its workers to log the
+    line as well as print it, and the driver then shows every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def announce_compute(device: torch.device, precision: str, world_size: int, global_batch: int) -> None:
