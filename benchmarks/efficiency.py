@@ -163,10 +163,10 @@ def summarize(rows: list[dict]) -> list[str]:
                      f"{mamba['memory_mib']:.0f} MiB vs SSAST (eager) {ssast['seconds']:.3f} s / {ssast['memory_mib']:.0f} MiB "
                      f"→ {100 * (1 - mamba['seconds'] / ssast['seconds']):+.1f}% faster, "
                      f"{100 * (1 - mamba['memory_mib'] / ssast['memory_mib']):+.1f}% less memory")
-        if mamba["baseline_mib"] is not None:  # CPU: the peak above each process's warm libraries
-            working = {name: r["memory_mib"] - r["baseline_mib"] for name, r in (("ssamba", mamba), ("ssast", ssast))}
+        if mamba.get("baseline_mib") is not None:  # CPU: the peak above each process's warm libraries
             lines.append(f"  above the warm libraries ({mamba['baseline_mib']:.0f} / {ssast['baseline_mib']:.0f} MiB): "
-                         f"SSAMBA {working['ssamba']:.0f} MiB vs SSAST {working['ssast']:.0f} MiB")
+                         f"SSAMBA {mamba['memory_mib'] - mamba['baseline_mib']:.0f} MiB vs "
+                         f"SSAST {ssast['memory_mib'] - ssast['baseline_mib']:.0f} MiB")
     return lines
 
 

@@ -191,8 +191,9 @@ def encoder_embeddings(encoder: SSAMBAEncoder, rows: list[dict], target_length: 
             covered = min(grid.time_patches, max(1, math.ceil(min(row["fbank"].shape[0], target_length) / grid.tstride)))
             bands = tokens_of_clip[:, :covered]  # (F, T covered, D)
             every = bands.reshape(-1, tokens.shape[-1])
-            pooled["mean"].append(every.mean(0))
-            pooled["mean/std"].append(torch.cat([every.mean(0), every.std(0, correction=0)]))
+            mean = every.mean(0)
+            pooled["mean"].append(mean)
+            pooled["mean/std"].append(torch.cat([mean, every.std(0, correction=0)]))
             pooled["band means"].append(bands.mean(1).flatten())
     return {name: torch.stack(vectors) for name, vectors in pooled.items()}
 

@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 
-import pytest
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
