@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install            # everything: unit and integration tests (what CI runs, after lint)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=20
 
 test-unit: install       # the fast loop: no services, a couple of minutes
 	$(BIN)/python -m pytest tests/unit

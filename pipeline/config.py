@@ -7,16 +7,16 @@ logs or tracked parameters (:func:`public_dict` drops them).
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
+from urllib.parse import urlsplit, urlunsplit
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from pipeline.fields import describe_fields, set_fields, typed_value
+from pipeline.fields import is_secret, set_fields, typed_value
+from pipeline.paths import absolute
 from ssamba import (
     EMBED_DIMS, NORM_PRESETS, VALIDATION_MASK_COUNT, EncoderConfig, FbankConfig, Norm, PatchGrid, PretrainConfig, Topology,
 )
@@ -38,12 +38,12 @@ class ConfigError(ValueError):
 
 
 def _absolute_if_local(value: str) -> str:
-    """Local paths become absolute where the config is read (the driver): Ray Train workers and Tune
-    trials run in other working directories. URIs (``s3://``, ``file://``) and ``""`` stay as given."""
-    return value if not value or "://" in value else Path(value).expanduser().resolve().as_posix()
+    """Local paths become absolute where the config is read (the driver; see ``pipeline.paths``): Ray
+    Train workers and Tune trials run in other working directories. URIs (``s3://``, ``file://``) and
+    ``""`` stay as given."""
+    return value if not value or "://" in value else absolute(value).as_posix()
 
 
-# A local path or a URI: where data, checkpoints or features are.
 Place = Annotated[str, AfterValidator(_absolute_if_local)]
 
 
@@ -163,10 +163,11 @@ def apply_overrides(model: type[BaseModel], data: dict[str, Any], overrides: lis
         if "=" not in text:
             raise ConfigError(f"--set expects key=value, got {text!r}")
         key, raw = text.split("=", 1)
+        shown = f"{key}=***" if is_secret(model, key) else text
         try:
             data = set_fields(data, {key: typed_value(model, key, raw)})
         except ValueError as error:
-            raise ConfigError(f"--set {text!r}: {error}") from None
+            raise ConfigError(f"--set {shown!r}: {error}") from None
     return data
 
 
@@ -192,12 +193,25 @@ def load_config(model: type[ModelT], path: str | Path | None, overrides: list[st
         raise ConfigError(_format_errors(error)) from None
 
 
+def without_userinfo(value: str) -> str:
+    """A URI without the ``user:password@`` part (``http://u:p@host/x`` → ``http://host/x``); other text as is."""
+    if "://" not in value:
+        return value
+    parts = urlsplit(value)
+    if "@" not in parts.netloc:
+        return value
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def public_dict(config: BaseModel) -> dict[str, Any]:
-    """The config as plain data with every secret removed: safe to print, log, track and store."""
+    """The config as plain data with every secret removed (secret fields, and user-info inside URIs):
+    safe to print, log, track and store."""
 
     def scrub(value: Any) -> Any:
         if isinstance(value, SecretStr):
             return None
+        if isinstance(value, str):
+            return without_userinfo(value)
         if isinstance(value, dict):
             return {k: scrub(v) for k, v in value.items() if not isinstance(v, SecretStr)}
         if isinstance(value, (list, tuple)):
@@ -219,47 +233,13 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def run_command(
-    description: str,
-    config_model: type[ModelT],
-    job: Callable[[ModelT, argparse.Namespace], str],
-    argv: list[str] | None = None,
-    expected_errors: tuple[type[Exception], ...] = (),
-    overwrite_flag: bool = False,
-    accept_changes_flag: bool = False,
-) -> int:
-    """The shared command line of every entry point: ``--config FILE``, repeatable ``--set key=value``,
-    ``--print-config`` (and ``--overwrite`` where it applies); ``--help`` lists every field of the job.
-    The config is validated before ``job`` runs; a bad config or an expected error prints one message
-    and exits with 2; otherwise ``job``'s report is printed."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config fields (in the YAML file, or --set section.field=value; values are YAML):\n"
-               + describe_fields(config_model))
-    parser.add_argument("--config", type=Path, help="YAML config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (dotted path), repeatable")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as YAML (no credentials) and exit without running")
-    if overwrite_flag:
-        parser.add_argument("--overwrite", action="store_true", help="replace whatever the destination holds")
-    if accept_changes_flag:
-        parser.add_argument("--accept-config-changes", action="store_true",
-                            help="resume a named run although its config changed (recorded on its MLflow run)")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(config_model, args.config, args.overrides)
-        report = config_yaml(config) if args.print_config else job(config, args)
-    except (ConfigError, *expected_errors) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0
+class RayConfig(Strict):
+    """Which Ray cluster a job runs on; the job says which one it joined or started."""
 
-
-def config_yaml(config: BaseModel) -> str:
-    """The resolved config as YAML, every default filled in and secrets left out."""
-    return yaml.safe_dump(public_dict(config), sort_keys=False, allow_unicode=True).rstrip()
+    address: str | None = Field(None, description="a cluster to join (host:port or auto); local: start a new one; "
+                                "default: RAY_ADDRESS, else a cluster started on this machine with `ray start`, "
+                                "else a new local instance")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local instance this job starts (default: all)")
 
 
 class FeaturizeConfig(Strict):
@@ -272,7 +252,7 @@ class FeaturizeConfig(Strict):
     num_mel_bins: int = Field(FbankConfig().num_mel_bins, ge=8, description="mel bins per frame")
     shard_size: int = Field(256, ge=1, description="audio files per output shard (the unit of resume)")
     num_workers: int | None = Field(None, ge=1, description="featurizer actors; default: every CPU in the cluster")
-    ray_address: str | None = Field(None, description="cluster to join; default: the current one or a new local one")
+    ray: RayConfig = RayConfig()
 
 
 class ModelConfig(Strict):
@@ -439,7 +419,7 @@ class FaultInjectionConfig(Strict):
 class FinetuneFaultInjectionConfig(Strict):
     """Switches for tests only."""
 
-    fail_at_epoch: int | None = Field(None, ge=0, description="raise when this epoch starts, unless resumed")
+    fail_at_epoch: int | None = Field(None, ge=1, description="raise when this epoch (from 1) starts, unless resumed")
 
 
 _TARGET_LENGTH_SECTIONS = ("data", "validation", "model")
@@ -462,6 +442,7 @@ class PretrainJobConfig(Strict):
     train: TrainLoopConfig
     scaling: ElasticScalingSection = ElasticScalingSection()
     tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
     testing: FaultInjectionConfig = FaultInjectionConfig()
 
     @model_validator(mode="wrap")
@@ -554,6 +535,7 @@ class EmbedConfig(Strict):
     batch_size: int = Field(8, ge=1, description="files per inference call")
     num_workers: int | None = Field(None, ge=1, description="inference actors; default: as the cluster fits")
     use_gpu: bool = Field(False, description="one GPU per actor")
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> EmbedConfig:
@@ -595,7 +577,7 @@ class FinetuneOptimConfig(Strict):
     head_lr_multiplier: float = Field(1.0, gt=0, description="the head's rate = lr × this")
     weight_decay: float = Field(5e-7, ge=0, description="Adam weight decay")
     betas: tuple[float, float] = Field((0.95, 0.999), description="Adam betas")
-    decay_start_epoch: int = Field(5, ge=0, description="first epoch whose rate is decayed")
+    decay_start_epoch: int = Field(5, ge=0, description="epochs trained at the full rate before the decay starts")
     decay_every: int = Field(1, ge=1, description="epochs between decays")
     decay: float = Field(0.85, gt=0, le=1, description="factor per decay")
 
@@ -611,8 +593,9 @@ class FinetuneJobConfig(Strict):
                       description="deterministic run name: relaunching with it resumes the run")
     storage_path: Place = Field(..., description="checkpoint root (local folder or s3://bucket/prefix)")
     storage: S3Config = S3Config()
-    task: Literal["esc50", "speechcommands_v1", "speechcommands_v2", "audioset20k", "manifest"] = Field(
-        ..., description="the labelled dataset and its splits (manifest: your own, from a CSV or JSONL)")
+    task: Literal["esc50", "speechcommands_v1", "speechcommands_v2", "audioset20k", "manifest", "folders"] = Field(
+        ..., description="the labelled dataset and its splits (manifest: your own, from a CSV or JSONL; folders: "
+        "one folder per class)")
     data_root: Place = Field(..., description="the dataset folder, or the manifest for task=manifest")
     features: Place = Field(..., description="where the task's audio is featurized (reused when present)")
     folds: list[int] | None = Field(None, description="ESC-50-style cross-validation: the test folds to run")
@@ -628,4 +611,5 @@ class FinetuneJobConfig(Strict):
     epochs: int = Field(50, ge=1, description="passes over the training split")
     scaling: ScalingSection = ScalingSection()
     tracking: FinetuneTrackingConfig = FinetuneTrackingConfig()
+    ray: RayConfig = RayConfig()
     testing: FinetuneFaultInjectionConfig = FinetuneFaultInjectionConfig()

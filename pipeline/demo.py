@@ -4,7 +4,9 @@
    ``outputs/demo/audio``;
 2. featurizes it with Ray Data (``configs/featurize/local.yaml``);
 3. pretrains the ``local-tiny`` preset on Ray Train, tracked in a local MLflow store;
-4. prints where the checkpoints and the final encoder are and the ``mlflow ui`` command to look at the run.
+4. copies the final encoder to ``outputs/demo/ssamba_encoder.pt`` (what ``configs/embed/local.yaml`` and
+   ``configs/tune/local-finetune.yaml`` start from) and prints where the checkpoints are and how to
+   look at the run in MLflow.
 
 It needs no data, no network and no GPU. Each call starts a new, timestamped run, so runs can be
 compared side by side in MLflow.
@@ -23,12 +25,15 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import featurize, pretrain
 from pipeline.config import FeaturizeConfig, PretrainJobConfig, load_config
+from pipeline.launch import mlflow_ui_hint
+from pipeline.paths import absolute
 from pipeline.storage import resolve
 from pipeline.tracking import resolve_tracking_uri
 
 SAMPLE_RATE = 16_000
 FEATURIZE_PRESET = Path("configs/featurize/local.yaml")
 PRETRAIN_PRESET = Path("configs/pretrain/local-tiny.yaml")
+LATEST_ENCODER = Path("outputs/demo/ssamba_encoder.pt")  # the newest demo encoder, at a fixed path
 
 
 def synthetic_clip(rng: np.random.Generator, seconds: float) -> np.ndarray:
@@ -78,9 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\npretrained {config.name} for {result.metrics['step']} steps: "
           f"loss {losses[0].value:.3f} (step {losses[0].step}) → {losses[-1].value:.3f} (step {losses[-1].step}), "
           f"validation masked-patch accuracy {result.metrics.get('val_masked_accuracy', float('nan')):.3f}")
+    encoder = resolve(pretrain.encoder_uri(config))
+    latest = absolute(LATEST_ENCODER)
+    latest.write_bytes(encoder.read_bytes())
     print(f"  checkpoints: {resolve(config.storage_path).join(config.name)}")
-    print(f"  encoder:     {pretrain.encoder_uri(config)} (model.checkpoint of a fine-tuning job)")
-    print(f"  look at it:  mlflow ui --backend-store-uri {tracking_uri}")
+    print(f"  encoder:     {encoder} (model.checkpoint of a fine-tuning job), copied to {latest}")
+    print(f"  {mlflow_ui_hint(tracking_uri, config.tracking.experiment)}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import ray
 import torch
 
 from pipeline.audio import AudioError, decode_audio
-from pipeline.config import EmbedConfig, run_command
+from pipeline.config import EmbedConfig
+from pipeline.launch import Input, connect_ray, optional_input, run_command, source_inputs
 from pipeline.models import load_classifier, load_hear_model
 from pipeline.reading import SourceReader
 from pipeline.sources import SourceError, list_sources
@@ -123,8 +124,7 @@ def run(config: EmbedConfig, overwrite: bool = False) -> int:
         if not overwrite:
             raise EmbedError(f"{output} is not empty; choose another output or pass --overwrite")
         output.delete_contents()
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray(config.ray)
     if config.features is not None:
         features = resolve(config.features, config.storage).join("features")
         dataset = ray.data.read_parquet(features.path, filesystem=features.filesystem,
@@ -141,13 +141,23 @@ def run(config: EmbedConfig, overwrite: bool = False) -> int:
     return ray.data.read_parquet(output.path, filesystem=output.filesystem, columns=["uri"]).count()
 
 
+def inputs(config: EmbedConfig) -> list[Input]:
+    """What must exist before the job starts: its audio or features, the encoder and the classifier."""
+    features = [Input("features", config.features, "features")] if config.features else []
+    return [*features, *source_inputs("input", config.input), *optional_input("model", config.model),
+            *optional_input("classifier", config.classifier)]
+
+
 def main(argv: list[str] | None = None) -> int:
     def job(config: EmbedConfig, args) -> str:
         rows = run(config, overwrite=args.overwrite)
         return f"embed: {rows} rows → {resolve(config.output, config.storage)}"
 
-    return run_command(__doc__.splitlines()[0], EmbedConfig, job, argv, (SourceError, EmbedError), overwrite_flag=True)
+    return run_command(__doc__.splitlines()[0], EmbedConfig, job, argv, (SourceError, EmbedError), inputs=inputs,
+                       overwrite_flag=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.embed import main as imported_main  # not __main__'s copy: Ray pickles those by value
+
+    sys.exit(imported_main())

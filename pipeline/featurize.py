@@ -8,8 +8,15 @@ whole input (class folders and per-speaker tars do not end up one per shard), ye
 always gives the same shards. The assignment is stored (``_plan.parquet``) before any work. A Ray
 Data actor pool featurizes one shard per call: it reads each source, decodes it (mono, 16 kHz, DC
 removed) and computes the raw Kaldi log-mel fbank with ``ssamba.features``, then writes the shard as
-one Parquet object of features and one of quarantined sources (URI + reason). A shard is written whole
-or not at all, which makes a re-run safe: it resumes by skipping the shards already present.
+one Parquet object of features, one of quarantined sources (URI + reason) and, last, a completion
+record with both objects' row counts and sizes. A re-run resumes: it skips the shards whose record
+matches their objects and redoes the others (a lost or truncated object, an interrupted write), after
+deleting the ``*.partial`` files that interrupted local writes leave.
+
+Only a source that is not there or cannot be decoded is quarantined. A store that fails (unreachable,
+timing out, throttling, refusing the credentials) is retried a few times, then the job stops with one
+line naming it; the shards it could not read are not written, so a re-run once the store is back
+does them.
 
 A re-run over a grown input (new files under the same prefix or manifest) deals only the new sources
 into new shards and reports how many were added; sources that disappeared are reported and their
@@ -22,20 +29,27 @@ Output under the destination::
                                     source_sample_rate, source_channels, n_frames, n_mels,
                                     fbank (float16 bytes, n_frames × n_mels, row-major)
     quarantine/part-00000.parquet   uri, reason, detail
+    done/part-00000.json            rows and bytes of both objects, written last: the shard is complete
+                                    (a shard without one, from before records existed, counts when both
+                                    Parquet footers read; its record is written then)
     _plan.parquet                   shard, source (JSON): which source went to which shard
     _run.json                       config (no credentials), settings fingerprint, counts, versions
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
 import json
 import platform
 import random
+import re
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,14 +59,19 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.audio import AudioError
-from pipeline.config import AudioConfig, FeaturizeConfig, public_dict, run_command
+from pipeline.config import AudioConfig, FeaturizeConfig, public_dict
+from pipeline.launch import connect_ray, run_command, source_inputs
 from pipeline.reading import SourceReader, featurize_source, split_uri
 from pipeline.sources import AudioSource, SourceError, list_sources
-from pipeline.storage import Location, resolve
+from pipeline.storage import PARTIAL_SUFFIX, Location, is_missing, resolve
 from ssamba.features import FbankConfig
 
 FORMAT_VERSION = 2  # 2: sources dealt into shards in a seeded random order, recorded in the plan
 RUN_RECORD, PLAN = "_run.json", "_plan.parquet"
+FEATURES, QUARANTINE, DONE = "features", "quarantine", "done"  # folders of the destination
+READ_ATTEMPTS = 3  # reads of one source before its shard fails (pyarrow also retries each request inside)
+READ_BACKOFF_S = 0.5  # the first wait between attempts, doubled after each
+IO_THREADS = 16  # concurrent small requests when checking finished shards
 SHARD_SEED = 0x55A3BA  # fixed: the same input always gives the same shards
 MEMBER_RUN = 64  # consecutive members of one container stay together (one row group read, not 64)
 
@@ -70,8 +89,26 @@ class FeaturizeError(RuntimeError):
     """The job cannot start (destination conflict) or could not finish."""
 
 
+class StorageUnavailable(FeaturizeError):
+    """A store kept failing (unreachable, timing out, throttling, refusing the credentials). Its sources
+    are not bad audio: quarantining them would hide them from every re-run, so the job stops instead."""
+
+
+@contextlib.contextmanager
+def storage_errors(location: Location) -> Iterator[None]:
+    """Storage errors at ``location`` stop the job with one line that names it, not a traceback."""
+    try:
+        yield
+    except OSError as error:
+        raise StorageUnavailable(f"storage unavailable: {location}: {error}") from error
+
+
 def shard_name(shard: int) -> str:
     return f"part-{shard:05d}.parquet"
+
+
+def record_name(shard: int) -> str:
+    return f"part-{shard:05d}.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,14 +162,33 @@ def _write_plan(output: Location, plan: dict[int, list[AudioSource]]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def read_source(reader: SourceReader, uri: str, attempts: int = READ_ATTEMPTS, backoff_s: float = READ_BACKOFF_S) -> bytes:
+    """The bytes of ``uri``, retried with exponential backoff while its store fails. A file that is not
+    there raises ``OSError`` at once (retrying cannot bring it back); a store that still fails after
+    ``attempts`` raises :class:`StorageUnavailable`."""
+    attempt = 1
+    while True:
+        try:
+            return reader.read(uri)
+        except OSError as error:
+            if is_missing(error):
+                raise
+            if attempt >= attempts:
+                raise StorageUnavailable(f"storage unavailable: reading {reader.describe(uri)} failed "
+                                         f"{attempt} times: {error}") from error
+        time.sleep(backoff_s * 2 ** (attempt - 1))
+        attempt += 1
+
+
 def featurize_shard(sources: list[AudioSource], reader: SourceReader, audio: AudioConfig,
                     fbank_config: FbankConfig) -> tuple[pa.Table, pa.Table]:
-    """Features and quarantine tables of one shard; a bad source becomes a quarantine row, never an error."""
+    """Features and quarantine tables of one shard; a bad source becomes a quarantine row, never an error.
+    A failing store raises :class:`StorageUnavailable` (see :func:`read_source`)."""
     features, quarantine = [], []
     for source in sources:
         try:
-            rows = featurize_source(reader.read(source.uri), source.uri, audio, fbank_config)
-        except OSError as error:
+            rows = featurize_source(read_source(reader, source.uri), source.uri, audio, fbank_config)
+        except OSError as error:  # the file is not there
             quarantine.append({"uri": source.uri, "reason": "unreadable", "detail": str(error)[:500]})
             continue
         except AudioError as error:
@@ -147,6 +203,21 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     return buffer.getvalue()
+
+
+def _write_record(output: Location, shard: int, record: dict[str, dict[str, int]]) -> None:
+    output.join(DONE, record_name(shard)).write_bytes(json.dumps(record, sort_keys=True).encode())
+
+
+def write_shard(output: Location, shard: int, features: pa.Table, quarantine: pa.Table) -> None:
+    """The shard's quarantine and features objects, then its completion record (``{folder: {rows,
+    bytes}}``). The record comes last, so a shard whose record matches its objects is complete."""
+    record = {}
+    for folder, table in ((QUARANTINE, quarantine), (FEATURES, features)):
+        data = _parquet_bytes(table)
+        output.join(folder, shard_name(shard)).write_bytes(data)
+        record[folder] = {"rows": table.num_rows, "bytes": len(data)}
+    _write_record(output, shard, record)
 
 
 class ShardFeaturizer:
@@ -165,9 +236,8 @@ class ShardFeaturizer:
             started.append(time.time())
             sources = [AudioSource.from_dict(item) for item in json.loads(sources_json)]
             features, quarantine = featurize_shard(sources, self.reader, self.config.audio, self.fbank_config)
-            # Quarantine first: the features object is the shard's completion marker.
-            self.output.join("quarantine", shard_name(int(shard))).write_bytes(_parquet_bytes(quarantine))
-            self.output.join("features", shard_name(int(shard))).write_bytes(_parquet_bytes(features))
+            with storage_errors(self.output):
+                write_shard(self.output, int(shard), features, quarantine)
             files.append(len(sources))
             finished.append(time.time())
         return {"shard": batch["shard"], "files": np.array(files), "started": np.array(started),
@@ -250,17 +320,68 @@ def _prepare_destination(output: Location, settings: str, overwrite: bool) -> No
         raise FeaturizeError(f"{output} is not empty and holds no featurize run; pass --overwrite to replace it")
 
 
+def _remove_partials(output: Location) -> None:
+    """Delete the ``*.partial`` files that interrupted local writes left: no reader may take them for
+    data (their shards have no matching record, so they are redone)."""
+    selector = pafs.FileSelector(output.path, recursive=True, allow_not_found=True)
+    for info in output.filesystem.get_file_info(selector):
+        if info.type == pafs.FileType.File and info.base_name.endswith(PARTIAL_SUFFIX):
+            output.filesystem.delete_file(info.path)
+
+
+def _part_sizes(folder: Location, suffix: str) -> dict[int, int]:
+    """``{shard: bytes}`` of the ``part-NNNNN<suffix>`` files in a folder of the destination."""
+    pattern = re.compile(rf"part-(\d+){re.escape(suffix)}")
+    selector = pafs.FileSelector(folder.path, allow_not_found=True)
+    return {int(match.group(1)): info.size for info in folder.filesystem.get_file_info(selector)
+            if (match := pattern.fullmatch(info.base_name))}
+
+
+def _record_matches(output: Location, shard: int, sizes: dict[str, int]) -> bool:
+    try:
+        record = json.loads(output.join(DONE, record_name(shard)).read_bytes())
+        return all(record[folder]["bytes"] == size for folder, size in sizes.items())
+    except (ValueError, KeyError, TypeError):  # not a record we wrote
+        return False
+
+
+def _adopt_shard(output: Location, shard: int, sizes: dict[str, int]) -> bool:
+    """Whether a shard without a record is whole (both Parquet footers read); if so its record is
+    written, so the footers are read once."""
+    record = {}
+    for folder, size in sizes.items():
+        location = output.join(folder, shard_name(shard))
+        try:
+            rows = pq.read_metadata(location.path, filesystem=location.filesystem).num_rows
+        except pa.ArrowInvalid:  # truncated or not Parquet
+            return False
+        record[folder] = {"rows": rows, "bytes": size}
+    _write_record(output, shard, record)
+    return True
+
+
 def _finished_shards(output: Location) -> set[int]:
-    listing = output.filesystem.get_file_info(pafs.FileSelector(output.join("features").path, allow_not_found=True))
-    return {int(info.base_name[5:10]) for info in listing if info.base_name.startswith("part-") and info.base_name.endswith(".parquet")}
+    """Shards that are complete: both objects there, with the sizes their completion record gives. A
+    shard without a record (written before records existed, or by a run stopped just before its
+    record) counts when both objects' Parquet footers read. Any other shard is redone."""
+    sizes = {folder: _part_sizes(output.join(folder), ".parquet") for folder in (QUARANTINE, FEATURES)}
+    records = _part_sizes(output.join(DONE), ".json")
+    candidates = sorted(sizes[FEATURES].keys() & sizes[QUARANTINE].keys())
+
+    def complete(shard: int) -> bool:
+        objects = {folder: by_shard[shard] for folder, by_shard in sizes.items()}
+        return _record_matches(output, shard, objects) if shard in records else _adopt_shard(output, shard, objects)
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:  # one small request or two per shard: overlap them
+        return {shard for shard, whole in zip(candidates, pool.map(complete, candidates)) if whole}
 
 
 def summarize(output: Location) -> Summary:
     """Counts over everything the destination holds (including shards of earlier, resumed runs)."""
     summary = Summary(destination=str(output))
-    features = pq.read_table(output.join("features").path, filesystem=output.filesystem,
+    features = pq.read_table(output.join(FEATURES).path, filesystem=output.filesystem,
                              columns=["uri", "duration_s"], schema=FEATURE_SCHEMA)
-    quarantine = pq.read_table(output.join("quarantine").path, filesystem=output.filesystem,
+    quarantine = pq.read_table(output.join(QUARANTINE).path, filesystem=output.filesystem,
                                columns=["reason"], schema=QUARANTINE_SCHEMA)
     summary.rows = features.num_rows
     summary.files = len(set(features.column("uri").to_pylist()))
@@ -281,54 +402,75 @@ def _grow_plan(output: Location, sources: list[AudioSource], shard_size: int) ->
     return plan, added, missing
 
 
+def _storage_failure(error: Exception) -> StorageUnavailable | None:
+    """The :class:`StorageUnavailable` an actor raised, if ``error`` reports one: Ray Data re-raises a
+    UDF's exception as a ``UserCodeException`` that keeps only its traceback text."""
+    match = re.search(rf"\b{StorageUnavailable.__name__}: (.+)", str(error))
+    if match is None:
+        return None
+    return StorageUnavailable(f"{match.group(1)} (the shards not written are done by a re-run)")
+
+
 def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
     """Featurize everything the config names (or what is new in it); returns the destination's summary."""
     import ray
 
-    sources = list_sources(config.input, config.storage)
+    with storage_errors(resolve(config.input.uri or config.input.manifest, config.storage)):
+        sources = list_sources(config.input, config.storage)
     output = resolve(config.output, config.storage)
     settings = fingerprint(config)
-    _prepare_destination(output, settings, overwrite)
-    plan, added, missing = _grow_plan(output, sources, config.shard_size)
-    if added:
-        _write_plan(output, plan)  # before any shard: a resumed run deals nothing twice
-    done = _finished_shards(output)
-    pending = [index for index in sorted(plan) if index not in done]
-    started = dt.datetime.now(dt.UTC).isoformat()
-    record = {"fingerprint": settings, "config": public_dict(config), "sources": len(sources),
-              "added": len(added), "missing": len(missing), "missing_examples": missing[:100], "shards": len(plan), "versions": _versions(),
-              "started": started, "status": "running"}
-    output.join(RUN_RECORD).write_bytes(json.dumps(record, indent=2).encode())
+    with storage_errors(output):
+        _prepare_destination(output, settings, overwrite)
+        _remove_partials(output)
+        plan, added, missing = _grow_plan(output, sources, config.shard_size)
+        if added:
+            _write_plan(output, plan)  # before any shard: a resumed run deals nothing twice
+        done = _finished_shards(output)
+        pending = [index for index in sorted(plan) if index not in done]
+        started = dt.datetime.now(dt.UTC).isoformat()
+        record = {"fingerprint": settings, "config": public_dict(config), "sources": len(sources),
+                  "added": len(added), "missing": len(missing), "missing_examples": missing[:100], "shards": len(plan),
+                  "versions": _versions(), "started": started, "status": "running"}
+        output.join(RUN_RECORD).write_bytes(json.dumps(record, indent=2).encode())
     print(f"featurize: {len(sources)} sources ({len(added)} new, {len(missing)} missing) in {len(plan)} shards "
           f"→ {output} ({len(pending)} to do, {len(plan) - len(pending)} already done)")
 
     if pending:
-        if not ray.is_initialized():
-            ray.init(address=config.ray_address)
+        connect_ray(config.ray)
         workers = config.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         rows = [{"shard": index, "sources": json.dumps([s.to_dict() for s in plan[index]])} for index in pending]
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-        done_shards = dataset.map_batches(
-            ShardFeaturizer, fn_constructor_kwargs={"config": config}, batch_size=1, num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),
-        ).take_all()
+        try:
+            done_shards = dataset.map_batches(
+                ShardFeaturizer, fn_constructor_kwargs={"config": config}, batch_size=1, num_cpus=1,
+                compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),
+            ).take_all()
+        except ray.exceptions.RayTaskError as error:
+            failure = _storage_failure(error)
+            if failure is None:
+                raise
+            raise failure from None
 
-    summary = summarize(output)
-    summary.shards_written, summary.shards_skipped = len(pending), len(plan) - len(pending)
-    summary.added, summary.missing = len(added), missing
-    if pending:
-        busy = max(r["finished"] for r in done_shards) - min(r["started"] for r in done_shards)
-        summary.files_per_second = sum(int(r["files"]) for r in done_shards) / max(busy, 1e-9)
-    record.update(status="complete", finished=dt.datetime.now(dt.UTC).isoformat(), summary=summary.to_dict())
-    output.join(RUN_RECORD).write_bytes(json.dumps(record, indent=2).encode())
+    with storage_errors(output):
+        summary = summarize(output)
+        summary.shards_written, summary.shards_skipped = len(pending), len(plan) - len(pending)
+        summary.added, summary.missing = len(added), missing
+        if pending:
+            busy = max(r["finished"] for r in done_shards) - min(r["started"] for r in done_shards)
+            summary.files_per_second = sum(int(r["files"]) for r in done_shards) / max(busy, 1e-9)
+        record.update(status="complete", finished=dt.datetime.now(dt.UTC).isoformat(), summary=summary.to_dict())
+        output.join(RUN_RECORD).write_bytes(json.dumps(record, indent=2).encode())
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_command(__doc__.splitlines()[0], FeaturizeConfig,
                        lambda config, args: run(config, overwrite=args.overwrite).table(),
-                       argv, (SourceError, FeaturizeError), overwrite_flag=True)
+                       argv, (SourceError, FeaturizeError), inputs=lambda config: source_inputs("input", config.input),
+                       overwrite_flag=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.featurize import main as imported_main  # not __main__'s copy: Ray pickles those by value
+
+    sys.exit(imported_main())

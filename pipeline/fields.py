@@ -59,11 +59,16 @@ def typed_value(model: type[BaseModel], dotted: str, text: str) -> Any:
     """A ``--set`` value: YAML (lists, mappings, null, numbers), typed by the field it sets. String
     fields keep the text as written (``name=20261128``, ``name=2026-11-28``); numeric fields also
     take ``1e5``-style numbers, which validation accepts for integers when they are integral."""
-    value = yaml.safe_load(text) if text else None
     field = field_at(model, dotted)
+    kinds = set() if field is None else _leaf_types(field.annotation)
+    if kinds and kinds - {type(None)} <= {str, SecretStr}:  # text only: as written, never parsed as YAML
+        return None if type(None) in kinds and text in ("", "null", "~") else text
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as error:
+        raise ValueError(f"not a YAML value: {getattr(error, 'problem', None) or error}") from None
     if field is None:
         return value
-    kinds = _leaf_types(field.annotation)
     takes_text = bool(kinds & {str, SecretStr})
     if takes_text and isinstance(value, (bool, int, float, datetime.date)):
         return text
@@ -75,6 +80,12 @@ def typed_value(model: type[BaseModel], dotted: str, text: str) -> Any:
         except ValueError:
             return value
     return value
+
+
+def is_secret(model: type[BaseModel], dotted: str) -> bool:
+    """Whether the field holds a credential (its value must never be echoed)."""
+    field = field_at(model, dotted)
+    return field is not None and SecretStr in _leaf_types(field.annotation)
 
 
 def describe_fields(model: type[BaseModel]) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import sys
 from dataclasses import dataclass
 
@@ -39,11 +40,12 @@ import ray.train
 import torch
 import torch.nn.functional as F
 
-from pipeline import featurize, results, run_record
+from pipeline import featurize, results, run_lock, run_record
 from pipeline.config import (
     AugmentConfig, ExamplesConfig, FeaturizeConfig, FinetuneJobConfig, FinetuneOptimConfig, InputConfig, flatten,
-    public_dict, run_command,
+    public_dict,
 )
+from pipeline.launch import Input, connect_ray, mlflow_ui_hint, optional_input, run_command
 from pipeline.data import examples_dataset
 from pipeline.models import load_encoder_weights
 from pipeline.loop import (
@@ -133,20 +135,21 @@ class FinetuneLoop(LoopConfig[FinetuneJobConfig]):
 
 
 class StepDecay:
-    """The rates × ``decay`` every ``decay_every`` epochs from ``decay_start_epoch`` on."""
+    """The rates × ``decay`` every ``decay_every`` epochs once ``decay_start_epoch`` epochs have
+    trained at the full rate (epochs count from 1)."""
 
     def __init__(self, optim: FinetuneOptimConfig) -> None:
         self.optim = optim
 
     def factor(self, epoch: int) -> float:
         start, every = self.optim.decay_start_epoch, self.optim.decay_every
-        decays = 0 if epoch < start else (epoch - start) // every + 1
+        decays = 0 if epoch <= start else (epoch - start - 1) // every + 1
         return self.optim.decay**decays
 
 
 def _build(loop: FinetuneLoop, worker: Worker) -> tuple[torch.nn.Module, torch.optim.Optimizer, int, bool]:
     """Seed, build the classifier and Adam (head rate × multiplier, encoder frozen or not), restore
-    the last checkpoint; returns the model, the optimizer, the first epoch to train and whether restored."""
+    the last checkpoint; returns the model, the optimizer, the epochs already trained and whether restored."""
     config = loop.job
     seed_worker(0, worker.rank)
     classifier = build_classifier(config, len(loop.classes))
@@ -161,12 +164,12 @@ def _build(loop: FinetuneLoop, worker: Worker) -> tuple[torch.nn.Module, torch.o
         return model, optimizer, 0, False
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    return model, optimizer, state["epoch"] + 1, True
+    return model, optimizer, state["epoch"], True
 
 
 def _train_batches(worker: Worker, config: FinetuneJobConfig):
-    """One pass over this worker's share of the training examples."""
-    return worker.dataset("train").iter_torch_batches(batch_size=config.batch_size, drop_last=True, device=worker.device,
+    """One pass over this worker's share of the training examples, the last batch partial."""
+    return worker.dataset("train").iter_torch_batches(batch_size=config.batch_size, device=worker.device,
                                                       local_shuffle_buffer_size=config.shuffle_buffer or None)
 
 
@@ -181,7 +184,12 @@ def _train_epoch(model, optimizer, loop: FinetuneLoop, worker: Worker, epoch: in
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return float(np.mean(losses)) if losses else float("nan")
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"the training loss is {losses[-1]} in epoch {epoch}: training diverged "
+                                     "(lower optim.lr)")
+    if not losses:
+        raise ValueError("this worker's share of the training split is empty: use fewer scaling.num_workers")
+    return float(np.mean(losses))
 
 
 def _outputs(model, shard, batch_size: int, device, num_classes: int) -> torch.Tensor:
@@ -221,13 +229,13 @@ def fit(loop: FinetuneLoop, worker: Worker) -> None:
     trial (``pipeline.tune``). Build and restore; then per epoch: set the rates, train, score, log
     (MLflow and one console line) and report the metrics with a checkpoint."""
     config = loop.job
-    model, optimizer, start_epoch, restored = _build(loop, worker)
+    model, optimizer, trained_epochs, restored = _build(loop, worker)
     rates, schedule = base_rates(optimizer), StepDecay(config.optim)
     tracker = start_tracking(loop, worker, lambda: flatten(public_dict(config)))
     if tracker is not None:
         announce_compute(worker.device, "fp32", worker.world_size, config.batch_size * worker.world_size)
-    clock = Clock(start_epoch, config.epochs)
-    for epoch in range(start_epoch, config.epochs):
+    clock = Clock(trained_epochs, config.epochs)
+    for epoch in range(trained_epochs + 1, config.epochs + 1):  # epochs count from 1 everywhere
         if config.testing.fail_at_epoch == epoch and not restored:
             raise RuntimeError(f"injected failure at epoch {epoch} (testing.fail_at_epoch)")
         set_learning_rates(optimizer, rates, schedule.factor(epoch))
@@ -236,7 +244,7 @@ def fit(loop: FinetuneLoop, worker: Worker) -> None:
         scores = {"train_loss": train_loss, **split_scores}
         if tracker is not None:
             tracker.log_metrics(scores, epoch)
-            say(f"epoch {epoch + 1}/{config.epochs} | {format_metrics(scores)} | {clock.timing(epoch + 1)}")
+            say(f"epoch {epoch}/{config.epochs} | {format_metrics(scores)} | {clock.timing(epoch)}")
         worker.report({"epoch": epoch, **scores},
                       functools.partial(_epoch_state, model, optimizer, epoch, loop.classes, outputs),
                       f"epoch-{epoch:04d}")
@@ -400,20 +408,37 @@ def _folds_summary(config: FinetuneJobConfig, data: TaskData, best: dict[str, di
 def run(config: FinetuneJobConfig, accept_config_changes: bool = False) -> dict:
     """Fine-tune as configured (see :func:`evaluate` for the summary). A relaunch whose config changed
     is refused before Ray starts unless the changes are accepted (see ``run_record``)."""
-    launch = run_record.check_config(config.name, resolve(config.storage_path, config.storage), config,
-                                     accept_config_changes)
-    if not ray.is_initialized():
-        ray.init()
-    tracking = run_record.start_tracking(config.tracking, config.name, "pipeline.finetune",
-                                         config.scaling.use_gpu, launch)
-    return evaluate(config, prepare(config), tracking=tracking)
+    storage = resolve(config.storage_path, config.storage)
+    with run_lock.hold(storage.join(config.name), config.name):
+        launch = run_record.check_config(config.name, storage, config, accept_config_changes)
+        connect_ray(config.ray)
+        tracking = run_record.start_tracking(config.tracking, config.name, "pipeline.finetune",
+                                             config.scaling.use_gpu, launch)
+        return evaluate(config, prepare(config), tracking=tracking)
+
+
+def inputs(config: FinetuneJobConfig) -> list[Input]:
+    """What must exist before the job starts: the task's data and the encoder it starts from."""
+    return [Input("data_root", config.data_root), *optional_input("model.checkpoint", config.model.checkpoint)]
+
+
+def report(config: FinetuneJobConfig, summary: dict) -> str:
+    """The summary as one JSON line, then where the classifiers and the runs are."""
+    names = [config.name + fold for fold in (f"-{name}" for name in summary.get("folds", {}))] or [config.name]
+    return "\n".join([
+        json.dumps(summary),
+        *[f"classifier: {classifier_uri(config, name)}" for name in names],
+        mlflow_ui_hint(resolve_tracking_uri(config.tracking.tracking_uri), config.tracking.experiment),
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_command(__doc__.splitlines()[0], FinetuneJobConfig,
-                       lambda config, args: json.dumps(run(config, args.accept_config_changes)),
-                       argv, (SourceError,), accept_changes_flag=True)
+                       lambda config, args: report(config, run(config, args.accept_config_changes)),
+                       argv, (SourceError,), inputs=inputs, accept_changes_flag=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.finetune import main as imported_main  # not __main__'s copy: Ray pickles those by value
+
+    sys.exit(imported_main())

@@ -36,15 +36,16 @@ import ray
 import ray.train
 import torch
 
-from pipeline import run_record
-from pipeline.config import PretrainJobConfig, flatten, public_dict, run_command
+from pipeline import featurize, run_lock, run_record
+from pipeline.config import ConfigError, PretrainJobConfig, flatten, public_dict
 from pipeline.data import examples_dataset
+from pipeline.launch import Input, connect_ray, examples_inputs, mlflow_ui_hint, run_command
 from pipeline.loop import (
     Clock, all_reduce_sum, announce_compute, autocast, base_rates, effective_precision, node_count, say,
     seed_worker, set_learning_rates, start_tracking, unwrap,
 )
 from pipeline.resources import check_cluster
-from pipeline.storage import resolve
+from pipeline.storage import Location, resolve
 from pipeline.tracking import RunTracker, resolve_tracking_uri, run_status
 from pipeline.trainer import LoopConfig, TrainWorker, Worker, torch_trainer
 from ssamba import SSAMBAEncoder, SSAMBAPretrainModel, save_checkpoint
@@ -272,8 +273,8 @@ def train_loop(train_loop_config: dict) -> None:
     training = build(config, worker)
     model, optimizer = training.model, training.optimizer
     accum = accumulation_steps(config, worker.world_size)
-    scale = {"world_size": worker.world_size, "nodes": node_count(worker), "grad_accum": accum,
-             "global_batch_size": config.train.global_batch_size}  # fixed until the run resizes
+    # What may change when the run resizes or restarts; the global batch never does (a param).
+    scale = {"world_size": worker.world_size, "nodes": node_count(worker), "grad_accum": accum}
     precision = effective_precision(worker.device, config.train.precision)
     autocast_context = autocast(worker.device, config.train.precision)
 
@@ -290,6 +291,7 @@ def train_loop(train_loop_config: dict) -> None:
     clock, interval = Clock(training.step, max_steps), Interval()
     model.train()
     while training.step < max_steps:
+        micro = 0
         for micro, batch in enumerate(_train_batches(worker, config), start=1):
             # Forward and backward; gradients are averaged across workers on the last micro-batch only.
             sync = micro % accum == 0
@@ -316,6 +318,9 @@ def train_loop(train_loop_config: dict) -> None:
                 _log_step(tracker, training, out, interval, lr, clock, config, scale)
                 interval = Interval()
             metrics = {"step": training.step, "epoch": training.epoch, "loss": out.loss.item()}
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"the loss is {metrics['loss']} at step {training.step}: training diverged "
+                                         "(lower optim.lr, or set optim.grad_clip)")
             if config.validation is not None and due(cadence.eval_every):
                 validation = _evaluate(training, config, worker, autocast_context)
                 training.schedule.observe(validation["val_masked_accuracy"])
@@ -329,6 +334,9 @@ def train_loop(train_loop_config: dict) -> None:
             _hold(config, training, worker)
             if training.step >= max_steps:
                 break
+        if micro == 0:  # an epoch without one full batch would repeat forever
+            raise ValueError(f"train.batch_size {config.train.batch_size}: this worker's share of the training "
+                             "data holds no full batch")
         training.epoch += 1
 
     if tracker is not None:
@@ -346,16 +354,35 @@ def encoder_uri(config: PretrainJobConfig) -> str:
     return resolve(config.storage_path, config.storage).join(config.name, ENCODER_FILE).uri
 
 
+def check_batch_fits(config: PretrainJobConfig) -> None:
+    """Refuse a batch larger than a worker's share of the training clips (counted by the featurize
+    run that made them), before Ray starts: every epoch would end before its first batch."""
+    if config.data.features is None:
+        return
+    record = resolve(config.data.features, config.storage).join(featurize.RUN_RECORD)
+    rows = json.loads(record.read_bytes()).get("summary", {}).get("rows") if record.exists() else None
+    workers = config.world_sizes[-1]
+    if rows is not None and rows < config.train.batch_size * workers:
+        raise ConfigError(f"train.batch_size: {config.train.batch_size} per worker x {workers} workers is more than "
+                          f"the {rows} training clips in data.features: lower train.batch_size")
+
+
 def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | None = None,
         parent_run_id: str | None = None, accept_config_changes: bool = False) -> ray.train.Result:
     """Launch (or resume) the named run and wait for it; its MLflow run ends FINISHED, FAILED (Ray's
     restarts used up) or KILLED (Ctrl-C, SIGTERM). A sweep trial passes Tune's report callback and
     its parent MLflow run (the run is then nested under the sweep's). A relaunch whose config changed
     is refused before Ray starts unless the changes are accepted (see ``run_record``)."""
+    check_batch_fits(config)
     storage = resolve(config.storage_path, config.storage)
+    with run_lock.hold(storage.join(config.name), config.name):
+        return _launch(config, storage, callbacks, parent_run_id, accept_config_changes)
+
+
+def _launch(config: PretrainJobConfig, storage: Location, callbacks: list[ray.train.UserCallback] | None,
+            parent_run_id: str | None, accept_config_changes: bool) -> ray.train.Result:
     launch = run_record.check_config(config.name, storage, config, accept_config_changes)
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray(config.ray)
     check_cluster(config.scaling)
     tracking = run_record.start_tracking(config.tracking, config.name, "pipeline.pretrain",
                                          config.scaling.use_gpu, launch)
@@ -378,18 +405,32 @@ def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | Non
         return trainer.fit()
 
 
-def main(argv: list[str] | None = None) -> int:
-    def job(config: PretrainJobConfig, args) -> str:
-        result = run(config, accept_config_changes=args.accept_config_changes)
-        return "\n".join([
-            f"pretraining {config.name}: finished at step {result.metrics.get('step')}",
-            f"  checkpoints: {resolve(config.storage_path, config.storage).join(config.name)}",
-            f"  encoder for fine-tuning: {encoder_uri(config)}",
-            f"  compare runs: mlflow ui --backend-store-uri {resolve_tracking_uri(config.tracking.tracking_uri)}",
-        ])
+def inputs(config: PretrainJobConfig) -> list[Input]:
+    """What must exist before the run starts: its training and validation examples."""
+    return examples_inputs("data", config.data) + examples_inputs("validation", config.validation)
 
-    return run_command(__doc__.splitlines()[0], PretrainJobConfig, job, argv, accept_changes_flag=True)
+
+def summary(config: PretrainJobConfig, result: ray.train.Result) -> str:
+    """What a finished run left, and where."""
+    metrics = result.metrics or {}
+    lines = [f"pretraining {config.name}: finished at step {metrics.get('step')}"]
+    if "val_masked_accuracy" in metrics:
+        lines.append(f"  val_masked_accuracy: {metrics['val_masked_accuracy']:.4f}")
+    return "\n".join([
+        *lines,
+        f"  checkpoints: {resolve(config.storage_path, config.storage).join(config.name)}",
+        f"  encoder for fine-tuning: {encoder_uri(config)}",
+        "  " + mlflow_ui_hint(resolve_tracking_uri(config.tracking.tracking_uri), config.tracking.experiment),
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(__doc__.splitlines()[0], PretrainJobConfig,
+                       lambda config, args: summary(config, run(config, accept_config_changes=args.accept_config_changes)),
+                       argv, inputs=inputs, accept_changes_flag=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.pretrain import main as imported_main  # not __main__'s copy: Ray pickles those by value
+
+    sys.exit(imported_main())

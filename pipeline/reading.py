@@ -77,6 +77,11 @@ class SourceReader:
         path = uri[len("s3://"):] if root_key else resolve(uri).path
         return self._roots[root_key], path
 
+    def describe(self, uri: str) -> str:
+        """``uri`` and the endpoint that serves it (never credentials): names the store in errors."""
+        root, _ = self.location(split_uri(uri)[0])
+        return uri if root.endpoint is None else f"{uri} (endpoint {root.endpoint})"
+
     def read(self, uri: str) -> bytes:
         """The bytes of a file or a container member. Raises ``OSError`` (storage) or :class:`AudioError`
         (a member that is not there, or a container that cannot be parsed)."""

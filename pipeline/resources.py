@@ -43,6 +43,26 @@ def check_data_cpus(cluster_cpus: float, scaling: ScalingSection, data_cpus: flo
         f"{most} here) or scaling.cpus_per_worker, or add CPUs to the cluster.")
 
 
+def train_cpus(scaling: ScalingSection) -> float:
+    """CPUs a Ray Train run holds at its largest (local mode holds none: it trains in its driver)."""
+    return scaling.worker_range[1] * scaling.cpus_per_worker
+
+
+def sweep_concurrency(cluster_cpus: float, trial_cpus: float, configured: int | None, field: str) -> int:
+    """How many trials may run at once: each holds its own CPUs (``trial_cpus``: its process, its Train
+    workers) plus :data:`DATA_CPUS` for its own input pipeline. Tune would otherwise start trials until
+    their Train workers hold every CPU and their data tasks never run. ``configured`` (the user's bound)
+    is capped at what fits; :class:`ClusterTooSmall` when not even one trial fits."""
+    per_trial = trial_cpus + DATA_CPUS
+    fits = int(cluster_cpus // per_trial)
+    if fits < 1:
+        raise ClusterTooSmall(
+            f"{field}: one trial needs {per_trial:g} CPUs ({trial_cpus:g} for the trial and its Train workers, "
+            f"{DATA_CPUS:g} for its input pipeline), the cluster has {cluster_cpus:g}: use fewer Train workers or "
+            "CPUs per worker, or add CPUs to the cluster")
+    return min(fits, configured) if configured else fits
+
+
 def check_cluster(scaling: ScalingSection) -> None:
     """:func:`check_data_cpus` against the CPUs of the running Ray cluster."""
     import ray

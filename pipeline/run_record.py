@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from pipeline.config import ConfigError, TrackingConfig, flatten, public_dict
+from pipeline.run_lock import LOCK_FILE
 from pipeline.storage import Location
 from pipeline.tracking import (
     RUN_NAME_TAG, artifact_location, ensure_experiment, refuse_local_store_on_cluster, resolve_tracking_uri,
@@ -38,7 +39,7 @@ CONFIG_FILE = "config.json"
 MAY_CHANGE_ON_RESUME = (
     "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every",
     "train.eval_batches", "train.figure_every", "epochs", "scaling.*", "resources.*", "max_failures",
-    "storage.*", "tracking.system_metrics",
+    "storage.*", "tracking.system_metrics", "ray.*",
 )
 _JOB_SECTIONS = ("pretrain", "probe", "finetune")
 _ABSENT = "<absent>"
@@ -103,7 +104,7 @@ def _started(run_folder: Location) -> bool:
     """Whether the run got as far as Ray: its folder holds more than the config record (a launch that
     failed before training, e.g. on a wrong data path, leaves nothing to resume and may be fixed)."""
     entries = run_folder.filesystem.get_file_info(pafs.FileSelector(run_folder.path, allow_not_found=True))
-    return any(posixpath.basename(entry.path) != CONFIG_FILE for entry in entries)
+    return any(posixpath.basename(entry.path) not in (CONFIG_FILE, LOCK_FILE) for entry in entries)
 
 
 def check_config(name: str, storage: Location, config: BaseModel, accept_changes: bool = False) -> Launch:
@@ -206,6 +207,10 @@ def start_tracking(tracking: TrackingConfig, name: str, entry_point: str, use_gp
     runs = _named_runs(client, experiment.experiment_id, name)
     for run in runs:
         print(f"MLflow run {run.info.run_name}: artifacts at {run.info.artifact_uri}", flush=True)
+        if run.info.status == "RUNNING":  # this launch holds the run's lock: no other launch is running it
+            client.set_terminated(run.info.run_id, "KILLED")
+            print(f"MLflow run {run.info.run_name} was left RUNNING by a launch that stopped without ending it; "
+                  "marked KILLED (this launch resumes it)", flush=True)
     if not runs:
         print(f"MLflow run {name} (new): artifacts under {experiment.artifact_location}/<run id>/artifacts", flush=True)
     if launch is not None and launch.accepted:

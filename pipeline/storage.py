@@ -21,9 +21,12 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from pipeline.config import S3Config
+from pipeline.config import S3Config, without_userinfo
 
 DEFAULT_REGION = "us-east-1"  # custom endpoints only
+PARTIAL_SUFFIX = ".partial"  # a local write in progress (see Location.write_bytes)
+# What a store says when a file or object is not there (pyarrow raises a plain OSError for some).
+_MISSING_MARKERS = ("Path does not exist", "NoSuchKey", "NoSuchBucket", "is a directory")
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Location:
 
     def __str__(self) -> str:
         """The URI and endpoint, never credentials: safe to log."""
-        return self.uri if self.endpoint is None else f"{self.uri} (endpoint {self.endpoint})"
+        return self.uri if self.endpoint is None else f"{self.uri} (endpoint {without_userinfo(self.endpoint)})"
 
     @property
     def is_s3(self) -> bool:
@@ -54,20 +57,34 @@ class Location:
             return stream.read()
 
     def write_bytes(self, data: bytes) -> None:
-        """Whole-object write: atomic on object stores; on local disks written beside and renamed."""
+        """Whole-object write: atomic on object stores; on local disks written beside and renamed. The
+        partial file is hidden (``.name.partial``): dataset readers (pyarrow, Ray Data) skip names that
+        start with a dot, so a write in progress, or one a killed process left, is never read as data."""
         if self.is_s3:
             with self.filesystem.open_output_stream(self.path) as stream:
                 stream.write(data)
             return
-        self.filesystem.create_dir(posixpath.dirname(self.path), recursive=True)
-        partial = self.path + ".partial"
+        folder, name = posixpath.split(self.path)
+        self.filesystem.create_dir(folder, recursive=True)
+        partial = posixpath.join(folder, f".{name}{PARTIAL_SUFFIX}")
         with self.filesystem.open_output_stream(partial) as stream:
             stream.write(data)
         self.filesystem.move(partial, self.path)
 
+    def delete(self) -> None:
+        self.filesystem.delete_file(self.path)
+
     def delete_contents(self) -> None:
         if self.exists():
             self.filesystem.delete_dir_contents(self.path, missing_dir_ok=True)
+
+
+def is_missing(error: OSError) -> bool:
+    """Whether a failed read says the file or object is not there (or is a folder): the input is wrong
+    and retrying cannot help. Anything else (connection refused, timeouts, HTTP 5xx, throttling,
+    refused or expired credentials, a failing disk) is the store failing, not the data."""
+    return isinstance(error, (FileNotFoundError, IsADirectoryError)) or any(
+        marker in str(error) for marker in _MISSING_MARKERS)
 
 
 def _rejoin(uri: str, *parts: str) -> str:

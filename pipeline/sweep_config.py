@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from ray import tune
 
 from pipeline.config import (
-    ConfigError, FinetuneJobConfig, Place, PretrainJobConfig, S3Config, Strict, TrackingConfig, error_lines, flatten,
-    read_yaml,
+    ConfigError, FinetuneJobConfig, Place, PretrainJobConfig, RayConfig, S3Config, Strict, TrackingConfig, error_lines,
+    flatten, read_yaml,
 )
 from pipeline.fields import set_fields
 
@@ -133,6 +133,7 @@ class TuneJobConfig(Strict):
     mode: Literal["max", "min"] = Field("max", description="whether a higher or a lower metric is better")
     max_failures: int = Field(0, ge=-1, description="restarts of a failed trial (from its last checkpoint)")
     tracking: SweepTrackingConfig = SweepTrackingConfig()
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -14,13 +14,19 @@ Each reader checks the layout it expects and says exactly what is missing, befor
   the model; there is no separate test split. Downloads always miss some clips: a listed segment
   without a file is skipped and counted in ``TaskData.missing_audio``, not an error.
 * ``manifest``: any CSV/JSONL manifest with ``uri``, ``label`` and optional ``split``/``fold``.
+* ``folders``: one folder per class, the label of a file is its parent folder's name. Split folders
+  ``train/``, ``validation/`` (and optionally ``test/``) above the class folders give the splits;
+  without them a fixed tenth of the files (chosen by a hash of their path, so it never changes)
+  validates and the rest trains.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
+import posixpath
 from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
@@ -162,6 +168,32 @@ def read_manifest_task(manifest: str, storage: S3Config) -> TaskData:
     return TaskData(sources, sorted({source.label for source in sources}))
 
 
+SPLIT_FOLDERS = ("train", "validation", "test")
+HELD_OUT = 10  # without split folders, one file in this many validates
+
+
+def _held_out(relative: str) -> bool:
+    return int(hashlib.sha256(relative.encode()).hexdigest(), 16) % HELD_OUT == 0
+
+
+def read_class_folders(root: str, storage: S3Config) -> TaskData:
+    location = resolve(root, storage)
+    sources = []
+    for source in list_sources(InputConfig(uri=root), storage):
+        relative = source.uri[len(location.uri):].lstrip("/")
+        parts = relative.split("/")
+        if len(parts) < 2:
+            raise LayoutError(f"folders layout: {relative!r} lies directly in {location}; put each file in the "
+                              "folder of its class")
+        has_split = parts[0] in SPLIT_FOLDERS and len(parts) >= 3
+        split = parts[0] if has_split else "validation" if _held_out(relative) else "train"
+        sources.append(AudioSource(source.uri, posixpath.basename(posixpath.dirname(relative)), split))
+    if not any(source.split == "train" for source in sources) or not any(s.split == "validation" for s in sources):
+        raise LayoutError(f"folders layout: {location} needs audio to train and to validate on (class folders, "
+                          "or train/ and validation/ folders of class folders)")
+    return TaskData(sorted(sources), sorted({source.label for source in sources}))
+
+
 def read_task(task: str, root: str, storage: S3Config) -> TaskData:
     """The labelled sources of ``task`` under ``root`` (a folder, or the manifest for ``manifest``)."""
     if task == "esc50":
@@ -172,5 +204,7 @@ def read_task(task: str, root: str, storage: S3Config) -> TaskData:
         return read_audioset(root, storage)
     if task == "manifest":
         return read_manifest_task(root, storage)
+    if task == "folders":
+        return read_class_folders(root, storage)
     raise LayoutError(f"unknown task {task!r}; choose from esc50, speechcommands_v1, speechcommands_v2, "
-                      "audioset20k, manifest")
+                      "audioset20k, manifest, folders")

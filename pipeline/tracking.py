@@ -30,6 +30,8 @@ from typing import Any, Iterator
 from mlflow.entities import Experiment, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from pipeline.paths import absolute
+
 RUN_NAME_TAG = "ray_run_name"
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
 ARTIFACTS_BESIDE_STORE = "mlartifacts"
@@ -44,10 +46,11 @@ def resolve_tracking_uri(configured: str | None) -> str:
     """An absolute tracking URI (see the module docstring)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
-        DEFAULT_STORE.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{DEFAULT_STORE.resolve()}"
+        store = absolute(DEFAULT_STORE)
+        store.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{store}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        return f"sqlite:///{absolute(uri[len('sqlite:///'):])}"
     if "://" not in uri:
         raise ValueError(f"tracking URI {uri!r}: use sqlite:///<path>.db or an http(s):// server "
                          "(MLflow 3 no longer starts a plain folder store)")

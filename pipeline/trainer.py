@@ -9,11 +9,14 @@ from the last one. A Tune trial's checkpoints live with its sweep and are restor
 
 from __future__ import annotations
 
+import posixpath
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Protocol, TypeVar
 
+import pyarrow.fs as pafs
 import ray
 import ray.data
 import ray.train
@@ -118,6 +121,39 @@ def load_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
         return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def _older_checkpoints(newest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The run's other checkpoints older than ``newest``, newest first (their folder names,
+    ``step-XXXXXXXX`` or ``epoch-XXXX``, sort in the order they were written)."""
+    filesystem, run_folder = newest.filesystem, posixpath.dirname(newest.path.rstrip("/"))
+    names = sorted((info.base_name for info in filesystem.get_file_info(pafs.FileSelector(run_folder))
+                    if info.type == pafs.FileType.Directory), reverse=True)
+    latest = posixpath.basename(newest.path.rstrip("/"))
+    prefix = latest.split("-", 1)[0] + "-"
+    return [ray.train.Checkpoint(posixpath.join(run_folder, name), filesystem)
+            for name in names if name.startswith(prefix) and name < latest]
+
+
+def load_newest_state(checkpoint: ray.train.Checkpoint | None, announce: bool = True) -> dict | None:
+    """The state of the run's newest checkpoint that loads. A checkpoint cut short (a killed upload, a
+    full disk) is skipped, saying which and why, rather than blocking every relaunch of the run."""
+    if checkpoint is None:
+        return None
+    skipped = []
+    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+        try:
+            state = load_state(candidate)
+        except Exception as error:  # torch.load's errors for a damaged file vary (zip, pickle, EOF, OS)
+            skipped.append(f"{candidate.path}/{STATE_FILE}: {type(error).__name__}: {str(error)[:200]}")
+            continue
+        if announce and skipped:  # written, not printed: Ray Train's workers print every print twice
+            sys.stdout.write(f"resuming from {candidate.path}: skipped checkpoints that do not load:\n  "
+                             + "\n  ".join(skipped) + "\n")
+            sys.stdout.flush()
+        return state
+    raise RuntimeError("no checkpoint of the run loads:\n  " + "\n  ".join(skipped)
+                       + "\nstart over under a new name, or delete the run folder to restart it")
+
+
 class TrainWorker:
     """A training loop inside a Ray Train worker: DDP across the run's workers, the datasets split
     between them, reports from every rank with rank 0's checkpoint."""
@@ -153,8 +189,8 @@ class TrainWorker:
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name)
 
     def restored_state(self) -> dict | None:
-        """The state saved by :meth:`report` in the run's last checkpoint, if the run has one."""
-        return load_state(ray.train.get_checkpoint())
+        """The state saved by :meth:`report` in the run's newest checkpoint that loads, if the run has one."""
+        return load_newest_state(ray.train.get_checkpoint(), announce=self.rank == 0)
 
 
 class TuneTrial:

@@ -36,14 +36,17 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline import finetune, pretrain, run_record
-from pipeline.config import public_dict, run_command
+from pipeline import finetune, pretrain, run_lock, run_record
+from pipeline.config import ConfigError, public_dict
+from pipeline.launch import Input, connect_ray, mlflow_ui_hint, run_command
+from pipeline.resources import DATA_CPUS, sweep_concurrency, train_cpus
 from pipeline.sources import SourceError
-from pipeline.storage import resolve
+from pipeline.storage import Location, resolve
 from pipeline.sweep_config import TuneJobConfig, with_values
 from pipeline.tasks import TaskData
 from pipeline.tracking import RunOutcome, RunTracker, resolve_tracking_uri, run_status
 
+SAVED_SWEEP = "tuner.pkl"  # where Ray Tune saves a sweep for Tuner.restore
 # Fields of a trial's own results that describe the trial rather than the model.
 _BOOKKEEPING = {"checkpoint_path", "trial_id", "done", "training_iteration", "time_this_iter_s", "time_total_s",
                 "timestamp", "date", "hostname", "node_ip", "pid", "time_since_restore", "iterations_since_restore",
@@ -105,27 +108,43 @@ TRIALS: dict[str, Callable[..., None]] = {"mask": mask_trial, "finetune": finetu
 
 
 def trial_resources(config: TuneJobConfig) -> dict[str, float]:
-    """Mask trials only drive Ray Train runs (a sliver of a CPU, none when pinned by a custom
-    resource); fine-tuning trials train in place (one CPU unless configured)."""
+    """Mask trials only drive Ray Train runs: no CPU (one byte of memory, as Tune needs the trial to
+    reserve something; none when a custom resource pins them); fine-tuning trials train in place (one
+    CPU unless configured)."""
     cpu = config.resources.cpu
     if cpu is None:
-        cpu = 1.0 if config.sweep == "finetune" else 0.0 if config.resources.custom else 0.01
-    return {"cpu": cpu, "gpu": config.resources.gpu, **config.resources.custom}
+        cpu = 1.0 if config.sweep == "finetune" else 0.0
+    driver_only = {"memory": 1} if cpu == 0 and not config.resources.gpu and not config.resources.custom else {}
+    return {"cpu": cpu, "gpu": config.resources.gpu, **driver_only, **config.resources.custom}
+
+
+def concurrent_trials(config: TuneJobConfig) -> int:
+    """How many trials run at once: the configured bound, capped at what the cluster's CPUs fit (each
+    trial with its Train workers and its own input pipeline); says so when it caps."""
+    held = trial_resources(config)["cpu"]
+    if config.sweep == "mask":
+        held += max(train_cpus(config.pretrain.scaling), train_cpus(config.probe.scaling))
+    cluster = ray.cluster_resources().get("CPU", 0.0)
+    configured = config.search.max_concurrent_trials
+    concurrency = sweep_concurrency(cluster, held, configured, "search.max_concurrent_trials")
+    if configured and concurrency < configured:
+        print(f"tune: {concurrency} trials at a time, not {configured}: each needs {held + DATA_CPUS:g} of the "
+              f"cluster's {cluster:g} CPUs (its Train workers and input pipeline)", flush=True)
+    return concurrency
 
 
 def _trial_folder(trial) -> str:
     return trial.trial_id
 
 
-def _new_tuner(config: TuneJobConfig, trainable, storage_path: str, filesystem) -> tune.Tuner:
+def _new_tuner(config: TuneJobConfig, trainable, storage_path: str, filesystem, concurrent: int) -> tune.Tuner:
     search = config.search
     metric = sweep_metric(config)
     # Tune bounds concurrency around a searcher (Optuna); the random/grid generator bounds it itself.
     if search.algorithm == "optuna":
-        algorithm, concurrency = OptunaSearch(seed=search.seed), search.max_concurrent_trials
+        algorithm, concurrency = OptunaSearch(seed=search.seed), concurrent
     else:
-        algorithm, concurrency = BasicVariantGenerator(random_state=search.seed,
-                                                       max_concurrent=search.max_concurrent_trials or 0), None
+        algorithm, concurrency = BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrent), None
     if search.scheduler == "asha":
         scheduler = ASHAScheduler(max_t=config.finetune.epochs, grace_period=search.grace_period,
                                   reduction_factor=search.reduction_factor)
@@ -150,7 +169,7 @@ def _new_tuner(config: TuneJobConfig, trainable, storage_path: str, filesystem) 
     )
 
 
-def build_tuner(config: TuneJobConfig, trainable) -> tuple[tune.Tuner, bool]:
+def build_tuner(config: TuneJobConfig, trainable, concurrent: int) -> tuple[tune.Tuner, bool]:
     """A new sweep, or the saved one with the same name (second value: whether it was restored)."""
     root = resolve(config.storage_path, config.storage)
     filesystem = root.filesystem if root.is_s3 else None
@@ -160,7 +179,7 @@ def build_tuner(config: TuneJobConfig, trainable) -> tuple[tune.Tuner, bool]:
     if tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
         return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=filesystem), True
-    return _new_tuner(config, trainable, storage_path, filesystem), False
+    return _new_tuner(config, trainable, storage_path, filesystem, concurrent), False
 
 
 def _status(result: tune.Result) -> str:
@@ -222,10 +241,26 @@ def run(config: TuneJobConfig, accept_config_changes: bool = False) -> dict:
     """Run (or resume) the sweep; returns the best trial's values and metrics and the trial count.
     The parent run ends FINISHED, FAILED (a trial failed: relaunch to resume) or KILLED. A restore
     whose config changed is refused before Ray starts unless the changes are accepted."""
-    launch = run_record.check_config(config.name, resolve(config.storage_path, config.storage), config,
-                                     accept_config_changes)
-    if not ray.is_initialized():
-        ray.init()
+    storage = resolve(config.storage_path, config.storage)
+    with run_lock.hold(storage.join(config.name), config.name):
+        return _launch(config, storage, accept_config_changes)
+
+
+def refuse_unrecorded_sweep(config: TuneJobConfig, storage: Location) -> None:
+    """Restoring a sweep unpickles its saved state (Ray's ``tuner.pkl``): only a sweep this project
+    launched, whose run record is there to match, is restored."""
+    folder = storage.join(config.name)
+    if folder.join(SAVED_SWEEP).exists() and not folder.join(run_record.CONFIG_FILE).exists():
+        raise ConfigError(f"name: {folder} holds a saved sweep ({SAVED_SWEEP}) but no run record "
+                          f"({run_record.CONFIG_FILE}); restoring it would unpickle whatever it holds. Use another "
+                          "name, or delete the folder to start the sweep over")
+
+
+def _launch(config: TuneJobConfig, storage: Location, accept_config_changes: bool) -> dict:
+    refuse_unrecorded_sweep(config, storage)
+    launch = run_record.check_config(config.name, storage, config, accept_config_changes)
+    connect_ray(config.ray)
+    concurrent_trials(config)  # a sweep the cluster cannot hold fails here, before any run is opened
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     metric = sweep_metric(config)
     tracking = run_record.start_tracking(config.tracking, config.name, "pipeline.tune", config.resources.gpu > 0,
@@ -249,7 +284,7 @@ def _sweep(config: TuneJobConfig, parent: RunTracker, tracking_uri: str, metric:
         tune.with_parameters(TRIALS[config.sweep], sweep=config, task=task, tracking_uri=tracking_uri,
                              parent_run_id=parent.run_id),
         trial_resources(config))
-    tuner, restored = build_tuner(config, trainable)
+    tuner, restored = build_tuner(config, trainable, concurrent_trials(config))
     parent.set_tags({"restored": str(restored)})
     results = tuner.fit()
 
@@ -272,11 +307,28 @@ def _sweep(config: TuneJobConfig, parent: RunTracker, tracking_uri: str, metric:
     return summary
 
 
+def inputs(config: TuneJobConfig) -> list[Input]:
+    """What must exist before the sweep starts: the base jobs' inputs (a mask trial makes its probe's encoder)."""
+    def within(section: str, items: list[Input]) -> list[Input]:
+        return [Input(f"{section}.{item.field}", item.uri, item.kind) for item in items]
+
+    if config.sweep == "mask":
+        return [*within("pretrain", pretrain.inputs(config.pretrain)), Input("probe.data_root", config.probe.data_root)]
+    return within("finetune", finetune.inputs(config.finetune))
+
+
+def report(config: TuneJobConfig, summary: dict) -> str:
+    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    return json.dumps(summary, default=str) + "\n" + mlflow_ui_hint(tracking_uri, config.tracking.experiment)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_command(__doc__.splitlines()[0], TuneJobConfig,
-                       lambda config, args: json.dumps(run(config, args.accept_config_changes), default=str), argv,
-                       (SourceError,), accept_changes_flag=True)
+                       lambda config, args: report(config, run(config, args.accept_config_changes)), argv,
+                       (SourceError,), inputs=inputs, accept_changes_flag=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.tune import main as imported_main  # not __main__'s copy: Ray pickles those by value
+
+    sys.exit(imported_main())

@@ -91,47 +91,72 @@ def _weed_binary() -> str:
     return found
 
 
+class WeedServer:
+    """One ``weed mini`` process on free ports of 127.0.0.1 over ``data_dir``. It can be stopped and
+    started again on the same ports and folder, so the store comes back with its objects at the same
+    endpoint (the fault tests take it away in the middle of a job)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        master, volume, filer, s3, webdav, admin, iceberg, lance = free_ports(8)
+        self.s3_port = s3
+        self.endpoint = f"http://127.0.0.1:{s3}"
+        self.command = [
+            _weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
+            f"-webdav.port={webdav}", f"-admin.port={admin}", f"-s3.port.iceberg={iceberg}",
+            f"-s3.port.lance={lance}", "-admin.ui=false", "-webdav=false",
+        ]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def s3(self) -> S3Server:
+        return S3Server(self.endpoint)
+
+    def start(self) -> WeedServer:
+        """Start the process and wait for its S3 port (up to 60 s)."""
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+        log_path = self.data_dir / "weed.log"
+        with open(log_path, "a") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"weed mini exited: {log_path.read_text()[-2000:]}")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.s3_port)) == 0:
+                    return self
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail("weed mini did not open its S3 port within 60 s")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> S3Server:
-    data_dir = tmp_path_factory.mktemp("seaweedfs")
-    master, volume, filer, s3, webdav, admin, iceberg, lance = free_ports(8)
-    command = [
-        _weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
-        f"-webdav.port={webdav}", f"-admin.port={admin}", f"-s3.port.iceberg={iceberg}",
-        f"-s3.port.lance={lance}", "-admin.ui=false", "-webdav=false",
-    ]
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-    log = open(data_dir / "weed.log", "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    endpoint = f"http://127.0.0.1:{s3}"
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"weed mini exited: {(data_dir / 'weed.log').read_text()[-2000:]}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", s3)) == 0:
-                break
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("weed mini did not open its S3 port within 60 s")
-        time.sleep(0.3)
+    weed = WeedServer(tmp_path_factory.mktemp("seaweedfs")).start()
     # Clients (boto3, pyarrow, Ray workers started later) find the store through the environment.
     saved = {key: os.environ.get(key) for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")}
     os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-                      AWS_ENDPOINT_URL=endpoint, AWS_REGION="us-east-1")
-    yield S3Server(endpoint)
+                      AWS_ENDPOINT_URL=weed.endpoint, AWS_REGION="us-east-1")
+    yield weed.s3
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    weed.stop()
 
 
 @pytest.fixture(scope="session")

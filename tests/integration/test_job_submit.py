@@ -4,6 +4,7 @@ checkpoints in the S3 test server and metrics and the reconstruction image in ML
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -63,30 +64,48 @@ def head_node(s3_server):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_pretrains_into_s3_and_mlflow(head_node, s3_server, pretrain_features, tmp_path):
+def readme_job_submit(address: str, submitter: Path) -> list[str]:
+    """The README's ``ray job submit`` example as written, pointed at the test's head node."""
+    (line,) = [line for line in (REPO / "README.md").read_text().splitlines()
+               if line.startswith("ray job submit ") and "pipeline.pretrain" in line]
+    words = shlex.split(line.replace("$PWD", str(submitter)))
+    words[0] = str(Path(sys.executable).with_name("ray"))
+    words[words.index("--address") + 1] = address
+    words[words.index("--working-dir") + 1] = str(REPO)
+    return words
+
+
+def test_readme_job_submit_pretrains_into_s3_and_mlflow(head_node, s3_server, pretrain_features, tmp_path):
+    """The README's command from another directory: relative paths (the preset's features, the default
+    MLflow store) resolve against the submitter's directory, not Ray's copy of the working directory."""
     address, env = head_node
-    features = pretrain_features
+    submitter = tmp_path / "project"
+    (submitter / "outputs" / "demo").mkdir(parents=True)
+    shutil.copytree(pretrain_features, submitter / "outputs" / "demo" / "features")
     s3_server.create_bucket("jobs")
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    command = [
-        str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", address, "--working-dir", str(REPO),
-        "--", "python", "-m", "pipeline.pretrain", "--config", "configs/pretrain/local-tiny.yaml",
-        "--set", "name=submitted", "--set", "storage_path=s3://jobs/pretrain",
-        "--set", f"data.features={features}", "--set", f"validation.features={features}",
-        "--set", f"tracking.tracking_uri={tracking}", "--set", "train.max_steps=4", "--set", "train.figure_every=2",
-        "--set", "train.batch_size=4",
-    ]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
+    command = [*readme_job_submit(address, submitter),
+               "--set", "name=submitted", "--set", "storage_path=s3://jobs/pretrain", "--set", "train.max_steps=4",
+               "--set", "train.figure_every=2", "--set", "train.batch_size=4"]
+    assert command.count("--base-dir") == 1
+    finished = subprocess.run(command, env=env, cwd=submitter, capture_output=True, text=True, timeout=540)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert "checkpoints: s3://jobs/pretrain/submitted" in finished.stdout
+    assert "ray: joined the cluster at" in finished.stdout
     assert "compute: selective_scan: fused CPU (numba)" in finished.stdout  # rank 0's lines reach the job's output
     assert finished.stdout.count("step 1/4 | loss ") == 1 and "| ETA " in finished.stdout  # once, not twice
 
     keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket="jobs", Prefix="pretrain/submitted/")["Contents"]}
     assert any(key.endswith("step-00000004/state.pt") for key in keys)
-    client = MlflowClient(tracking)
+    client = MlflowClient(f"sqlite:///{submitter / 'outputs' / 'mlflow.db'}")  # the default store, the submitter's
     experiment = client.get_experiment_by_name("ssamba-local")
     (run,) = client.search_runs([experiment.experiment_id], "tags.ray_run_name = 'submitted'")
     assert run.info.status == "FINISHED" and run.data.metrics["loss"] > 0
     images = {a.path for a in client.list_artifacts(run.info.run_id, "reconstruction")}
     assert "reconstruction/step-00000002.png" in images
+
+    # Without --base-dir the relative paths would land in Ray's temporary copy: refused, saying what to do.
+    unanchored = [word for word in command if word not in ("--base-dir", str(submitter))]
+    refused = subprocess.run(unanchored, env=env, cwd=submitter, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "data.features: 'outputs/demo/features' is a relative path" in refused.stdout + refused.stderr
+    assert '--base-dir "$PWD"' in refused.stdout + refused.stderr

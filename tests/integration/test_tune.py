@@ -71,7 +71,7 @@ def test_with_values_sets_dotted_fields_and_revalidates():
 
 def test_optuna_proposes_valid_recipes_from_the_space(tmp_path):
     config = load_config(TuneJobConfig, "configs/tune/finetune_esc50.yaml", [f"storage_path={tmp_path}"])
-    settings = sweeps.build_tuner(config, sweeps.finetune_trial)[0]._local_tuner
+    settings = sweeps.build_tuner(config, sweeps.finetune_trial, config.search.max_concurrent_trials)[0]._local_tuner
     searcher = settings._tune_config.search_alg
     assert type(searcher).__name__ == "OptunaSearch" and settings._tune_config.max_concurrent_trials == 8
     assert searcher.set_search_properties("val_accuracy", "max", settings._param_space)
@@ -138,7 +138,7 @@ def test_asha_finetune_sweep_resumes_after_its_trials_fail(ray_cluster, small_en
         f"finetune.features={tmp_path / 'features'}", "finetune.folds=[1]", "finetune.norm=esc50", "finetune.loss=ce",
         f"finetune.model.checkpoint={small_encoder}", "finetune.target_length=64", "finetune.epochs=3",
         "search.grace_period=2",  # ASHA's only rung is at epoch 2: both trials reach the failure below
-        "finetune.testing.fail_at_epoch=1",  # every trial fails once, after its epoch-0 checkpoint
+        "finetune.testing.fail_at_epoch=2",  # every trial fails once, after its epoch-1 checkpoint
     ])
     first = sweeps.run(config)
     assert first["trials"] == 2 and first["errors"] == 2
@@ -156,7 +156,7 @@ def test_asha_finetune_sweep_resumes_after_its_trials_fail(ray_cluster, small_en
     assert len(children) == 2 and set(table["status"]) == {"finished"}
     for child in children:
         epochs = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
-        assert epochs[0] == 0 and epochs == list(range(len(epochs)))  # epoch 0 ran once: resumed, not restarted
+        assert epochs == list(range(1, len(epochs) + 1))  # epoch 1 ran once: resumed, not restarted
         assert len(epochs) in (2, 3)  # ASHA may stop the weaker trial at its rung
         expected = "finished" if len(epochs) == 3 else "stopped_early"
         assert child.info.status == "FINISHED" and child.data.tags["sweep_trial_status"] == expected

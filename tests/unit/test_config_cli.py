@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ import yaml
 from pydantic import BaseModel
 
 from pipeline.config import (
-    ConfigError, EmbedConfig, FeaturizeConfig, FinetuneJobConfig, PretrainJobConfig, load_config, public_dict, run_command,
+    ConfigError, EmbedConfig, FeaturizeConfig, FinetuneJobConfig, PretrainJobConfig, load_config, public_dict,
 )
+from pipeline.launch import run_command
 from pipeline.fields import _leaf_types, _section_model, field_at, set_fields, typed_value
 from pipeline.sweep_config import TuneJobConfig, with_values
 from ssamba import EMBED_DIMS, NORM_PRESETS, NORMS, EncoderConfig
@@ -194,3 +196,29 @@ def test_job_schemas_take_their_choices_and_rules_from_the_model_library():
         load_config(PretrainJobConfig, LOCAL_TINY, ["masking.mask_patches=0"])
     ratio = load_config(PretrainJobConfig, LOCAL_TINY, ["masking={mask_ratio: 0.5}"])
     assert ratio.masking.pretrain_config().num_masked(128) == 64
+
+
+def test_secrets_and_uri_credentials_are_never_echoed_or_tracked():
+    """A secret is taken as written (never parsed as YAML, so ``*`` and ``: `` are fine) and appears in no
+    output; user-info inside URIs is dropped from what is printed and tracked."""
+    import subprocess
+    import sys
+
+    secret = "*abc: def"
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.pretrain", "--config", LOCAL_TINY, "--set", "storage.access_key_id=AKIA-ID",
+         "--set", f"storage.secret_access_key={secret}", "--set", "tracking.tracking_uri=http://bob:hunter2@mlflow:5000",
+         "--set", "storage.endpoint_url=http://key:pass@store:9000", "--print-config"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for leaked in (secret, "abc", "AKIA-ID", "hunter2", "bob:", "pass@"):
+        assert leaked not in done.stdout + done.stderr
+    assert "tracking_uri: http://mlflow:5000" in done.stdout and "endpoint_url: http://store:9000" in done.stdout
+
+    config = load_config(PretrainJobConfig, LOCAL_TINY, ["storage.access_key_id=AKIA-ID",
+                                                        f"storage.secret_access_key={secret}"])
+    assert config.storage.secret_access_key.get_secret_value() == secret  # the store still gets it
+    tracked = json.dumps(public_dict(load_config(PretrainJobConfig, LOCAL_TINY, [
+        "tracking.tracking_uri=https://bob:hunter2@mlflow:5000/x?y=1"])))
+    assert "hunter2" not in tracked and "https://mlflow:5000/x?y=1" in tracked
+    assert load_config(PretrainJobConfig, LOCAL_TINY, ["tracking.experiment=exp: one"]).tracking.experiment == "exp: one"

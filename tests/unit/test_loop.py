@@ -91,11 +91,11 @@ def test_schedules_scale_each_group_from_its_base_rate():
     config = load_config(FinetuneJobConfig, "configs/finetune/esc50.yaml",
                          ["optim.decay=0.5", "optim.decay_start_epoch=2", "optim.decay_every=2"])
     decay = StepDecay(config.optim)
-    assert [decay.factor(epoch) for epoch in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+    assert [decay.factor(epoch) for epoch in range(1, 7)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
     optimizer = torch.optim.Adam([{"params": [torch.zeros(1, requires_grad=True)], "lr": 1.0},
                                   {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.1}])
     rates = base_rates(optimizer)
-    set_learning_rates(optimizer, rates, decay.factor(4))
+    set_learning_rates(optimizer, rates, decay.factor(5))
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.25, 0.025])
 
 

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError, ElasticScalingSection, PretrainJobConfig, ScalingSection, load_config
-from pipeline.resources import ClusterTooSmall, check_data_cpus, starting_workers
+from pipeline.resources import ClusterTooSmall, check_data_cpus, starting_workers, sweep_concurrency
 from pipeline.run_record import (
     CONFIG_FILE, Change, ConfigChangedError, Launch, check_config, config_changes, may_change_on_resume, plain,
     record_accepted_changes, source_tags,
@@ -98,14 +98,16 @@ def test_accepted_changes_are_recorded_on_the_mlflow_run(tmp_path):
 
 
 def test_a_changed_lr_exits_non_zero_before_ray_starts(tmp_path):
-    original = job(tmp_path, "name=lr-run")
+    features = [f"data.features={tmp_path / 'demo'}", f"validation.features={tmp_path / 'demo'}"]
+    original = job(tmp_path, "name=lr-run", *features)
     check_config(original.name, resolve(original.storage_path), original)  # what the first launch recorded
     (tmp_path / "ckpt" / "lr-run" / "step-00000020").mkdir()  # ... before its first checkpoint
+    (tmp_path / "demo" / "features").mkdir(parents=True)  # the inputs exist: the config check decides
     # Nothing listens at this Ray address: reaching ray.init would fail with a connection error instead.
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "pipeline.pretrain", "--config", PRESET, "--set", "name=lr-run",
                            "--set", f"storage_path={tmp_path / 'ckpt'}", "--set", "optim.lr=0.01",
-                           "--set", "train.max_steps=100"],
+                           "--set", "train.max_steps=100", "--set", features[0], "--set", features[1]],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert "optim.lr: 0.001 -> 0.01" in done.stderr and "(these may change on resume: train.max_steps)" in done.stderr
@@ -152,6 +154,16 @@ def test_workers_leave_cpus_for_the_input_pipeline():
     assert "scaling.num_workers (at most 3 here)" in message and "scaling.cpus_per_worker" in message
     with pytest.raises(ClusterTooSmall, match="at most 1 here"):
         check_data_cpus(15.5, scaling(2, 7.5))  # 0.5 CPU left
+
+
+def test_sweeps_run_as_many_trials_as_hold_their_workers_and_input_pipelines():
+    field = "search.max_concurrent_trials"
+    assert sweep_concurrency(2, 1.0, 2, field) == 1     # a mask trial: its Train worker, plus its Ray Data
+    assert sweep_concurrency(4, 1.0, 2, field) == 2
+    assert sweep_concurrency(8, 1.0, None, field) == 4  # unbounded: what fits
+    assert sweep_concurrency(8, 1.0, 1, field) == 1
+    with pytest.raises(ClusterTooSmall, match="search.max_concurrent_trials: one trial needs 3 CPUs"):
+        sweep_concurrency(2, 2.0, None, field)
 
 
 def test_an_elastic_run_is_checked_at_the_size_it_starts_with():
@@ -207,3 +219,18 @@ def test_sweep_restores_and_fine_tuning_follow_the_same_rule(tmp_path):
     with pytest.raises(ConfigChangedError, match="optim.head_lr_multiplier") as refused:
         check_config(more.name, resolve(more.storage_path), more)
     assert "(these may change on resume: epochs)" in str(refused.value)
+
+
+def test_a_saved_sweep_without_its_run_record_is_not_restored(tmp_path):
+    from pipeline import tune
+    from pipeline.sweep_config import TuneJobConfig
+
+    config = load_config(TuneJobConfig, REPO / "configs/tune/finetune_esc50.yaml", [f"storage_path={tmp_path}"])
+    storage = resolve(str(tmp_path))
+    tune.refuse_unrecorded_sweep(config, storage)  # nothing saved: a new sweep
+    (tmp_path / config.name).mkdir()
+    (tmp_path / config.name / tune.SAVED_SWEEP).write_bytes(b"not ours")
+    with pytest.raises(ConfigError, match=r"name: .* holds a saved sweep \(tuner.pkl\) but no run record"):
+        tune.refuse_unrecorded_sweep(config, storage)
+    check_config(config.name, storage, config)  # the record a launch of this project writes
+    tune.refuse_unrecorded_sweep(config, storage)

@@ -77,3 +77,24 @@ def test_manifest_task_needs_labels(tmp_path):
         read_task("manifest", str(tmp_path / "n.csv"), S3Config())
     with pytest.raises(LayoutError, match="unknown task"):
         read_task("audioset", str(tmp_path), S3Config())
+
+
+def test_class_folders_label_by_parent_folder_with_or_without_split_folders(tmp_path):
+    for index in range(20):
+        tone(tmp_path / "flat" / ["dog", "rain"][index % 2] / f"clip{index:02d}.wav", index)
+    data = read_task("folders", str(tmp_path / "flat"), S3Config())
+    assert data.classes == ["dog", "rain"] and len(data.sources) == 20
+    assert all(source.uri.split("/")[-2] == source.label for source in data.sources)
+    held_out = {source.uri for source in data.split("validation")}
+    assert 0 < len(held_out) < 20 and len(data.split("train")) == 20 - len(held_out)
+    assert {s.uri for s in read_task("folders", str(tmp_path / "flat"), S3Config()).split("validation")} == held_out
+
+    for split, count in (("train", 4), ("validation", 2), ("test", 2)):
+        for index in range(count):
+            tone(tmp_path / "split" / split / ["cat", "bird"][index % 2] / f"{split}{index}.wav", index)
+    data = read_task("folders", str(tmp_path / "split"), S3Config())
+    assert data.classes == ["bird", "cat"]
+    assert (len(data.split("train")), len(data.split("validation")), len(data.split("test"))) == (4, 2, 2)
+    tone(tmp_path / "loose" / "clip.wav", 0)
+    with pytest.raises(LayoutError, match="put each file in the folder of its class"):
+        read_task("folders", str(tmp_path / "loose"), S3Config())

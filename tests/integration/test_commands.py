@@ -1,0 +1,127 @@
+"""The commands as users run them: ``python -m pipeline.<job>`` in a subprocess that starts its own Ray
+(``ray.address=local``, 2 CPUs like a small laptop or CI machine) and writes its own MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from support.task_layouts import esc50
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(900)
+OWN_RAY = ["--set", "ray.address=local", "--set", "ray.num_cpus=2"]
+
+
+def run_job(job: str, *args: str, timeout: float = 600, base_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m pipeline.<job> ARGS`` from the repository root, as the README shows it; with
+    ``base_dir``, relative paths resolve there and the job starts a Ray of its own."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    if base_dir is not None:
+        env.update(SSAMBA_BASE_DIR=str(base_dir), RAY_ADDRESS="local")
+    return subprocess.run([sys.executable, "-m", f"pipeline.{job}", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def output_of(done: subprocess.CompletedProcess) -> str:
+    return f"exit {done.returncode}\n--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-4000:]}"
+
+
+MISSING_INPUTS = {
+    "pretrain": (["--config", "configs/pretrain/local-tiny.yaml"],
+                 ["data.features: {base}/outputs/demo/features does not exist"]),
+    "finetune": (["--config", "configs/finetune/local-esc50.yaml", "--set", "model.checkpoint=nowhere/encoder.pt"],
+                 ["data_root: {base}/data/ESC-50-master does not exist",
+                  "model.checkpoint: {base}/nowhere/encoder.pt does not exist"]),
+    "tune": (["--config", "configs/tune/local-mask.yaml"],
+             ["pretrain.data.features: {base}/outputs/demo/features does not exist",
+              "probe.data_root: {base}/data/ESC-50-master does not exist"]),
+    "embed": (["--config", "configs/embed/local.yaml", "--set", "classifier=nowhere/classifier.pt"],
+              ["features: {base}/outputs/demo/features does not exist",
+               "model: {base}/outputs/demo/ssamba_encoder.pt does not exist",
+               "classifier: {base}/nowhere/classifier.pt does not exist"]),
+}
+
+
+@pytest.mark.parametrize("job", sorted(MISSING_INPUTS))
+def test_missing_inputs_exit_2_before_ray_naming_field_and_path(job, tmp_path):
+    args, expected = MISSING_INPUTS[job]
+    started = time.monotonic()
+    done = run_job(job, *args, "--base-dir", str(tmp_path), timeout=120)
+    assert done.returncode == 2, output_of(done)
+    for line in expected:
+        assert line.format(base=tmp_path) in done.stderr, output_of(done)
+    assert "Traceback" not in done.stderr and "ray: " not in done.stdout  # no Ray started, one clean message
+    assert list(tmp_path.iterdir()) == []  # no MLflow store, no run record, no checkpoint folder
+    assert time.monotonic() - started < 60
+
+
+def test_finetune_command_trains_and_exports_a_classifier(small_encoder, tmp_path):
+    """Run as ``__main__``, the job's functions must reach Ray Train by reference (they once pickled
+    ``torch.classes`` by value and the command could not train at all). A batch larger than the 8
+    training clips trains on the clips there are."""
+    data = esc50(tmp_path / "data" / "ESC-50-master")
+    done = run_job("finetune", "--config", "configs/finetune/local-esc50.yaml", "--base-dir", str(tmp_path),
+                   "--set", f"model.checkpoint={small_encoder}", "--set", "folds=[1]", "--set", "epochs=1",
+                   "--set", "target_length=128", "--set", "batch_size=32", *OWN_RAY)
+    assert done.returncode == 0, output_of(done)
+    assert "epoch 1/1 | train_loss " in done.stdout and "train_loss nan" not in done.stdout
+    assert "ray: started a local instance with 2 CPUs" in done.stdout
+    classifier = tmp_path / "outputs" / "finetune" / "probe-demo-fold1" / "classifier.pt"
+    assert f"classifier: {classifier}" in done.stdout and classifier.is_file()
+    assert f"--backend-store-uri sqlite:///{tmp_path}/outputs/mlflow.db" in done.stdout
+    assert (tmp_path / "outputs" / "features" / "esc50" / "features").is_dir()
+    assert data.is_dir()
+
+
+def test_a_batch_larger_than_the_training_clips_is_refused_before_ray(pretrain_features, tmp_path):
+    done = run_job("pretrain", "--config", "configs/pretrain/local-tiny.yaml", "--base-dir", str(tmp_path),
+                   "--set", f"data.features={pretrain_features}", "--set", f"validation.features={pretrain_features}",
+                   "--set", "train.batch_size=32", timeout=120)
+    assert done.returncode == 2, output_of(done)
+    assert "train.batch_size: 32 per worker x 1 workers is more than the 24 training clips" in done.stderr
+    assert "ray: " not in done.stdout and not (tmp_path / "outputs" / "checkpoints").exists()
+
+
+def test_local_mask_sweep_finishes_on_two_cpus(pretrain_features, tmp_path):
+    """The shipped local mask sweep (two trials, each a Train worker, its probe and their input
+    pipelines) on a 2-CPU Ray: Tune runs what fits instead of starving Ray Data."""
+    esc50(tmp_path / "data" / "ESC-50-master")
+    done = run_job("tune", "--config", "configs/tune/local-mask.yaml", "--base-dir", str(tmp_path), *OWN_RAY,
+                   "--set", f"pretrain.data.features={pretrain_features}",
+                   "--set", f"pretrain.validation.features={pretrain_features}",
+                   "--set", "pretrain.train.max_steps=2", "--set", "pretrain.train.eval_every=2",
+                   "--set", "pretrain.train.checkpoint_every=2", "--set", "pretrain.train.batch_size=4",
+                   "--set", "probe.epochs=1", "--set", "probe.batch_size=4", timeout=840)
+    assert done.returncode == 0, output_of(done)
+    assert "tune: 1 trials at a time, not 2" in done.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    experiment = client.get_experiment_by_name("ssamba-local-tune")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.ray_run_name = 'local-mask-sweep'")
+    assert parent.info.status == "FINISHED" and "best.probe_val_accuracy" in parent.data.metrics
+
+
+def test_make_demo_then_the_embed_preset_on_what_it_wrote(tmp_path):
+    """``make demo`` (fewer clips and steps), then ``configs/embed/local.yaml`` unchanged: the preset
+    points at what the demo writes. ``SSAMBA_BASE_DIR`` keeps the outputs out of the repository."""
+    demo = run_job("demo", "--clips", "12", "--steps", "2", base_dir=tmp_path)
+    assert demo.returncode == 0, output_of(demo)
+    encoder = tmp_path / "outputs" / "demo" / "ssamba_encoder.pt"
+    assert f"copied to {encoder}" in demo.stdout and encoder.is_file()
+    assert "ray: started a local instance" in demo.stdout and "ui --backend-store-uri sqlite:///" in demo.stdout
+
+    done = run_job("embed", "--config", "configs/embed/local.yaml", base_dir=tmp_path)
+    assert done.returncode == 0, output_of(done)
+    output = tmp_path / "outputs" / "demo" / "embeddings"
+    assert f"embed: 12 rows → {output}" in done.stdout
+    table = pq.read_table(output)
+    assert table.num_rows == 12 and all(table.column("ok").to_pylist())
+    assert {len(vector) for vector in table.column("scene").to_pylist()} == {64}  # local-tiny's width

@@ -1,0 +1,119 @@
+"""The featurize command under faults, run as its own process with its own local Ray: a store that goes
+away during the job, and a destination left with a truncated shard and a partial file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from support.audio_files import GOOD, write_class_folders, write_collection
+from conftest import ACCESS_KEY, SECRET_KEY, WeedServer
+from pipeline import featurize
+from pipeline.config import FeaturizeConfig, load_config
+
+pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def job_env():
+    """The environment of a featurize process: no RAY_ADDRESS and a private Ray temp dir holding no
+    `ray start` record, so it starts its own local Ray; the store's keys as AWS variables, never on the
+    command line."""
+    ray_tmp = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # unix socket paths must stay short
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_") and key != "RAY_ADDRESS"}
+    env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, RAY_TMPDIR=ray_tmp,
+               RAY_USAGE_STATS_ENABLED="0")
+    yield env
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def featurize_process(env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pipeline.featurize", *[arg for item in overrides for arg in ("--set", item)]]
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def wait_readable(weed: WeedServer, bucket: str, key: str) -> None:
+    """A restarted store opens its S3 port before its volumes are back: wait for an object."""
+    client, deadline = weed.s3.client(), time.monotonic() + 60
+    while True:
+        try:
+            client.get_object(Bucket=bucket, Key=key)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_a_store_outage_fails_the_job_and_quarantines_nothing(tmp_path, job_env):
+    audio = write_collection(tmp_path / "audio") / "good"
+    names = sorted(path.relative_to(audio).as_posix() for path in audio.rglob("*") if path.is_file())
+    assert len(names) == len(GOOD)
+    weed = WeedServer(Path(tempfile.mkdtemp(prefix="weed", dir=tmp_path))).start()
+    try:
+        weed.s3.create_bucket("raw")
+        weed.s3.upload_folder(audio, "raw", "corpus")
+        uris = [f"s3://raw/corpus/{name}" for name in names]
+        absent = "s3://raw/corpus/absent.wav"  # not there: bad input, unlike a store that is down
+        manifest = tmp_path / "manifest.csv"  # local: listing works while the store is down
+        manifest.write_text("uri\n" + "".join(f"{uri}\n" for uri in [*uris, absent]))
+        output = tmp_path / "features"
+        settings = [f"input.manifest={manifest}", f"output={output}", "shard_size=3", "num_workers=2",
+                    f"storage.endpoint_url={weed.endpoint}", "storage.max_attempts=2",
+                    "storage.connect_timeout_s=1", "storage.request_timeout_s=2"]
+        weed.stop()
+
+        listing = featurize_process(job_env, "input.uri=s3://raw/corpus", f"output={tmp_path / 'listed'}", *settings[3:])
+        assert listing.returncode == 2, listing.stderr[-3000:]
+        assert len(error_lines(listing)) == 1 and weed.endpoint in error_lines(listing)[0]
+
+        down = featurize_process(job_env, *settings)
+        assert down.returncode == 2, down.stderr[-3000:]
+        [message] = error_lines(down)
+        assert message.startswith("error: storage unavailable") and weed.endpoint in message, message
+        for folder in ("features", "quarantine", "done"):
+            assert not list((output / folder).glob("*")), f"{folder}: a failed shard wrote something"
+
+        weed.start()
+        wait_readable(weed, "raw", f"corpus/{names[0]}")
+        again = featurize_process(job_env, *settings)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "3 written, 0 already done" in again.stdout, again.stdout
+        assert sorted(pq.read_table(output / "features").column("uri").to_pylist()) == uris
+        quarantined = pq.read_table(output / "quarantine").to_pylist()
+        assert [(row["uri"], row["reason"]) for row in quarantined] == [(absent, "unreadable")]
+    finally:
+        weed.stop()
+
+
+def test_resume_redoes_a_truncated_shard_and_removes_partial_files(ray_cluster, tmp_path, job_env):
+    audio = write_class_folders(tmp_path / "audio", classes=2, per_class=4)
+    uris = sorted(str(path) for path in audio.rglob("*.wav"))
+    output = tmp_path / "features"
+    settings = [f"input.uri={audio}", f"output={output}", "shard_size=3"]
+    first = featurize.run(load_config(FeaturizeConfig, None, settings))
+    assert (first.files, first.shards_written) == (8, 3)
+
+    truncated = output / "features" / "part-00001.parquet"
+    os.truncate(truncated, truncated.stat().st_size // 2)
+    partial = output / "features" / "part-00099.parquet.partial"  # what a killed write used to leave
+    partial.write_bytes(b"PAR1" + bytes(100))
+
+    again = featurize_process(job_env, *settings)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "1 written, 2 already done" in again.stdout, again.stdout
+    assert not partial.exists()
+    assert sorted(pq.read_table(output / "features").column("uri").to_pylist()) == uris
