@@ -27,6 +27,7 @@ import ray
 import torch
 
 from pipeline.config import AudioConfig, ExamplesConfig, S3Config
+from pipeline.feature_store import FBANK_COLUMNS, decode_fbank
 from pipeline.reading import SourceReader, featurize_source
 from pipeline.sources import AudioSource, list_sources
 from pipeline.storage import resolve
@@ -41,8 +42,7 @@ def to_examples(batch: dict[str, np.ndarray], config: ExamplesConfig) -> dict[st
     augment = config.augment
     examples = []
     for data, n_frames, n_mels in zip(batch["fbank"], batch["n_frames"], batch["n_mels"]):
-        features = torch.from_numpy(np.frombuffer(data, dtype=np.float16).reshape(int(n_frames), int(n_mels)).astype(np.float32))
-        features = crop_or_pad(features, config.target_length)
+        features = crop_or_pad(decode_fbank(data, n_frames, n_mels), config.target_length)
         if augment.freq_mask or augment.time_mask:
             features = spec_augment(features, augment.freq_mask, augment.time_mask)
         features = normalize(features, stats)
@@ -68,7 +68,7 @@ class _FeaturizeOnTheFly:
                          for row in featurize_source(self.reader.read(source.uri), source.uri, self.audio, self.fbank_config)]
             except Exception as error:
                 log.warning("on-the-fly: skipping %s (%s)", source.uri, error)
-        columns = ("uri", "label", "n_frames", "n_mels", "fbank")
+        columns = ("uri", "label", *FBANK_COLUMNS)
         return {name: [row[name] for row in rows] for name in columns}
 
 
@@ -77,7 +77,7 @@ def examples_dataset(config: ExamplesConfig, storage: S3Config, audio: AudioConf
     if config.features is not None:
         location = resolve(config.features, storage).join("features")
         dataset = ray.data.read_parquet(
-            location.path, filesystem=location.filesystem, columns=["uri", "label", "n_frames", "n_mels", "fbank"],
+            location.path, filesystem=location.filesystem, columns=["uri", "label", *FBANK_COLUMNS],
             shuffle="files" if config.shuffle else None,
         )
     else:

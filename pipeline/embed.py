@@ -23,6 +23,7 @@ import torch
 
 from pipeline.audio import AudioError, decode_audio
 from pipeline.config import EmbedConfig
+from pipeline.feature_store import FBANK_COLUMNS, decode_fbank
 from pipeline.launch import Input, connect_ray, optional_input, run_command, source_inputs
 from pipeline.models import load_classifier, load_hear_model
 from pipeline.reading import SourceReader
@@ -62,8 +63,7 @@ class Embedder:
         """``(waveform at audio.sample_rate, None)`` of an audio source, or ``(None, raw log-mel)`` of a
         row stored by the featurize job."""
         if "fbank" in row:
-            raw = np.frombuffer(row["fbank"], dtype=np.float16).reshape(int(row["n_frames"]), int(row["n_mels"]))
-            return None, torch.from_numpy(raw.astype(np.float32))
+            return None, decode_fbank(row["fbank"], row["n_frames"], row["n_mels"])
         decoded = decode_audio(self.reader.read(row["uri"]), row["uri"], self.config.audio.sample_rate,
                                self.config.audio.min_seconds)
         return torch.from_numpy(decoded.waveform), None
@@ -128,7 +128,7 @@ def run(config: EmbedConfig, overwrite: bool = False) -> int:
     if config.features is not None:
         features = resolve(config.features, config.storage).join("features")
         dataset = ray.data.read_parquet(features.path, filesystem=features.filesystem,
-                                        columns=["uri", "chunk", "n_frames", "n_mels", "fbank"])
+                                        columns=["uri", "chunk", *FBANK_COLUMNS])
     else:
         dataset = ray.data.from_items([{"uri": source.uri} for source in list_sources(config.input, config.storage)])
     workers = config.num_workers or max(1, int(ray.cluster_resources().get("GPU" if config.use_gpu else "CPU", 1)))

@@ -60,10 +60,11 @@ import torch
 
 from pipeline.audio import AudioError
 from pipeline.config import AudioConfig, FeaturizeConfig, public_dict
+from pipeline.feature_store import FEATURE_SCHEMA, QUARANTINE_SCHEMA
 from pipeline.launch import connect_ray, run_command, source_inputs
 from pipeline.reading import SourceReader, featurize_source, split_uri
 from pipeline.sources import AudioSource, SourceError, list_sources
-from pipeline.storage import PARTIAL_SUFFIX, Location, is_missing, resolve
+from pipeline.storage import PARTIAL_SUFFIX, Location, S3Config, is_missing, resolve
 from ssamba.features import FbankConfig
 
 FORMAT_VERSION = 2  # 2: sources dealt into shards in a seeded random order, recorded in the plan
@@ -75,13 +76,6 @@ IO_THREADS = 16  # concurrent small requests when checking finished shards
 SHARD_SEED = 0x55A3BA  # fixed: the same input always gives the same shards
 MEMBER_RUN = 64  # consecutive members of one container stay together (one row group read, not 64)
 
-FEATURE_SCHEMA = pa.schema([
-    ("uri", pa.string()), ("label", pa.string()), ("split", pa.string()), ("fold", pa.int32()),
-    ("chunk", pa.int32()), ("offset_s", pa.float64()), ("duration_s", pa.float64()),
-    ("source_sample_rate", pa.int32()), ("source_channels", pa.int32()),
-    ("n_frames", pa.int32()), ("n_mels", pa.int32()), ("fbank", pa.binary()),
-])
-QUARANTINE_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 PLAN_SCHEMA = pa.schema([("shard", pa.int32()), ("source", pa.string())])
 
 
@@ -374,6 +368,13 @@ def _finished_shards(output: Location) -> set[int]:
 
     with ThreadPoolExecutor(IO_THREADS) as pool:  # one small request or two per shard: overlap them
         return {shard for shard, whole in zip(candidates, pool.map(complete, candidates)) if whole}
+
+
+def recorded_summary(features: str, storage: S3Config) -> dict:
+    """What a finished featurize run recorded about its destination (files, rows, hours, ...); ``{}``
+    for a destination without a finished run."""
+    record = resolve(features, storage).join(RUN_RECORD)
+    return json.loads(record.read_bytes()).get("summary", {}) if record.exists() else {}
 
 
 def summarize(output: Location) -> Summary:

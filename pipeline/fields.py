@@ -88,6 +88,11 @@ def is_secret(model: type[BaseModel], dotted: str) -> bool:
     return field is not None and SecretStr in _leaf_types(field.annotation)
 
 
+def is_test_only(field: FieldInfo) -> bool:
+    """A switch for the tests (fault injection): settable, but never shown to users."""
+    return isinstance(field.json_schema_extra, dict) and bool(field.json_schema_extra.get("test_only"))
+
+
 def describe_fields(model: type[BaseModel]) -> str:
     """Every field of ``model`` (sections flattened to dotted names) with type, default and description."""
     return "\n".join(_describe(model, ""))
@@ -96,6 +101,8 @@ def describe_fields(model: type[BaseModel]) -> str:
 def _describe(model: type[BaseModel], prefix: str) -> list[str]:
     lines: list[str] = []
     for name, field in model.model_fields.items():
+        if is_test_only(field):
+            continue
         path = prefix + name
         section = _section_model(field.annotation)
         if section is not None:

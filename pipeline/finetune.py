@@ -31,8 +31,10 @@ import functools
 import io
 import json
 import math
+import tempfile
+from pathlib import Path
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import ray
@@ -45,12 +47,14 @@ from pipeline.config import (
     AugmentConfig, ExamplesConfig, FeaturizeConfig, FinetuneJobConfig, FinetuneOptimConfig, InputConfig, flatten,
     public_dict,
 )
+from pipeline.feature_store import STORED_PRECISION
 from pipeline.launch import Input, connect_ray, mlflow_ui_hint, optional_input, run_command
 from pipeline.data import examples_dataset
-from pipeline.models import load_encoder_weights
+from pipeline.model_card import CARD_FILE, ModelCard
+from pipeline.models import CLASSIFIER_FILE, load_encoder_weights
 from pipeline.loop import (
-    Clock, all_gather_rows, announce_compute, base_rates, format_metrics, say, seed_worker, set_learning_rates,
-    start_tracking, unwrap,
+    Clock, all_gather_rows, announce_compute, autocast, base_rates, effective_precision, format_metrics, gradient_sync,
+    optimizer_step, rank0_tracker, say, seed_worker, set_learning_rates, unwrap,
 )
 from pipeline.resources import check_cluster
 from pipeline.run_record import TrackingSetup
@@ -68,7 +72,6 @@ from ssamba.finetune import encoder_on_grid
 from ssamba.metrics import accuracy, mean_average_precision
 
 METRICS = {"accuracy": accuracy, "mAP": mean_average_precision}
-CLASSIFIER_FILE = "classifier.pt"
 LOSSES = {"ce": F.cross_entropy, "bce": F.binary_cross_entropy_with_logits}  # both take float (soft) targets
 
 
@@ -151,7 +154,7 @@ def _build(loop: FinetuneLoop, worker: Worker) -> tuple[torch.nn.Module, torch.o
     """Seed, build the classifier and Adam (head rate × multiplier, encoder frozen or not), restore
     the last checkpoint; returns the model, the optimizer, the epochs already trained and whether restored."""
     config = loop.job
-    seed_worker(0, worker.rank)
+    seed_worker(config.seed, worker.rank)
     classifier = build_classifier(config, len(loop.classes))
     head, encoder = list(classifier.mlp_head.parameters()), list(classifier.encoder.parameters())
     model = worker.prepare_model(classifier)
@@ -174,21 +177,27 @@ def _train_batches(worker: Worker, config: FinetuneJobConfig):
 
 
 def _train_epoch(model, optimizer, loop: FinetuneLoop, worker: Worker, epoch: int) -> float:
-    """One epoch of mixup batches; the mean training loss of this worker."""
+    """One epoch of mixup batches, ``grad_accum`` micro-batches per optimizer step (a last, shorter
+    accumulation steps too); the mean training loss of this worker."""
     config, loss_function = loop.job, LOSSES[loop.job.loss]
-    losses, mixing = [], np.random.default_rng([worker.rank, epoch])
-    for batch in _train_batches(worker, config):
+    losses, mixing = [], np.random.default_rng([config.seed, worker.rank, epoch])
+    precision_context = autocast(worker.device, config.precision)
+    for micro, batch in enumerate(_train_batches(worker, config), start=1):
         features, targets = mix_batch(batch["fbank"], batch["target"], config.augment.mixup, mixing)
-        loss = loss_function(model(features), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with gradient_sync(model, micro % config.grad_accum == 0):
+            with precision_context():
+                loss = loss_function(model(features).float(), targets)
+            (loss / config.grad_accum).backward()
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"the training loss is {losses[-1]} in epoch {epoch}: training diverged "
                                      "(lower optim.lr)")
+        if micro % config.grad_accum == 0:
+            optimizer_step(model, optimizer, config.optim.grad_clip)
     if not losses:
         raise ValueError("this worker's share of the training split is empty: use fewer scaling.num_workers")
+    if len(losses) % config.grad_accum:
+        optimizer_step(model, optimizer, config.optim.grad_clip)
     return float(np.mean(losses))
 
 
@@ -231,9 +240,10 @@ def fit(loop: FinetuneLoop, worker: Worker) -> None:
     config = loop.job
     model, optimizer, trained_epochs, restored = _build(loop, worker)
     rates, schedule = base_rates(optimizer), StepDecay(config.optim)
-    tracker = start_tracking(loop, worker, lambda: flatten(public_dict(config)))
+    tracker = rank0_tracker(loop, worker, lambda: flatten(public_dict(config)))
     if tracker is not None:
-        announce_compute(worker.device, "fp32", worker.world_size, config.batch_size * worker.world_size)
+        announce_compute(worker.device, effective_precision(worker.device, config.precision), worker.world_size,
+                         config.batch_size * config.grad_accum * worker.world_size)
     clock = Clock(trained_epochs, config.epochs)
     for epoch in range(trained_epochs + 1, config.epochs + 1):  # epochs count from 1 everywhere
         if config.testing.fail_at_epoch == epoch and not restored:
@@ -297,7 +307,7 @@ def _open_run(config: FinetuneJobConfig, run_name: str, classes: list[str], spli
 def feature_settings(config: FinetuneJobConfig) -> FeatureSettings:
     """How the job turns audio into model input: the featurize defaults :func:`prepare` uses (the
     library's fbank), stored as float16 by the featurize job, cropped/padded and normalised as configured."""
-    return FeatureSettings(FbankConfig(), config.target_length, norm_stats(config.norm), stored_precision="float16")
+    return FeatureSettings(FbankConfig(), config.target_length, norm_stats(config.norm), stored_precision=STORED_PRECISION)
 
 
 def classifier_uri(config: FinetuneJobConfig, run_name: str) -> str:
@@ -305,22 +315,49 @@ def classifier_uri(config: FinetuneJobConfig, run_name: str) -> str:
     return resolve(config.storage_path, config.storage).join(run_name, CLASSIFIER_FILE).uri
 
 
-def export_classifier(config: FinetuneJobConfig, run_name: str, classes: list[str], state: dict,
+def classifier_card(config: FinetuneJobConfig, run_name: str, model: AudioClassifier, classes: list[str], epoch: int,
+                    scores: dict[str, float], tracker: RunTracker) -> ModelCard:
+    """The facts of a split's selected classifier (see ``pipeline.model_card``)."""
+    seen = featurize.recorded_summary(config.features, config.storage)
+    return ModelCard(
+        kind="classifier", run=run_name, run_id=tracker.run_id, architecture=model.encoder.config.to_dict(),
+        parameters=sum(p.numel() for p in model.parameters()),
+        objective={"task": config.task, "loss": config.loss, "pooling": config.model.pooling,
+                   "freeze_encoder": config.model.freeze_encoder, "encoder": config.model.checkpoint or "random init"},
+        data={"features": config.features, **{key: seen[key] for key in ("files", "rows", "hours") if key in seen}},
+        training={"epochs": config.epochs, "selected_epoch": epoch, "batch_size": config.batch_size},
+        selected_by=scores, fbank=asdict(FbankConfig()), labels=classes, commit=tracker.source_commit())
+
+
+def export_classifier(config: FinetuneJobConfig, run_name: str, classes: list[str], state: dict, selected: dict,
                       tracker: RunTracker) -> str:
     """Write the selected epoch's model as a classifier file (``ssamba.load_classifier``) beside the
-    split's checkpoints and as the MLflow artifact ``model/classifier.pt``; returns its URI."""
+    split's checkpoints, as the MLflow artifact ``model/classifier.pt`` and as an MLflow model (registered
+    as ``tracking.register_as``, tagged with the metrics that selected it); returns the file's URI."""
     encoder = SSAMBAEncoder(EncoderConfig.from_dict(state["encoder_config"]))
     model = AudioClassifier(encoder, ClassifierConfig(len(classes), config.model.pooling))
     model.load_state_dict(state["model"])
+    scores = {name: float(value) for name, value in selected.items() if name.startswith(("val_", "test_"))}
+    card = classifier_card(config, run_name, model, classes, int(state["epoch"]), scores, tracker)
+    resolve(config.storage_path, config.storage).join(run_name, CARD_FILE).write_bytes(card.markdown().encode())
+    tracker.log_bytes(card.markdown().encode(), CARD_FILE, "model")
     buffer = io.BytesIO()
     save_classifier(buffer, model, classes, feature_settings(config),
                     activation="sigmoid" if config.loss == "bce" else "softmax",
                     multi_label=metric_name(config) == "mAP",
-                    metadata={"run": run_name, "task": config.task, "epoch": int(state["epoch"])})
+                    metadata={"run": run_name, "task": config.task, "epoch": int(state["epoch"]),
+                              "model_card": card.to_json()})
     uri = classifier_uri(config, run_name)
     resolve(uri, config.storage).write_bytes(buffer.getvalue())
     tracker.log_bytes(buffer.getvalue(), CLASSIFIER_FILE, "model")
     tracker.set_tags({"classifier_location": uri})
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / CLASSIFIER_FILE
+        path.write_bytes(buffer.getvalue())
+        example = torch.zeros(1, config.target_length, encoder.config.grid.num_mel_bins)
+        tracker.log_model(model, example, "classifier", path, config.tracking.register_as,
+                          {"run": run_name, "epoch": str(int(state["epoch"])),
+                           **{name: f"{value:.6g}" for name, value in scores.items()}})
     return uri
 
 
@@ -348,7 +385,7 @@ def train_once(config: FinetuneJobConfig, classes: list[str], split: Split,
         state = load_state(checkpoint)
         results.log_selected(tracker, metric_name(config), classes, selected, state["outputs"],
                              multi_label=metric_name(config) == "mAP")
-        export_classifier(config, run_name, classes, state, tracker)
+        export_classifier(config, run_name, classes, state, selected, tracker)
         return selected
 
 
@@ -374,7 +411,7 @@ def _parent_run(config: FinetuneJobConfig, parent_run_id: str | None, tracking: 
     return tracker
 
 
-def evaluate(config: FinetuneJobConfig, data: TaskData, parent_run_id: str | None = None,
+def train_splits(config: FinetuneJobConfig, data: TaskData, parent_run_id: str | None = None,
              tracking: TrackingSetup | None = None) -> dict:
     """Train every split of a prepared task. Several folds run under a parent MLflow run that gets the
     mean and std over the folds of the selected epochs' metrics. The summary names the task's metric:
@@ -406,15 +443,15 @@ def _folds_summary(config: FinetuneJobConfig, data: TaskData, best: dict[str, di
 
 
 def run(config: FinetuneJobConfig, accept_config_changes: bool = False) -> dict:
-    """Fine-tune as configured (see :func:`evaluate` for the summary). A relaunch whose config changed
+    """Fine-tune as configured (see :func:`train_splits` for the summary). A relaunch whose config changed
     is refused before Ray starts unless the changes are accepted (see ``run_record``)."""
     storage = resolve(config.storage_path, config.storage)
     with run_lock.hold(storage.join(config.name), config.name):
         launch = run_record.check_config(config.name, storage, config, accept_config_changes)
         connect_ray(config.ray)
-        tracking = run_record.start_tracking(config.tracking, config.name, "pipeline.finetune",
+        tracking = run_record.prepare_tracking(config.tracking, config.name, "pipeline.finetune",
                                              config.scaling.use_gpu, launch)
-        return evaluate(config, prepare(config), tracking=tracking)
+        return train_splits(config, prepare(config), tracking=tracking)
 
 
 def inputs(config: FinetuneJobConfig) -> list[Input]:

@@ -21,11 +21,10 @@ from typing import Callable, TypeVar
 import yaml
 from pydantic import BaseModel
 
-from pipeline.config import (
-    ConfigError, ExamplesConfig, InputConfig, RayConfig, S3Config, load_config, public_dict, without_userinfo,
-)
+from pipeline.config import ConfigError, ExamplesConfig, InputConfig, RayConfig, S3Config, load_config, public_dict
 from pipeline.fields import describe_fields
-from pipeline.paths import RelativePathError, base_directory
+from pipeline.mlflow_models import MODELS_SCHEME
+from pipeline.paths import RelativePathError, base_directory, without_userinfo
 from pipeline.run_lock import RunLocked
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -70,6 +69,8 @@ def check_inputs(inputs: list[Input], storage: S3Config) -> None:
 
     missing = []
     for item in inputs:
+        if item.uri.startswith(MODELS_SCHEME):  # MLflow resolves it when the job loads it
+            continue
         location = resolve(item.uri, storage)
         if item.kind == "features":
             location = location.join("features")

@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from datetime import timedelta
-from typing import Any, Callable, ContextManager, Protocol
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -93,11 +93,18 @@ def autocast(device: torch.device, precision: str) -> Callable[[], ContextManage
 # --------------------------------------------------------------------------------------------------
 
 
-class Schedule(Protocol):
-    """A learning-rate schedule: the factor on every parameter group's base rate at a position
-    (an optimizer step in pretraining, an epoch in fine-tuning)."""
+def gradient_sync(model: torch.nn.Module, sync: bool) -> ContextManager:
+    """Gradient accumulation under DDP: gradients are averaged across workers on the last micro-batch
+    of an optimizer step only (``no_sync`` before it)."""
+    return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
 
-    def factor(self, position: int) -> float: ...
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+    """Clip the global gradient norm (when configured), step, and clear the gradients."""
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def base_rates(optimizer: torch.optim.Optimizer) -> list[float]:
@@ -115,7 +122,7 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, rates: list[float], fac
 # --------------------------------------------------------------------------------------------------
 
 
-def start_tracking(loop: LoopConfig, worker: Worker, params: Callable[[], dict[str, Any]],
+def rank0_tracker(loop: LoopConfig, worker: Worker, params: Callable[[], dict[str, Any]],
                    documents: dict[str, dict] | None = None) -> RunTracker | None:
     """Rank 0's handle on the MLflow run the driver opened (other ranks: None). A run without params
     yet gets ``params()`` and ``documents`` (JSON artifacts); a resumed one keeps what it has."""

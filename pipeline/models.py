@@ -1,9 +1,12 @@
 """Models by URI: the ``ssamba`` loaders (which read local files and file objects only, having no
 S3 client) for anything :func:`pipeline.storage.resolve` reaches: ``s3://`` (custom endpoints via
-``storage``), ``file://`` and local paths.
+``storage``), ``file://`` and local paths; and for MLflow models, ``models:/NAME/VERSION`` or
+``models:/<model id>`` (from the store of ``MLFLOW_TRACKING_URI``; the project's weights-only file
+inside the model is read, never the pickled module).
 
     from pipeline.models import load_classifier
     classifier = load_classifier("s3://bucket/runs/esc50-fold1/classifier.pt")
+    classifier = load_classifier("models:/esc50-probe/3")
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import io
 import torch
 
 from pipeline.config import S3Config
+from pipeline.mlflow_models import MODELS_SCHEME, download_project_file
 from pipeline.storage import resolve
 from ssamba import Checkpoint, Classifier, EncoderConfig, hear
 from ssamba import load_checkpoint as _load_checkpoint
@@ -20,8 +24,15 @@ from ssamba import load_classifier as _load_classifier
 from ssamba.checkpoint import load_encoder_weights as _load_encoder_weights
 
 
-def read_model(uri: str, storage: S3Config | None = None) -> bytes:
-    """The bytes of a model file, read once (then loaded from memory)."""
+ENCODER_FILE = "ssamba_encoder.pt"  # a pretraining run's encoder, beside its checkpoints and in its MLflow model
+CLASSIFIER_FILE = "classifier.pt"  # a fine-tuning run's selected model, likewise
+
+
+def read_model(uri: str, storage: S3Config | None = None, file_name: str = ENCODER_FILE) -> bytes:
+    """The bytes of a model file, read once (then loaded from memory); for an MLflow model, its
+    ``file_name``."""
+    if uri.startswith(MODELS_SCHEME):
+        return download_project_file(uri, file_name)
     return resolve(uri, storage).read_bytes()
 
 
@@ -42,4 +53,4 @@ def load_hear_model(uri: str, storage: S3Config | None = None, windows_per_batch
 
 def load_classifier(uri: str, storage: S3Config | None = None) -> Classifier:
     """A fine-tuning job's exported classifier (``ssamba.load_classifier``) at any URI."""
-    return _load_classifier(io.BytesIO(read_model(uri, storage)))
+    return _load_classifier(io.BytesIO(read_model(uri, storage, CLASSIFIER_FILE)))

@@ -13,6 +13,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 BASE_DIR_VARIABLE = "SSAMBA_BASE_DIR"
 # Ray's job supervisor sets this in the environment of every submitted job's entrypoint.
@@ -56,3 +57,13 @@ def absolute(path: str | Path) -> Path:
             "of the working directory: add --base-dir \"$PWD\" to the command (relative paths then resolve "
             "against the directory you submitted from), or give an absolute path or a storage URI (s3://...)")
     return (Path(base or os.getcwd()) / path).resolve()
+
+
+def without_userinfo(value: str) -> str:
+    """A URI without the ``user:password@`` part (``http://u:p@host/x`` → ``http://host/x``); other text as is."""
+    if "://" not in value:
+        return value
+    parts = urlsplit(value)
+    if "@" not in parts.netloc:
+        return value
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))

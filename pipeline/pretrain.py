@@ -22,14 +22,14 @@ evaluate, draw a reconstruction and checkpoint.
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import json
 import math
 import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import ray
@@ -39,18 +39,19 @@ import torch
 from pipeline import featurize, run_lock, run_record
 from pipeline.config import ConfigError, PretrainJobConfig, flatten, public_dict
 from pipeline.data import examples_dataset
+from pipeline.model_card import CARD_FILE, ModelCard
+from pipeline.models import ENCODER_FILE
 from pipeline.launch import Input, connect_ray, examples_inputs, mlflow_ui_hint, run_command
 from pipeline.loop import (
-    Clock, all_reduce_sum, announce_compute, autocast, base_rates, effective_precision, node_count, say,
-    seed_worker, set_learning_rates, start_tracking, unwrap,
+    Clock, all_reduce_sum, announce_compute, autocast, base_rates, effective_precision, gradient_sync, node_count,
+    optimizer_step, rank0_tracker, say, seed_worker, set_learning_rates, unwrap,
 )
 from pipeline.resources import check_cluster
 from pipeline.storage import Location, resolve
 from pipeline.tracking import RunTracker, resolve_tracking_uri, run_status
 from pipeline.trainer import LoopConfig, TrainWorker, Worker, torch_trainer
-from ssamba import SSAMBAEncoder, SSAMBAPretrainModel, save_checkpoint
-
-ENCODER_FILE = "ssamba_encoder.pt"
+from ssamba import FbankConfig, SSAMBAEncoder, SSAMBAPretrainModel, SSAMBATeacherStudentModel, save_checkpoint
+from ssamba import tokens_per_clip as ssamba_tokens_per_clip
 
 # --------------------------------------------------------------------------------------------------
 # Learning-rate schedule
@@ -71,9 +72,6 @@ class LearningRate:
             progress = min(1.0, max(0.0, (step - self.optim.warmup_steps) / max(1, self.max_steps - self.optim.warmup_steps)))
             return warmup * 0.5 * (1 + math.cos(math.pi * progress))
         return warmup * self.plateau_scale
-
-    def at(self, step: int) -> float:
-        return self.optim.lr * self.factor(step)
 
     def observe(self, validation_accuracy: float) -> None:
         if self.optim.schedule != "plateau":
@@ -116,9 +114,10 @@ class Training:
     step: int = 0
     epoch: int = 0
     restored: bool = False
+    validation: dict[str, float] = field(default_factory=dict)  # the latest evaluation's metrics
 
     @property
-    def inner(self) -> SSAMBAPretrainModel:
+    def inner(self) -> SSAMBAPretrainModel | SSAMBATeacherStudentModel:
         return unwrap(self.model)
 
     def state(self, config: PretrainJobConfig) -> dict:
@@ -136,13 +135,43 @@ class Training:
         self.step, self.epoch, self.restored = state["step"], state["epoch"], True
 
 
+# The validation metrics of each objective (fields of its output), and the prefix of their names.
+VALIDATION_METRICS = {"masked_patches": ("val_masked_", ("nce", "mse", "accuracy")),
+                      "teacher_student": ("val_", ("loss", "frame_mse", "utterance_mse"))}
+
+
+def pretrain_model(config: PretrainJobConfig) -> SSAMBAPretrainModel | SSAMBATeacherStudentModel:
+    """The encoder with the configured objective around it."""
+    encoder = config.model.encoder_config()
+    if config.objective.teacher_student:
+        return SSAMBATeacherStudentModel(SSAMBAEncoder(encoder), encoder.grid, config.objective.teacher_student_config())
+    return SSAMBAPretrainModel(SSAMBAEncoder(encoder), encoder.grid, config.masking.pretrain_config())
+
+
+def tokens_per_clip(config: PretrainJobConfig, num_patches: int) -> int:
+    """Tokens the encoder processes per clip per step (for ``tokens_per_s``)."""
+    if config.objective.teacher_student:
+        return ssamba_tokens_per_clip(config.objective.teacher_student_config(), num_patches).total
+    return num_patches + 1
+
+
+def step_metrics(out) -> dict[str, float]:
+    """Every scalar the objective's output holds (``accuracy`` logged as ``masked_accuracy``)."""
+    return {"masked_accuracy" if f.name == "accuracy" else f.name: getattr(out, f.name).item() for f in fields(out)}
+
+
+def validation_score(config: PretrainJobConfig, metrics: dict[str, float]) -> float:
+    """What the plateau schedule follows (higher is better)."""
+    return -metrics["val_loss"] if config.objective.teacher_student else metrics["val_masked_accuracy"]
+
+
 def build(config: PretrainJobConfig, worker: Worker) -> Training:
     """Seed the worker, build model and optimizer, and restore the run's last checkpoint if any."""
     seed_worker(config.train.seed, worker.rank)
     mask_rng = random.Random(config.train.seed * 1000 + worker.rank)
-    encoder = config.model.encoder_config()
-    model = worker.prepare_model(SSAMBAPretrainModel(SSAMBAEncoder(encoder), encoder.grid, config.masking.pretrain_config()))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
+    model = worker.prepare_model(pretrain_model(config))
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]  # not an EMA teacher
+    optimizer = torch.optim.AdamW(trained, lr=config.optim.lr, betas=config.optim.betas,
                                   weight_decay=config.optim.weight_decay)
     training = Training(model, optimizer, base_rates(optimizer), LearningRate(config), mask_rng)
     state = worker.restored_state()
@@ -159,27 +188,29 @@ def _train_batches(worker: Worker, config: PretrainJobConfig):
 
 
 def _evaluate(training: Training, config: PretrainJobConfig, worker: Worker, autocast) -> dict[str, float]:
-    """Masked-patch accuracy and MSE at the official validation mask count, with fixed masks."""
+    """The objective on the validation clips with fixed masks: masked-patch InfoNCE, MSE and accuracy
+    at the official validation mask count (``val_masked_*``), or the teacher-student losses (``val_*``)."""
     inner = training.inner
-    count = min(config.masking.validation_mask_patches, inner.grid.num_patches - 1)
+    prefix, names = VALIDATION_METRICS[config.objective.kind]
+    masking = {} if config.objective.teacher_student else {
+        "num_mask": min(config.masking.validation_mask_patches, inner.grid.num_patches - 1)}
     rng = random.Random(1234 + worker.rank)
     inner.eval()
-    sums = [0.0, 0.0, 0.0, 0.0]  # nce, mse, accuracy (each × clips), clips
+    sums = [0.0] * (len(names) + 1)  # each metric × clips, then the clips
     with torch.no_grad():
         batches = worker.dataset("val").iter_torch_batches(batch_size=config.train.batch_size, device=worker.device)
         for index, batch in enumerate(batches):
             if config.train.eval_batches is not None and index >= config.train.eval_batches:
                 break
             with autocast():
-                out = inner(batch["fbank"], rng, num_mask=count)
+                out = inner(batch["fbank"], rng, **masking)
             clips = batch["fbank"].shape[0]
-            for i, value in enumerate((out.nce, out.mse, out.accuracy)):
-                sums[i] += float(value) * clips
-            sums[3] += clips
+            for i, name in enumerate(names):
+                sums[i] += float(getattr(out, name)) * clips
+            sums[-1] += clips
     inner.train()
-    nce, mse, accuracy, clips = all_reduce_sum(sums, worker.device)
-    clips = max(clips, 1.0)
-    return {"val_masked_nce": nce / clips, "val_masked_mse": mse / clips, "val_masked_accuracy": accuracy / clips}
+    *totals, clips = all_reduce_sum(sums, worker.device)
+    return {prefix + name: total / max(clips, 1.0) for name, total in zip(names, totals)}
 
 
 def _log_reconstruction(tracker: RunTracker, training: Training, features: torch.Tensor, step: int) -> None:
@@ -228,9 +259,8 @@ class Interval:
 def _log_step(tracker: RunTracker, training: Training, out, interval: Interval, lr: float, clock: Clock,
               config: PretrainJobConfig, scale: dict[str, int]) -> None:
     """The step's metrics (with the scale it ran at) to MLflow and one progress line to the console."""
-    rates = interval.rates(training.inner.grid.num_patches + 1)
-    tracker.log_metrics({"loss": out.loss.item(), "nce": out.nce.item(), "mse": out.mse.item(),
-                         "masked_accuracy": out.accuracy.item(), "lr": lr, **rates, **scale}, training.step)
+    rates = interval.rates(tokens_per_clip(config, training.inner.grid.num_patches))
+    tracker.log_metrics({**step_metrics(out), "lr": lr, **rates, **scale}, training.step)
     say(f"step {training.step}/{config.train.max_steps} | loss {interval.mean_loss():.4f} | "
         f"{rates['samples_per_s']:.1f} samples/s | {clock.timing(training.step)}")
 
@@ -252,14 +282,37 @@ def _hold(config: PretrainJobConfig, training: Training, worker: Worker) -> None
     raise RuntimeError(f"testing.hold_at_step: the worker group was not replaced within {config.testing.hold_s:g} s")
 
 
+def encoder_card(tracker: RunTracker, training: Training, config: PretrainJobConfig) -> ModelCard:
+    """The facts of a finished run's encoder (see ``pipeline.model_card``)."""
+    encoder = training.inner.encoder
+    seen = featurize.recorded_summary(config.data.features, config.storage) if config.data.features else {}
+    return ModelCard(
+        kind="encoder", run=config.name, run_id=tracker.run_id, architecture=encoder.config.to_dict(),
+        parameters=sum(p.numel() for p in encoder.parameters()), objective=training.inner.config.to_dict(),
+        data={"features": config.data.features or "featurized on the fly",
+              **{key: seen[key] for key in ("files", "rows", "hours") if key in seen}},
+        training={"steps": training.step, "global_batch_size": config.train.global_batch_size},
+        selected_by=training.validation, fbank=asdict(FbankConfig(num_mel_bins=encoder.config.grid.num_mel_bins)),
+        commit=tracker.source_commit())
+
+
 def _export_encoder(tracker: RunTracker, training: Training, config: PretrainJobConfig) -> None:
-    """The final encoder, where fine-tuning looks for it (:func:`encoder_uri`) and in MLflow."""
+    """The final encoder, where fine-tuning looks for it (:func:`encoder_uri`), as a run artifact and as
+    an MLflow model (registered as ``tracking.register_as``), with its model card."""
     inner = training.inner
+    grid = inner.encoder.config.grid
+    card = encoder_card(tracker, training, config)
+    resolve(config.storage_path, config.storage).join(config.name, CARD_FILE).write_bytes(card.markdown().encode())
+    tracker.log_bytes(card.markdown().encode(), CARD_FILE, "model")
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / ENCODER_FILE
-        save_checkpoint(path, inner, inner.encoder.config, inner.config, metadata={"step": training.step, "run": config.name})
+        save_checkpoint(path, inner, inner.encoder.config, inner.config,
+                        metadata={"step": training.step, "run": config.name, "model_card": card.to_json()})
         resolve(encoder_uri(config), config.storage).write_bytes(path.read_bytes())
         tracker.log_file(path, "model")
+        example = torch.zeros(1, grid.target_length, grid.num_mel_bins)
+        tracker.log_model(copy.deepcopy(inner.encoder).cpu(), example, "encoder", path, config.tracking.register_as,
+                          {"step": str(training.step), "run": config.name})
     tracker.log_dict(inner.encoder.config.to_dict(), "model/encoder_config.json")
 
 
@@ -278,7 +331,7 @@ def train_loop(train_loop_config: dict) -> None:
     precision = effective_precision(worker.device, config.train.precision)
     autocast_context = autocast(worker.device, config.train.precision)
 
-    tracker = start_tracking(loop, worker, lambda: {
+    tracker = rank0_tracker(loop, worker, lambda: {
         **flatten(public_dict(config)), "encoder_parameters": sum(p.numel() for p in training.inner.encoder.parameters())},
         documents={"config.json": public_dict(config)})
     if tracker is not None:
@@ -295,7 +348,7 @@ def train_loop(train_loop_config: dict) -> None:
         for micro, batch in enumerate(_train_batches(worker, config), start=1):
             # Forward and backward; gradients are averaged across workers on the last micro-batch only.
             sync = micro % accum == 0
-            with (contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()):
+            with gradient_sync(model, sync):
                 with autocast_context():
                     out = model(batch["fbank"], training.mask_rng)
                 (out.loss / accum).backward()
@@ -304,12 +357,11 @@ def train_loop(train_loop_config: dict) -> None:
                 continue
 
             # Optimizer step.
-            if config.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
             set_learning_rates(optimizer, training.rates, training.schedule.factor(training.step + 1))
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, config.optim.grad_clip)
+            if config.objective.teacher_student:  # the teacher follows the student, on every rank alike
+                training.inner.update_teacher(training.step)
             training.step += 1
             _inject_failure(config, training, worker)
 
@@ -322,12 +374,12 @@ def train_loop(train_loop_config: dict) -> None:
                 raise FloatingPointError(f"the loss is {metrics['loss']} at step {training.step}: training diverged "
                                          "(lower optim.lr, or set optim.grad_clip)")
             if config.validation is not None and due(cadence.eval_every):
-                validation = _evaluate(training, config, worker, autocast_context)
-                training.schedule.observe(validation["val_masked_accuracy"])
+                validation = training.validation = _evaluate(training, config, worker, autocast_context)
+                training.schedule.observe(validation_score(config, validation))
                 metrics.update(validation)
                 if tracker is not None:
                     tracker.log_metrics(validation, training.step)
-            if tracker is not None and due(cadence.figure_every):
+            if tracker is not None and due(cadence.figure_every) and hasattr(training.inner, "reconstruct"):
                 _log_reconstruction(tracker, training, batch["fbank"], training.step)
             if due(cadence.checkpoint_every):
                 worker.report(metrics, lambda: training.state(config), f"step-{training.step:08d}")
@@ -359,8 +411,7 @@ def check_batch_fits(config: PretrainJobConfig) -> None:
     run that made them), before Ray starts: every epoch would end before its first batch."""
     if config.data.features is None:
         return
-    record = resolve(config.data.features, config.storage).join(featurize.RUN_RECORD)
-    rows = json.loads(record.read_bytes()).get("summary", {}).get("rows") if record.exists() else None
+    rows = featurize.recorded_summary(config.data.features, config.storage).get("rows")
     workers = config.world_sizes[-1]
     if rows is not None and rows < config.train.batch_size * workers:
         raise ConfigError(f"train.batch_size: {config.train.batch_size} per worker x {workers} workers is more than "
@@ -384,7 +435,7 @@ def _launch(config: PretrainJobConfig, storage: Location, callbacks: list[ray.tr
     launch = run_record.check_config(config.name, storage, config, accept_config_changes)
     connect_ray(config.ray)
     check_cluster(config.scaling)
-    tracking = run_record.start_tracking(config.tracking, config.name, "pipeline.pretrain",
+    tracking = run_record.prepare_tracking(config.tracking, config.name, "pipeline.pretrain",
                                          config.scaling.use_gpu, launch)
     datasets = {"train": examples_dataset(config.data, config.storage).select_columns(["fbank"])}
     if config.validation is not None:

@@ -29,6 +29,7 @@ import torch
 
 from pipeline.audio import AudioError, decode_audio, split_long_audio
 from pipeline.config import AudioConfig, S3Config
+from pipeline.feature_store import encode_fbank
 from pipeline.storage import Location, resolve
 from ssamba.features import FbankConfig, fbank, remove_dc
 
@@ -196,7 +197,6 @@ def featurize_source(data: bytes, uri: str, audio: AudioConfig, fbank_config: Fb
         rows.append({
             "chunk": chunk, "offset_s": offset, "duration_s": len(piece) / decoded.sample_rate,
             "source_sample_rate": decoded.source_sample_rate, "source_channels": decoded.source_channels,
-            "n_frames": features.shape[0], "n_mels": features.shape[1],
-            "fbank": features.to(torch.float16).numpy().tobytes(),
+            **encode_fbank(features),
         })
     return rows

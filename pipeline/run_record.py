@@ -39,7 +39,7 @@ CONFIG_FILE = "config.json"
 MAY_CHANGE_ON_RESUME = (
     "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every",
     "train.eval_batches", "train.figure_every", "epochs", "scaling.*", "resources.*", "max_failures",
-    "storage.*", "tracking.system_metrics", "ray.*",
+    "storage.*", "tracking.system_metrics", "tracking.register_as", "ray.*",
 )
 _JOB_SECTIONS = ("pretrain", "probe", "finetune")
 _ABSENT = "<absent>"
@@ -190,7 +190,7 @@ class TrackingSetup:
     system_metrics: bool
 
 
-def start_tracking(tracking: TrackingConfig, name: str, entry_point: str, use_gpu: bool,
+def prepare_tracking(tracking: TrackingConfig, name: str, entry_point: str, use_gpu: bool,
                    launch: Launch | None = None) -> TrackingSetup:
     """On the driver, once Ray is up: refuse a local store on a cluster of several machines, create
     the experiment with its artifact location, print where the run's artifacts go, record accepted

@@ -21,12 +21,42 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from pipeline.config import S3Config, without_userinfo
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from pipeline.paths import without_userinfo
 
 DEFAULT_REGION = "us-east-1"  # custom endpoints only
 PARTIAL_SUFFIX = ".partial"  # a local write in progress (see Location.write_bytes)
 # What a store says when a file or object is not there (pyarrow raises a plain OSError for some).
 _MISSING_MARKERS = ("Path does not exist", "NoSuchKey", "NoSuchBucket", "is a directory")
+
+
+class S3Config(BaseModel):
+    """How to reach S3 or an S3-compatible store. Every field falls back to the standard AWS
+    environment variables (``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, ``AWS_REGION``/
+    ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``)
+    and then to instance credentials. Prefer the environment or instance roles to keys in files.
+    Strict like every config section; defined here so that storage needs none of the job configs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint_url: str | None = Field(None, description="an S3-compatible store (http://host:port); default: AWS")
+    region: str | None = Field(None, description="default: the AWS SDK's lookup (environment, profile, instance "
+                               "metadata), else the bucket's own region; us-east-1 for custom endpoints")
+    access_key_id: SecretStr | None = Field(None, description="with secret_access_key; default: environment or instance role")
+    secret_access_key: SecretStr | None = Field(None, description="with access_key_id")
+    session_token: SecretStr | None = Field(None, description="for temporary credentials")
+    max_attempts: int = Field(10, ge=1, description="retries on transient errors (AWS standard retry strategy)")
+    connect_timeout_s: float = Field(10.0, gt=0, description="seconds to open a connection")
+    request_timeout_s: float = Field(60.0, gt=0, description="seconds to wait for a response")
+
+    @model_validator(mode="after")
+    def _keys_come_in_pairs(self) -> S3Config:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key must be given together")
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ValueError("endpoint_url must start with http:// or https://")
+        return self
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.paths import absolute
 
 RUN_NAME_TAG = "ray_run_name"
+MODEL_TRAINING_EXPERIMENT = {"mlflow.experimentKind": "custom_model_development"}
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
 ARTIFACTS_BESIDE_STORE = "mlartifacts"
 _MAX_PARAMS_PER_CALL = 100
@@ -86,10 +87,11 @@ def refuse_local_store_on_cluster(tracking_uri: str, hosts: int) -> None:
 
 
 def ensure_experiment(client: MlflowClient, name: str, location: str | None) -> Experiment:
-    """The named experiment, created with ``location`` as its artifact root if it does not exist yet."""
+    """The named experiment, created with ``location`` as its artifact root if it does not exist yet,
+    as a model-training experiment (MLflow 3's UI otherwise opens it on its GenAI traces view)."""
     found = client.get_experiment_by_name(name)
     if found is None:
-        client.create_experiment(name, artifact_location=location)
+        client.create_experiment(name, artifact_location=location, tags=MODEL_TRAINING_EXPERIMENT)
         found = client.get_experiment_by_name(name)
     return found
 
@@ -101,7 +103,7 @@ class RunTracker:
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
                  parent_run_id: str | None = None, source_tags: dict[str, str] | None = None,
                  system_metrics: bool = False) -> None:
-        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri, self.client = tracking_uri, MlflowClient(tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = (found or ensure_experiment(self.client, experiment, artifact_location(tracking_uri, None))).experiment_id
         existing = self.client.search_runs([experiment_id], filter_string=f"tags.{RUN_NAME_TAG} = '{run_name}'",
@@ -131,7 +133,7 @@ class RunTracker:
         """The run another process opened (a worker writing to its driver's run); its status stays as
         is. ``system_metrics`` samples this process's machine (the one that trains) into the run."""
         tracker = cls.__new__(cls)
-        tracker.client, tracker.run_id, tracker.resumed = MlflowClient(tracking_uri), run_id, True
+        tracker.tracking_uri, tracker.client, tracker.run_id, tracker.resumed = tracking_uri, MlflowClient(tracking_uri), run_id, True
         tracker._monitor = tracker._system_metrics(tracking_uri) if system_metrics else None
         return tracker
 
@@ -170,6 +172,17 @@ class RunTracker:
             path = Path(folder) / file_name
             path.write_bytes(data)
             self.log_file(path, artifact_path)
+
+    def log_model(self, model, example, name: str, project_file: Path, register_as: str | None,
+                  tags: dict[str, str]) -> str:
+        """``model`` as an MLflow model of this run, registered as ``register_as`` (see ``pipeline.mlflow_models``)."""
+        from pipeline.mlflow_models import log_torch_model
+
+        return log_torch_model(self.tracking_uri, self.run_id, model, example, name, project_file, register_as, tags)
+
+    def source_commit(self) -> str | None:
+        """The git commit the run's latest launch came from (the driver's source tag), if known."""
+        return self.client.get_run(self.run_id).data.tags.get("mlflow.source.git.commit")
 
     def stop_system_metrics(self) -> None:
         """Stop sampling system metrics (the training process is done with this run)."""

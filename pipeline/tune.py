@@ -42,7 +42,7 @@ from pipeline.launch import Input, connect_ray, mlflow_ui_hint, run_command
 from pipeline.resources import DATA_CPUS, sweep_concurrency, train_cpus
 from pipeline.sources import SourceError
 from pipeline.storage import Location, resolve
-from pipeline.sweep_config import TuneJobConfig, with_values
+from pipeline.config.sweep import TuneJobConfig, with_values
 from pipeline.tasks import TaskData
 from pipeline.tracking import RunOutcome, RunTracker, resolve_tracking_uri, run_status
 
@@ -87,7 +87,7 @@ def mask_trial(values: dict[str, Any], sweep: TuneJobConfig, task: TaskData, tra
                                            "model.freeze_encoder": True}, f"{run_name}-probe", tracking_uri, experiment)
     last_report = result.metrics or {}  # empty when a restored trial finds its run already finished
     with run_status(trial_run):
-        summary = finetune.evaluate(probe_config, task, parent_run_id=trial_run.run_id)
+        summary = finetune.train_splits(probe_config, task, parent_run_id=trial_run.run_id)
         scores = {"probe_" + finetune.validation_metric(probe_config): summary["selected"],
                   **{f"probe_{key}": value for key, value in summary.items()
                      if key.startswith("test_") and value is not None}}
@@ -260,10 +260,10 @@ def _launch(config: TuneJobConfig, storage: Location, accept_config_changes: boo
     refuse_unrecorded_sweep(config, storage)
     launch = run_record.check_config(config.name, storage, config, accept_config_changes)
     connect_ray(config.ray)
-    concurrent_trials(config)  # a sweep the cluster cannot hold fails here, before any run is opened
+    concurrent = concurrent_trials(config)  # a sweep the cluster cannot hold fails here, before any run is opened
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     metric = sweep_metric(config)
-    tracking = run_record.start_tracking(config.tracking, config.name, "pipeline.tune", config.resources.gpu > 0,
+    tracking = run_record.prepare_tracking(config.tracking, config.name, "pipeline.tune", config.resources.gpu > 0,
                                          launch)
     parent = RunTracker(tracking_uri, config.tracking.experiment, config.name, tags={"sweep": config.sweep},
                         source_tags=tracking.source_tags)
@@ -274,17 +274,18 @@ def _launch(config: TuneJobConfig, storage: Location, accept_config_changes: boo
                            **{f"space.{field}": d.describe() for field, d in config.search.space.items()}})
         parent.log_dict(public_dict(config), "sweep_config.json")
     with run_status(parent) as outcome:
-        return _sweep(config, parent, tracking_uri, metric, outcome)
+        return _sweep(config, parent, tracking_uri, metric, outcome, concurrent)
 
 
-def _sweep(config: TuneJobConfig, parent: RunTracker, tracking_uri: str, metric: str, outcome: RunOutcome) -> dict:
+def _sweep(config: TuneJobConfig, parent: RunTracker, tracking_uri: str, metric: str, outcome: RunOutcome,
+           concurrent: int) -> dict:
     """The sweep under its parent run: featurize, tune, close the trials' runs, log the best trial."""
     task = finetune.prepare(config.probe if config.sweep == "mask" else config.finetune)
     trainable = tune.with_resources(
         tune.with_parameters(TRIALS[config.sweep], sweep=config, task=task, tracking_uri=tracking_uri,
                              parent_run_id=parent.run_id),
         trial_resources(config))
-    tuner, restored = build_tuner(config, trainable, concurrent_trials(config))
+    tuner, restored = build_tuner(config, trainable, concurrent)
     parent.set_tags({"restored": str(restored)})
     results = tuner.fit()
 

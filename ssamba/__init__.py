@@ -10,6 +10,9 @@ from ssamba.features import FbankConfig, NORM_PRESETS, crop_or_pad, fbank, norma
 from ssamba.finetune import AudioClassifier, ClassifierConfig, adapt_encoder_state, adapt_pos_embed
 from ssamba.pretrain import VALIDATION_MASK_COUNT, PretrainConfig, PretrainOutput, SSAMBAPretrainModel
 from ssamba.ssast import SSASTConfig, SSASTEncoder
+from ssamba.teacher_student import (
+    SSAMBATeacherStudentModel, TeacherStudentConfig, TeacherStudentOutput, TokenCount, tokens_per_clip,
+)
 
 __all__ = [
     "EMBED_DIMS",
@@ -30,8 +33,12 @@ __all__ = [
     "PretrainOutput",
     "SSAMBAEncoder",
     "SSAMBAPretrainModel",
+    "SSAMBATeacherStudentModel",
     "SSASTConfig",
     "SSASTEncoder",
+    "TeacherStudentConfig",
+    "TeacherStudentOutput",
+    "TokenCount",
     "Topology",
     "VALIDATION_MASK_COUNT",
     "adapt_encoder_state",
@@ -45,5 +52,6 @@ __all__ = [
     "norm_stats",
     "save_checkpoint",
     "save_classifier",
+    "tokens_per_clip",
     "waveform_to_fbank",
 ]

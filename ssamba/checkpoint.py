@@ -17,11 +17,16 @@ from torch import nn
 
 from ssamba.encoder import EncoderConfig, PatchGrid, SSAMBAEncoder
 from ssamba.pretrain import PretrainConfig, SSAMBAPretrainModel
+from ssamba.teacher_student import SSAMBATeacherStudentModel, TeacherStudentConfig
 
 FORMAT = "ssamba-checkpoint"
 VERSION = 1
 
 Source = str | os.PathLike | BinaryIO | bytes
+# The pretraining objectives by the name a checkpoint stores; checkpoints without a name are masked-patch ones.
+ObjectiveConfig = PretrainConfig | TeacherStudentConfig
+OBJECTIVES: dict[str, type[PretrainConfig] | type[TeacherStudentConfig]] = {
+    "masked_patch": PretrainConfig, "teacher_student": TeacherStudentConfig}
 
 
 def local_path(path: str) -> str:
@@ -51,7 +56,7 @@ class Checkpoint:
 
     encoder_config: EncoderConfig
     state_dict: dict[str, torch.Tensor]
-    pretrain_config: PretrainConfig | None = None
+    pretrain_config: ObjectiveConfig | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
@@ -66,9 +71,11 @@ class Checkpoint:
         encoder.load_state_dict(self.encoder_state())
         return encoder
 
-    def build_pretrain_model(self) -> SSAMBAPretrainModel:
+    def build_pretrain_model(self) -> SSAMBAPretrainModel | SSAMBATeacherStudentModel:
+        """The pretraining model of the saved objective (masked-patch if none was saved), teacher included."""
         config = self.pretrain_config or PretrainConfig()
-        model = SSAMBAPretrainModel(SSAMBAEncoder(self.encoder_config), self.encoder_config.grid, config)
+        kind = SSAMBATeacherStudentModel if isinstance(config, TeacherStudentConfig) else SSAMBAPretrainModel
+        model = kind(SSAMBAEncoder(self.encoder_config), self.encoder_config.grid, config)
         model.load_state_dict(self.state_dict)
         return model
 
@@ -77,7 +84,7 @@ def save_checkpoint(
     destination: str | os.PathLike | BinaryIO,
     model: nn.Module,
     encoder_config: EncoderConfig,
-    pretrain_config: PretrainConfig | None = None,
+    pretrain_config: ObjectiveConfig | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> None:
     """Write ``model``'s weights with the configs needed to rebuild it. ``metadata`` must hold only
@@ -88,6 +95,7 @@ def save_checkpoint(
             "version": VERSION,
             "encoder_config": encoder_config.to_dict(),
             "pretrain_config": None if pretrain_config is None else pretrain_config.to_dict(),
+            "objective": None if pretrain_config is None else _objective_name(pretrain_config),
             "metadata": metadata or {},
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         },
@@ -103,12 +111,17 @@ def load_checkpoint(source: Source) -> Checkpoint:
     if payload["version"] > VERSION:
         raise ValueError(f"checkpoint version {payload['version']} is newer than this library's {VERSION}")
     pretrain = payload.get("pretrain_config")
+    objective = OBJECTIVES[payload.get("objective") or "masked_patch"]
     return Checkpoint(
         encoder_config=EncoderConfig.from_dict(payload["encoder_config"]),
         state_dict=payload["state_dict"],
-        pretrain_config=None if pretrain is None else PretrainConfig(**pretrain),
+        pretrain_config=None if pretrain is None else objective(**pretrain),
         metadata=payload.get("metadata", {}),
     )
+
+
+def _objective_name(config: ObjectiveConfig) -> str:
+    return next(name for name, kind in OBJECTIVES.items() if isinstance(config, kind))
 
 
 # --------------------------------------------------------------------------------------------------

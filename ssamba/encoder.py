@@ -19,6 +19,8 @@ Token order is frequency-major: all time steps of the lowest 16-bin band first, 
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Literal, get_args
@@ -36,6 +38,8 @@ Norm = Literal["layernorm", "rmsnorm"]
 Topology = Literal["flip_pairs", "sequential"]
 NORMS: tuple[str, ...] = get_args(Norm)
 TOPOLOGIES: tuple[str, ...] = get_args(Topology)
+# Called with each stage's output (see SSAMBAEncoder.stage_outputs); None on the ordinary forward.
+StageHook = Callable[[torch.Tensor], None] | None
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,10 @@ class SSAMBAEncoder(nn.Module):
     """The SSAMBA encoder. ``forward`` returns all tokens, [CLS] at position 0, after the final norm.
 
     Pretraining and fine-tuning models use the two halves separately: :meth:`embed_patches` (so
-    masked tokens can be replaced) and :meth:`forward_tokens` (the rest)."""
+    masked tokens can be replaced) and :meth:`forward_tokens` (the rest). ``forward_tokens`` is in turn
+    :meth:`add_positions` then :meth:`encode_sequence`, so that a student can encode only a subset of
+    the positioned tokens (a shorter sequence), and :meth:`stage_outputs` gives a teacher the block
+    stack's intermediate outputs."""
 
     num_prefix_tokens = 1
 
@@ -198,6 +205,12 @@ class SSAMBAEncoder(nn.Module):
     def embed_dim(self) -> int:
         return self.config.embed_dim
 
+    @property
+    def num_stages(self) -> int:
+        """Sequential stages of the block stack: the two blocks of a flip-pair read the same stream side
+        by side, so a pair is one stage; a sequential block is one stage."""
+        return self.config.depth // 2 if self.config.topology == "flip_pairs" else self.config.depth
+
     @staticmethod
     def drop_path_schedule(depth: int, rate: float) -> list[float]:
         """Vim's per-block rates: ``[0] + linspace(0, rate, depth)``, truncated to ``depth``."""
@@ -213,29 +226,55 @@ class SSAMBAEncoder(nn.Module):
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Patch tokens ``(batch, N, D)`` → encoded ``(batch, N + 1, D)`` with [CLS] at 0."""
+        return self.encode_sequence(self.add_positions(tokens))
+
+    def add_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``(batch, N, D)`` → ``(batch, N + 1, D)``: [CLS] prepended, positional embedding
+        added. Each token carries its position from here on, so any subset gathered from this output
+        is a valid (shorter) input to :meth:`encode_sequence`."""
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        hidden = torch.cat([cls, tokens], dim=1) + self.pos_embed
-        if self.config.topology == "flip_pairs" and fastpath.use_lean_forward(hidden):
-            hidden, residual = self._run_flip_pairs_lean(hidden)
-        elif self.config.topology == "flip_pairs":
-            hidden, residual = self._run_flip_pairs(hidden)
-        else:
-            hidden, residual = self._run_sequential(hidden)
+        return torch.cat([cls, tokens], dim=1) + self.pos_embed
+
+    def encode_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Positioned tokens ``(batch, L, D)``, of any length L, → the block stack and the final norm."""
+        hidden, residual = self._run_blocks(hidden)
         if fastpath.use_lean_forward(hidden):
             normed, _ = fastpath.add_norm(drop_path(hidden, self.config.drop_path_rate, self.training), residual, self.norm_f)
             return fastpath.add_norm(normed, None, self.norm_f)[0]  # the official code normalises twice
         residual = residual + drop_path(hidden, self.config.drop_path_rate, self.training)
         return self.norm_f(self.norm_f(residual))  # the official code normalises twice (docs/model.md#final-norm-twice)
 
-    def _run_flip_pairs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def stage_outputs(self, hidden: torch.Tensor, last: int) -> list[torch.Tensor]:
+        """The outputs of the last ``last`` stages (:attr:`num_stages`) for positioned tokens ``(batch, L, D)``,
+        each ``(batch, L, D)``, oldest first; no final norm.
+
+        A stage's output is its mixers' output before the residual add (a flip-pair's two mixer
+        outputs summed): the analogue of the transformer block's feed-forward output that data2vec
+        and EAT take as teacher targets. The residual stream itself would be dominated by the input
+        embedding, which the flip-pairs double at every stage (docs/model.md#topology)."""
+        outputs: deque[torch.Tensor] = deque(maxlen=last)
+        self._run_blocks(hidden, outputs.append)
+        return list(outputs)
+
+    def _run_blocks(self, hidden: torch.Tensor, on_stage: StageHook = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block stack in the configured topology: the last stage's output and the residual stream."""
+        if self.config.topology == "flip_pairs" and fastpath.use_lean_forward(hidden):
+            return self._run_flip_pairs_lean(hidden, on_stage)
+        if self.config.topology == "flip_pairs":
+            return self._run_flip_pairs(hidden, on_stage)
+        return self._run_sequential(hidden, on_stage)
+
+    def _run_flip_pairs(self, hidden: torch.Tensor, on_stage: StageHook = None) -> tuple[torch.Tensor, torch.Tensor]:
         residual = None
         for forward_block, backward_block in zip(self.layers[0::2], self.layers[1::2]):
             hidden_f, residual_f = forward_block(hidden, residual)
             hidden_b, residual_b = backward_block(hidden.flip(1), None if residual is None else residual.flip(1))
             hidden, residual = hidden_f + hidden_b.flip(1), residual_f + residual_b.flip(1)
+            if on_stage is not None:
+                on_stage(hidden)
         return hidden, residual
 
-    def _run_flip_pairs_lean(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_flip_pairs_lean(self, hidden: torch.Tensor, on_stage: StageHook = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_run_flip_pairs` without flips. Per pair, with ``s = residual + hidden``: the reference's
         ``residual_f + residual_b.flip(1)`` is ``s + s`` outside training (drop-path draws one mask
         per sample and block, so in training the two sums differ) and ``hidden_b.flip(1)`` is the
@@ -261,12 +300,16 @@ class SSAMBAEncoder(nn.Module):
             del normed_b
             hidden = hidden.add_(hidden_b) if inference else hidden + hidden_b
             del hidden_b
+            if on_stage is not None:  # nothing writes into this stage's output later: the next adds make new tensors
+                on_stage(hidden)
         return hidden, residual
 
-    def _run_sequential(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_sequential(self, hidden: torch.Tensor, on_stage: StageHook = None) -> tuple[torch.Tensor, torch.Tensor]:
         residual = None
         for block in self.layers:
             hidden, residual = block(hidden, residual)
+            if on_stage is not None:
+                on_stage(hidden)
         return hidden, residual
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

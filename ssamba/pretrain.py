@@ -77,7 +77,7 @@ def _check_mask_count(num_patches: int, num_mask: int) -> None:
                          f"{num_patches} and at least 1")
 
 
-def _check_mask_choice(mask_patches: int | None, mask_ratio: float | None) -> None:
+def check_mask_choice(mask_patches: int | None, mask_ratio: float | None) -> None:
     """The rules that hold whatever the patch grid: one of count and ratio, each in range."""
     if (mask_patches is None) == (mask_ratio is None):
         raise ValueError("give exactly one of mask_patches and mask_ratio")
@@ -90,7 +90,7 @@ def _check_mask_choice(mask_patches: int | None, mask_ratio: float | None) -> No
 def mask_count(num_patches: int, mask_patches: int | None = None, mask_ratio: float | None = None) -> int:
     """Masked patches per clip from an absolute count or a ratio of the patches (exactly one given):
     the one place where mask counts are checked."""
-    _check_mask_choice(mask_patches, mask_ratio)
+    check_mask_choice(mask_patches, mask_ratio)
     if mask_ratio is not None:
         mask_patches = max(1, round(mask_ratio * num_patches))
     _check_mask_count(num_patches, mask_patches)
@@ -134,15 +134,23 @@ def patchify(features: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
     return F.unfold(image, kernel_size=(grid.fshape, grid.tshape), stride=(grid.fstride, grid.tstride)).transpose(1, 2)
 
 
-def _to_device(masks: torch.Tensor, device: torch.device) -> torch.Tensor:
+def masks_to_device(masks: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Masks drawn on the host to the device without waiting for the device's queue (pinned copy)."""
     if device.type != "cuda":
         return masks.to(device)
     return masks.pin_memory().to(device, non_blocking=True)
 
 
-def _gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``tokens[b, indices[b, i]]`` for every clip b: ``(batch, L, D)``, ``(batch, M)`` → ``(batch, M, D)``."""
     return tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def check_pretraining_grid(grid: PatchGrid) -> None:
+    """Masked prediction needs non-overlapping patches: an overlapping neighbour would show part of a
+    masked patch (the official code refuses them too)."""
+    if grid.overlapping:
+        raise ValueError(f"pretraining patches must not overlap (stride ≥ patch size), got {grid}")
 
 
 def prediction_head(embed_dim: int, patch_size: int) -> nn.Sequential:
@@ -160,7 +168,7 @@ class PretrainConfig:
     mse_weight: float = 10.0
 
     def __post_init__(self) -> None:
-        _check_mask_choice(self.mask_patches, self.mask_ratio)
+        check_mask_choice(self.mask_patches, self.mask_ratio)
 
     def num_masked(self, num_patches: int) -> int:
         """Masked patches per clip on a grid of ``num_patches``; ``ValueError`` if the grid cannot hold them."""
@@ -182,10 +190,9 @@ class SSAMBAPretrainModel(nn.Module):
     """An encoder with ``mask_embed`` and the two prediction heads (official names ``cpredlayer``
     and ``gpredlayer``, so official checkpoints load by name)."""
 
-    def __init__(self, encoder: nn.Module, grid: PatchGrid, config: PretrainConfig = PretrainConfig()) -> None:
+    def __init__(self, encoder: MaskableEncoder, grid: PatchGrid, config: PretrainConfig = PretrainConfig()) -> None:
         super().__init__()
-        if grid.overlapping:
-            raise ValueError(f"pretraining patches must not overlap (stride ≥ patch size), got {grid}")
+        check_pretraining_grid(grid)
         self.encoder, self.grid, self.config = encoder, grid, config
         self.num_mask = config.num_masked(grid.num_patches)
         dim = encoder.embed_dim
@@ -201,7 +208,7 @@ class SSAMBAPretrainModel(nn.Module):
         is_masked.scatter_(1, masks, True)
         tokens = torch.where(is_masked.unsqueeze(-1), self.mask_embed.to(tokens.dtype), tokens)
         encoded = self.encoder.forward_tokens(tokens)
-        return _gather_tokens(encoded, masks + self.encoder.num_prefix_tokens)
+        return gather_tokens(encoded, masks + self.encoder.num_prefix_tokens)
 
     def forward(
         self, features: torch.Tensor, rng: random.Random, num_mask: int | None = None
@@ -212,13 +219,13 @@ class SSAMBAPretrainModel(nn.Module):
         num_mask = self.num_mask if num_mask is None else num_mask
         targets = patchify(features, self.grid)
         batch = features.shape[0]
-        nce_masks = _to_device(sample_masks(self.grid, batch, num_mask, rng), features.device)
-        mse_masks = _to_device(sample_masks(self.grid, batch, num_mask, rng), features.device) if self.config.two_pass else nce_masks
+        nce_masks = masks_to_device(sample_masks(self.grid, batch, num_mask, rng), features.device)
+        mse_masks = masks_to_device(sample_masks(self.grid, batch, num_mask, rng), features.device) if self.config.two_pass else nce_masks
         nce_hidden = self.encode_masked(features, nce_masks)
         mse_hidden = self.encode_masked(features, mse_masks) if self.config.two_pass else nce_hidden
-        nce, accuracy = info_nce(_gather_tokens(targets, nce_masks).float(), self.cpredlayer(nce_hidden).float())
+        nce, accuracy = info_nce(gather_tokens(targets, nce_masks).float(), self.cpredlayer(nce_hidden).float())
         reconstruction = self.gpredlayer(mse_hidden).float()
-        mse = F.mse_loss(reconstruction, _gather_tokens(targets, mse_masks).float())
+        mse = F.mse_loss(reconstruction, gather_tokens(targets, mse_masks).float())
         return PretrainOutput(nce + self.config.mse_weight * mse, nce, mse, accuracy)
 
     @torch.no_grad()

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
@@ -107,6 +109,13 @@ def test_local_mask_sweep_finishes_on_two_cpus(pretrain_features, tmp_path):
     experiment = client.get_experiment_by_name("ssamba-local-tune")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.ray_run_name = 'local-mask-sweep'")
     assert parent.info.status == "FINISHED" and "best.probe_val_accuracy" in parent.data.metrics
+
+    listed = run_job("runs", "--experiment", "ssamba-local-tune", "list", "--parent", "local-mask-sweep", "--csv",
+                     base_dir=tmp_path, timeout=120)  # the default store, resolved against the base directory
+    assert listed.returncode == 0, output_of(listed)
+    trials = pd.read_csv(io.StringIO(listed.stdout))
+    assert sorted(trials["param.masking.mask_patches"]) == [32, 64] and set(trials["status"]) == {"FINISHED"}
+    assert trials["probe_val_accuracy"].notna().all() and trials["checkpoint_location"].notna().all()
 
 
 def test_make_demo_then_the_embed_preset_on_what_it_wrote(tmp_path):

@@ -42,10 +42,10 @@ def selected_model(config: FinetuneJobConfig, folder, classes: list[str]) -> Aud
     return model.eval()
 
 
-def test_linear_probe_on_esc50_folds(ray_cluster, small_encoder, tmp_path):
+def test_linear_probe_on_esc50_folds(ray_cluster, small_encoder, tmp_path, monkeypatch):
     root = esc50(tmp_path / "esc50")
     config = job(tmp_path, small_encoder, "task=esc50", f"data_root={root}", "folds=[1, 2]",
-                 "model.freeze_encoder=true", "optim.lr=0.01")
+                 "model.freeze_encoder=true", "optim.lr=0.01", "tracking.register_as=esc50-probe")
     summary = finetune.run(config)
     assert set(summary["folds"]) == {"fold1", "fold2"} and 0.0 <= summary["mean_accuracy"] <= 1.0
 
@@ -65,12 +65,16 @@ def test_linear_probe_on_esc50_folds(ray_cluster, small_encoder, tmp_path):
     assert [m.step for m in history] == [1, 2]  # epochs count from 1
     assert run.data.metrics["best_val_accuracy"] == max(m.value for m in history)
     assert {"per_class_val.json", "confusion_val.png", "model"} <= artifacts(client, run.info.run_id)
-    assert artifacts(client, run.info.run_id, "model") == {"model/classifier.pt"}
+    assert artifacts(client, run.info.run_id, "model") == {"model/classifier.pt", "model/MODEL_CARD.md"}
 
     # The exported classifier predicts what the selected model does, from the audio alone.
     data = read_task("esc50", str(root), config.storage)
     classifier = load_classifier(tmp_path / "ckpt" / "ft-fold1" / "classifier.pt")
     assert classifier.classes == data.classes and not classifier.multi_label
+    card = json.loads(classifier.metadata["model_card"])
+    assert card["labels"] == data.classes and card["run_id"] == run.info.run_id
+    assert card["selected_by"]["val_accuracy"] == pytest.approx(run.data.metrics["best_val_accuracy"])
+    assert (tmp_path / "ckpt" / "ft-fold1" / "MODEL_CARD.md").read_text().startswith("# SSAMBA classifier: ft-fold1")
     assert run.data.tags["classifier_location"] == str(tmp_path / "ckpt" / "ft-fold1" / "classifier.pt")
     model = selected_model(config, tmp_path / "ckpt" / "ft-fold1", data.classes)
     stored = pq.read_table(tmp_path / "features" / "features").to_pydict()
@@ -85,6 +89,19 @@ def test_linear_probe_on_esc50_folds(ray_cluster, small_encoder, tmp_path):
         torch.testing.assert_close(probabilities, expected, rtol=0, atol=1e-5)
         correct += classifier.classes[int(probabilities.argmax())] == source.targets[0]
     assert correct / len(data.fold(1)) == pytest.approx(summary["folds"]["fold1"])
+
+    # Each fold's classifier is an MLflow model of its run and a version of the registered name,
+    # tagged with the metric that selected it; pipeline.models reads it from a models:/ URI.
+    versions = {v.run_id: v for v in client.search_model_versions("name = 'esc50-probe'")}
+    assert set(versions) == {run.info.run_id for run in folds}
+    assert float(versions[run.info.run_id].tags["val_accuracy"]) == pytest.approx(run.data.metrics["best_val_accuracy"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking.tracking_uri)
+    from pipeline.models import load_classifier as load_by_uri
+
+    by_uri = load_by_uri(f"models:/esc50-probe/{versions[run.info.run_id].version}")
+    waveform, rate = soundfile.read(data.fold(1)[0].uri, dtype="float32")
+    torch.testing.assert_close(by_uri.predict(torch.from_numpy(waveform), rate),
+                               classifier.predict(torch.from_numpy(waveform), rate))
 
 
 def test_full_finetuning_on_speech_commands(ray_cluster, small_encoder, tmp_path):

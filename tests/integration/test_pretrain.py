@@ -4,6 +4,7 @@ KILLED by Ctrl-C) and the progress lines the command prints."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,10 +15,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import free_ports
-from pipeline import pretrain
+from pipeline import models, pretrain
 from pipeline.config import ConfigError, PretrainJobConfig, load_config
 from pipeline.tracking import RunTracker
 from ssamba import load_checkpoint
@@ -83,7 +85,7 @@ def test_local_mode_run_tracks_metrics_figure_and_model(pretrain_features, tmp_p
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     config = job(pretrain_features, tmp_path, "name=local-mode", f"storage_path={tmp_path / 'ckpt'}",
                  "scaling.num_workers=0", "train.max_steps=6", "train.eval_every=3", "train.figure_every=3",
-                 "train.log_every=2", "tracking.system_metrics=true")
+                 "train.log_every=2", "tracking.system_metrics=true", "tracking.register_as=tiny-encoder")
     result = pretrain.run(config)
     assert result.metrics["step"] == 6 and "val_masked_accuracy" in result.metrics
     client, run = run_of(config)
@@ -101,6 +103,29 @@ def test_local_mode_run_tracks_metrics_figure_and_model(pretrain_features, tmp_p
     assert checkpoint.encoder_config.embed_dim == 64 and checkpoint.metadata["step"] == 6
     checkpoint.build_pretrain_model()
     assert Path(model_file).read_bytes() == Path(pretrain.encoder_uri(config)).read_bytes()  # for fine-tuning
+
+    # Its model card: beside the encoder, in MLflow, and as JSON inside the file, with the run's facts.
+    card = json.loads(checkpoint.metadata["model_card"])
+    assert card["kind"] == "encoder" and card["run_id"] == run.info.run_id and card["training"]["steps"] == 6
+    assert card["data"]["rows"] == 24 and card["architecture"]["embed_dim"] == 64
+    assert card["selected_by"]["val_masked_accuracy"] == pytest.approx(run.data.metrics["val_masked_accuracy"])
+    page = (tmp_path / "ckpt" / "local-mode" / "MODEL_CARD.md").read_text()
+    assert page.startswith("# SSAMBA encoder: local-mode") and run.info.run_id in page
+    assert "model/MODEL_CARD.md" in every_artifact(client, run.info.run_id)
+
+    # The encoder as an MLflow model of the run: listed, loadable, registered with its run.
+    (logged,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert logged.name == "encoder" and logged.source_run_id == run.info.run_id
+    version = client.get_model_version("tiny-encoder", "1")
+    assert version.run_id == run.info.run_id and version.tags["step"] == "6"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking.tracking_uri)
+    import mlflow.pytorch
+
+    loaded = mlflow.pytorch.load_model("models:/tiny-encoder/1")
+    fbank = torch.randn(2, 256, 128)
+    expected = checkpoint.build_encoder().eval()(fbank)
+    torch.testing.assert_close(loaded.eval()(fbank), expected)
+    assert models.read_model("models:/tiny-encoder/1") == Path(model_file).read_bytes()  # the weights-only file
 
 
 def test_two_workers_survive_a_failure_and_a_relaunch_resumes(pretrain_features, tmp_path, s3_server):
@@ -198,3 +223,27 @@ def test_remote_mlflow_server_and_gradient_accumulation(pretrain_features, tmp_p
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_teacher_student_objective_trains_resumes_with_its_teacher_and_exports_an_encoder(pretrain_features, tmp_path):
+    """The teacher-student preset on a Train worker: its own metrics, a relaunch that resumes the
+    teacher from the checkpoint, and an encoder that loads like any other."""
+    config = load_config(PretrainJobConfig, "configs/pretrain/local-tiny-teacher-student.yaml",
+                         overrides(pretrain_features, tmp_path, "name=ts", f"storage_path={tmp_path / 'ckpt'}",
+                                   "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2",
+                                   "train.log_every=1", "train.batch_size=4", "objective.clones=2"))
+    assert pretrain.run(config).metrics["step"] == 4
+    first = torch.load(tmp_path / "ckpt" / "ts" / "step-00000004" / "state.pt", weights_only=True)["model"]
+    teacher = {key: value for key, value in first.items() if key.startswith("teacher.")}
+    assert teacher and any(not torch.equal(value, first["encoder." + key[len("teacher."):]]) for key, value in teacher.items())
+
+    longer = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 6})})
+    assert pretrain.run(longer).metrics["step"] == 6
+    client, run = run_of(longer)
+    assert run.data.tags["resumed_from_step"] == "4" and run.info.status == "FINISHED"
+    assert {"frame_mse", "utterance_mse", "target_std", "prediction_std", "val_loss", "val_frame_mse"} <= set(run.data.metrics)
+    assert "masked_accuracy" not in run.data.metrics
+    exported = load_checkpoint(pretrain.encoder_uri(longer))
+    assert exported.metadata["step"] == 6 and exported.encoder_config.embed_dim == 64
+    assert type(exported.build_pretrain_model()).__name__ == "SSAMBATeacherStudentModel"
+    exported.build_encoder()  # fine-tuning, embed and HEAR load it like any encoder

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import tune as sweeps
 from pipeline.config import ConfigError, PretrainJobConfig, load_config
-from pipeline.sweep_config import TuneJobConfig, with_values
+from pipeline.config.sweep import TuneJobConfig, with_values
 from support.task_layouts import esc50
 
 pytestmark = pytest.mark.timeout(900)

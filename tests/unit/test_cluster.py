@@ -13,7 +13,7 @@ import ray
 import yaml
 
 from pipeline.config import EmbedConfig, FeaturizeConfig, FinetuneJobConfig, PretrainJobConfig, load_config
-from pipeline.sweep_config import TuneJobConfig
+from pipeline.config.sweep import TuneJobConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"

@@ -15,8 +15,8 @@ from pipeline.config import (
     ConfigError, EmbedConfig, FeaturizeConfig, FinetuneJobConfig, PretrainJobConfig, load_config, public_dict,
 )
 from pipeline.launch import run_command
-from pipeline.fields import _leaf_types, _section_model, field_at, set_fields, typed_value
-from pipeline.sweep_config import TuneJobConfig, with_values
+from pipeline.fields import _leaf_types, is_test_only, _section_model, field_at, set_fields, typed_value
+from pipeline.config.sweep import TuneJobConfig, with_values
 from ssamba import EMBED_DIMS, NORM_PRESETS, NORMS, EncoderConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,9 +26,12 @@ ENTRY_POINTS = {"featurize": FeaturizeConfig, "pretrain": PretrainJobConfig, "fi
 
 
 def leaf_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """Every plain field of a schema by dotted name (sections expanded), as the help should list them."""
+    """Every plain field of a schema by dotted name (sections expanded), as the help should list them
+    (test-only switches left out)."""
     paths = []
     for name, field in model.model_fields.items():
+        if is_test_only(field):
+            continue
         section = _section_model(field.annotation)
         paths.extend(leaf_paths(section, f"{prefix}{name}.") if section else [prefix + name])
     return paths
@@ -46,6 +49,7 @@ def test_help_lists_every_field_of_the_job(module, capsys):
     assert len(paths) > 10
     for path in paths:
         assert f"\n  {path}: " in text, path
+    assert "testing." not in text  # fault injection is for the tests, not in the users' help
 
 
 def test_help_shows_type_default_and_description(capsys):

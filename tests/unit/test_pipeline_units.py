@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from support.audio_files import BAD, GOOD, write_collection
 from pipeline import featurize
@@ -15,7 +17,7 @@ from pipeline.config import (
 )
 from pipeline.sources import AudioSource, SourceError, list_sources
 from pipeline.storage import DEFAULT_REGION, resolve, s3_region
-from pipeline.sweep_config import TuneJobConfig
+from pipeline.config.sweep import TuneJobConfig
 
 
 def test_invalid_config_names_the_field(tmp_path):
@@ -202,15 +204,15 @@ def test_learning_rate_warmup_plateau_and_cosine():
     config = load_config(PretrainJobConfig, "configs/pretrain/local-tiny.yaml",
                          ["optim.schedule=plateau", "optim.warmup_steps=10", "optim.lr=1.0", "optim.plateau_patience=1"])
     schedule = LearningRate(config)
-    assert [schedule.at(step) for step in (1, 5, 10, 50)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+    assert [schedule.factor(step) for step in (1, 5, 10, 50)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
     for accuracy in (0.5, 0.4, 0.45):  # best, then two evaluations without improvement > patience 1
         schedule.observe(accuracy)
-    assert schedule.at(50) == pytest.approx(0.5)
+    assert schedule.factor(50) == pytest.approx(0.5)
     restored = LearningRate(config)
     restored.load_state_dict(schedule.state_dict())
-    assert restored.at(50) == pytest.approx(0.5)
+    assert restored.factor(50) == pytest.approx(0.5)
     cosine = LearningRate(config.model_copy(update={"optim": config.optim.model_copy(update={"schedule": "cosine"})}))
-    assert cosine.at(10) == pytest.approx(1.0) and cosine.at(config.train.max_steps) == pytest.approx(0.0, abs=1e-12)
+    assert cosine.factor(10) == pytest.approx(1.0) and cosine.factor(config.train.max_steps) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_featurize_cli_rejects_invalid_config_before_any_work(capsys):
@@ -232,3 +234,38 @@ def test_shards_are_dealt_in_a_seeded_random_order_keeping_member_runs_together(
     positions = {row: index for index, row in enumerate(order)}
     assert [positions[row + 1] - positions[row] for row in range(63)] == [1] * 63  # rows 0-63: one run
     assert featurize.deal_shards(files, 32, first_shard=5).keys() == {5, 6, 7, 8}
+
+
+def test_the_storage_layer_needs_neither_torch_nor_the_job_configs():
+    import subprocess
+    import sys
+
+    probe = "import sys, pipeline.storage; print(sorted(m for m in ('torch', 'ssamba', 'pipeline.config') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_stored_fbank_round_trip_keeps_float16_precision():
+    from pipeline.feature_store import STORED_PRECISION, decode_fbank, encode_fbank
+
+    reference = torch.linspace(-15.0, 25.0, 7 * 128, dtype=torch.float64).reshape(7, 128)
+    stored = encode_fbank(reference.float())
+    assert (stored["n_frames"], stored["n_mels"], len(stored["fbank"])) == (7, 128, 7 * 128 * 2)
+    restored = decode_fbank(stored["fbank"], stored["n_frames"], stored["n_mels"])
+    assert restored.dtype == torch.float32 and STORED_PRECISION == "float16"
+    assert (restored.double() - reference).abs().max() <= 25.0 * 2**-11  # half an ulp of float16 at 25
+
+
+def test_a_model_card_renders_every_fact_and_round_trips_as_json():
+    from pipeline.model_card import ModelCard
+
+    card = ModelCard(kind="classifier", run="esc-fold1", run_id="abc123", architecture={"embed_dim": 64},
+                     parameters=12345, objective={"task": "esc50"}, data={"features": "s3://f", "rows": 10},
+                     training={"epochs": 2}, selected_by={"val_accuracy": 0.5}, fbank={"num_mel_bins": 128},
+                     labels=["dog", "rain"], commit="deadbeef")
+    page = card.markdown()
+    for fact in ("# SSAMBA classifier: esc-fold1", "`abc123`", "`deadbeef`", "| embed_dim | 64 |", "12,345",
+                 "| task | esc50 |", "| rows | 10 |", "| val_accuracy | 0.5 |", "| num_mel_bins | 128 |", "dog, rain"):
+        assert fact in page, fact
+    assert json.loads(card.to_json())["selected_by"] == {"val_accuracy": 0.5}

@@ -95,6 +95,8 @@ def test_accepted_changes_are_recorded_on_the_mlflow_run(tmp_path):
     assert saved["changes"] == [{"field": "optim.lr", "before": 0.001, "after": 0.01}]
     assert saved["config"] == {"optim": {"lr": 0.01}}
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())  # beside the store
+    # A model-training experiment: MLflow 3's UI opens it on its runs, not on GenAI traces.
+    assert client.get_experiment_by_name("exp").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_a_changed_lr_exits_non_zero_before_ray_starts(tmp_path):
@@ -197,7 +199,7 @@ def test_a_resumed_run_may_change_its_scaling_but_not_its_global_batch(tmp_path)
 
 def test_sweep_restores_and_fine_tuning_follow_the_same_rule(tmp_path):
     from pipeline.config import FinetuneJobConfig
-    from pipeline.sweep_config import TuneJobConfig
+    from pipeline.config.sweep import TuneJobConfig
 
     storage = resolve(str(tmp_path / "tune"))
     sweep = load_config(TuneJobConfig, REPO / "configs/tune/local-mask.yaml", [f"storage_path={tmp_path / 'tune'}"])
@@ -223,7 +225,7 @@ def test_sweep_restores_and_fine_tuning_follow_the_same_rule(tmp_path):
 
 def test_a_saved_sweep_without_its_run_record_is_not_restored(tmp_path):
     from pipeline import tune
-    from pipeline.sweep_config import TuneJobConfig
+    from pipeline.config.sweep import TuneJobConfig
 
     config = load_config(TuneJobConfig, REPO / "configs/tune/finetune_esc50.yaml", [f"storage_path={tmp_path}"])
     storage = resolve(str(tmp_path))

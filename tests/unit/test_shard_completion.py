@@ -9,15 +9,15 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import featurize
+from pipeline import feature_store, featurize
 from pipeline.storage import resolve
 
 
 def tables(rows: int) -> tuple[pa.Table, pa.Table]:
     features = pa.Table.from_pylist([{"uri": f"/a/{i}.wav", "fbank": bytes(64 * i)} for i in range(rows)],
-                                    schema=featurize.FEATURE_SCHEMA)
+                                    schema=feature_store.FEATURE_SCHEMA)
     return features, pa.Table.from_pylist([{"uri": "/a/bad.wav", "reason": "empty", "detail": ""}],
-                                          schema=featurize.QUARANTINE_SCHEMA)
+                                          schema=feature_store.QUARANTINE_SCHEMA)
 
 
 def truncate(path) -> None:

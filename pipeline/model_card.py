@@ -1,0 +1,58 @@
+"""A model card for every exported encoder and classifier: what the model is, what it saw, how it was
+chosen and where it came from, as ``MODEL_CARD.md`` beside the model file (and in MLflow) and as
+JSON inside the file itself (``metadata["model_card"]``), so the facts travel with the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import metadata as package_metadata
+from typing import Any
+
+CARD_FILE = "MODEL_CARD.md"
+PACKAGE = "ssamba-ray"
+
+
+def project_version() -> str:
+    try:
+        return package_metadata.version(PACKAGE)
+    except package_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The facts of one exported model; every value is plain JSON data."""
+
+    kind: str  # "encoder" or "classifier"
+    run: str
+    run_id: str
+    architecture: dict[str, Any]
+    parameters: int
+    objective: dict[str, Any]
+    data: dict[str, Any]  # features location, clips, hours of audio
+    training: dict[str, Any]  # steps or epochs
+    selected_by: dict[str, float]  # the metric (and value) that chose this model
+    fbank: dict[str, Any]
+    labels: list[str] = field(default_factory=list)
+    commit: str | None = None
+    version: str = field(default_factory=project_version)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def markdown(self) -> str:
+        """The card as a short markdown page."""
+        def table(values: dict[str, Any]) -> list[str]:
+            return ["| | |", "|---|---|", *[f"| {key} | {value} |" for key, value in values.items()]]
+
+        lines = [f"# SSAMBA {self.kind}: {self.run}", "",
+                 f"MLflow run `{self.run_id}`; project {self.version}" + (f" at commit `{self.commit}`" if self.commit else ""),
+                 "", "## Architecture", "", *table({**self.architecture, "parameters": f"{self.parameters:,}"}),
+                 "", "## Objective", "", *table(self.objective), "", "## Data", "", *table(self.data),
+                 "", "## Training", "", *table(self.training), "", "## Selected by", "", *table(self.selected_by),
+                 "", "## Features (Kaldi fbank)", "", *table(self.fbank)]
+        if self.labels:
+            lines += ["", "## Labels", "", ", ".join(self.labels)]
+        return "\n".join(lines) + "\n"
