@@ -7,6 +7,7 @@ inside the model is read, never the pickled module).
     from pipeline.models import load_classifier
     classifier = load_classifier("s3://bucket/runs/esc50-fold1/classifier.pt")
     classifier = load_classifier("models:/esc50-probe/3")
+    encoder = from_pretrained("s3://bucket/runs/tiny/ssamba_encoder.pt")   # or a path, or "ssamba-tiny-400"
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import torch
 from pipeline.config import S3Config
 from pipeline.mlflow_models import MODELS_SCHEME, download_project_file
 from pipeline.storage import resolve
-from ssamba import Checkpoint, Classifier, EncoderConfig, hear
+from ssamba import Checkpoint, Classifier, EncoderConfig, SSAMBAEncoder, hear
 from ssamba import load_checkpoint as _load_checkpoint
 from ssamba import load_classifier as _load_classifier
 from ssamba.checkpoint import load_encoder_weights as _load_encoder_weights
+from ssamba.pretrained import from_pretrained as _from_pretrained
+from ssamba.pretrained import is_uri
 
 
 ENCODER_FILE = "ssamba_encoder.pt"  # a pretraining run's encoder, beside its checkpoints and in its MLflow model
@@ -54,3 +57,9 @@ def load_hear_model(uri: str, storage: S3Config | None = None, windows_per_batch
 def load_classifier(uri: str, storage: S3Config | None = None) -> Classifier:
     """A fine-tuning job's exported classifier (``ssamba.load_classifier``) at any URI."""
     return _load_classifier(io.BytesIO(read_model(uri, storage, CLASSIFIER_FILE)))
+
+
+def from_pretrained(uri: str, storage: S3Config | None = None) -> SSAMBAEncoder:
+    """``ssamba.from_pretrained`` at any URI: the encoder (eval mode) of our checkpoint, an exported
+    encoder or an official SSAMBA ``.pth``; local paths and preset names go to ``ssamba`` as they are."""
+    return _from_pretrained(read_model(uri, storage) if is_uri(uri) else uri)

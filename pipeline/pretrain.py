@@ -46,7 +46,7 @@ from pipeline.loop import (
     Clock, all_reduce_sum, announce_compute, autocast, base_rates, effective_precision, gradient_sync, node_count,
     optimizer_step, rank0_tracker, say, seed_worker, set_learning_rates, unwrap,
 )
-from pipeline.resources import check_cluster
+from pipeline.resources import check_cluster, input_cpus_kept
 from pipeline.storage import Location, resolve
 from pipeline.tracking import RunTracker, resolve_tracking_uri, run_status
 from pipeline.trainer import LoopConfig, TrainWorker, Worker, torch_trainer
@@ -452,7 +452,7 @@ def _launch(config: PretrainJobConfig, storage: Location, callbacks: list[ray.tr
         worker_env={"MALLOC_MMAP_THRESHOLD_": str(16 * 1024 * 1024)},
         callbacks=callbacks,
     )
-    with run_status(tracker):
+    with run_status(tracker), input_cpus_kept(config.scaling, config.name):
         return trainer.fit()
 
 

@@ -3,11 +3,18 @@
 Ray Data reads, crops and batches the training examples in tasks of their own; when the Train
 workers hold every CPU of the cluster those tasks never start and training waits at 0 rows without
 a word. The check runs on the driver before the trainer starts and fails with the numbers and the fix.
-An elastic run (``num_workers: [min, max]``) is checked at the size Ray Train starts it with: as
-many workers as the cluster has CPUs for, at most ``max``.
+
+An elastic run (``num_workers: [min, max]``) is checked at its minimum, and while it runs
+:func:`input_cpus_kept` keeps the input pipeline's CPUs out of what Ray Train may grow into, at the
+start and at every resize.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Iterator
 
 from pipeline.config import ConfigError, ScalingSection
 
@@ -18,24 +25,17 @@ class ClusterTooSmall(ConfigError):
     """The cluster cannot hold the Train workers and the input pipeline together."""
 
 
-def starting_workers(cluster_cpus: float, scaling: ScalingSection) -> int:
-    """The workers Ray Train starts the run with: the fixed number, or for an elastic run as many
-    as the cluster's CPUs hold, at most its ``max``."""
-    low, high = scaling.worker_range
-    return min(high, int(cluster_cpus // scaling.cpus_per_worker)) if scaling.elastic else high
-
-
 def check_data_cpus(cluster_cpus: float, scaling: ScalingSection, data_cpus: float = DATA_CPUS) -> None:
-    """Raise :class:`ClusterTooSmall` when the workers would fit but leave the data pipeline fewer than
-    ``data_cpus``. A cluster too small for the (fewest) workers is left to Ray Train, which waits for
-    the autoscaler to add nodes (and times out on a fixed cluster); local mode (no workers) reserves nothing."""
-    workers = starting_workers(cluster_cpus, scaling)
+    """Raise :class:`ClusterTooSmall` when the workers (an elastic run's fewest) would fit but leave the
+    data pipeline fewer than ``data_cpus``. A cluster too small for them is left to Ray Train, which
+    waits for the autoscaler to add nodes (and times out on a fixed cluster); local mode (no workers)
+    reserves nothing."""
+    workers = scaling.worker_range[0]
     train_cpus = workers * scaling.cpus_per_worker
-    if workers == 0 or workers < scaling.worker_range[0] or cluster_cpus < train_cpus \
-            or cluster_cpus - train_cpus >= data_cpus:
+    if workers == 0 or cluster_cpus < train_cpus or cluster_cpus - train_cpus >= data_cpus:
         return
     most = max(0, int((cluster_cpus - data_cpus) // scaling.cpus_per_worker))
-    field = "scaling.num_workers (its max)" if scaling.elastic else "scaling.num_workers"
+    field = "scaling.num_workers (its min)" if scaling.elastic else "scaling.num_workers"
     raise ClusterTooSmall(
         f"scaling: {workers} Train workers x {scaling.cpus_per_worker:g} CPUs = {train_cpus:g} of the "
         f"cluster's {cluster_cpus:g} CPUs leave {cluster_cpus - train_cpus:g} for the input pipeline (Ray Data), which "
@@ -68,3 +68,51 @@ def check_cluster(scaling: ScalingSection) -> None:
     import ray
 
     check_data_cpus(ray.cluster_resources().get("CPU", 0.0), scaling)
+
+
+RESERVATION_TTL_S = 180.0  # a reservation a dead driver leaves behind lapses after this long
+RESERVATION_RENEW_S = 20.0
+
+
+@contextlib.contextmanager
+def input_cpus_kept(scaling: ScalingSection, run_name: str, data_cpus: float = DATA_CPUS) -> Iterator[None]:
+    """While an elastic run trains, keep ``data_cpus`` out of the CPUs Ray Train may size it to.
+
+    Ray Train sizes an elastic worker group, at the start and at each resize, from what Ray's
+    autoscaling coordinator (shared by Ray Train and Ray Data) reserves for it; requests of one
+    priority are served in the order they were first made. A request made before the trainer's, at its
+    priority, is therefore always served first, so the group never grows into the input pipeline's
+    CPUs. A reservation is bookkeeping only: it holds no CPU, and Ray Data's tasks run on it. It is
+    renewed while the run lasts and lapses on its own if the driver dies. Fixed-size runs need none.
+    The coordinator is Ray's internal API (``ray.data._internal``), kept to this one function."""
+    if not scaling.elastic:
+        yield
+        return
+    import ray
+    from ray.data._internal.cluster_autoscaler import ResourceRequestPriority, get_or_create_autoscaling_coordinator
+
+    coordinator = get_or_create_autoscaling_coordinator()
+    requester = f"ssamba-input-pipeline-{run_name}-{uuid.uuid4().hex[:8]}"
+
+    def reserve() -> None:
+        ray.get(coordinator.request_resources.remote(
+            requester_id=requester, resources=[{"CPU": data_cpus}], expire_after_s=RESERVATION_TTL_S,
+            priority=ResourceRequestPriority.HIGH), timeout=30)
+
+    reserve()
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(RESERVATION_RENEW_S):
+            with contextlib.suppress(Exception):  # a missed renewal is retried; the TTL spans several
+                reserve()
+
+    renewer = threading.Thread(target=renew, name="input-cpu-reservation", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        with contextlib.suppress(Exception):  # the reservation lapses on its own
+            ray.get(coordinator.cancel_request.remote(requester), timeout=30)

@@ -9,6 +9,7 @@ from ssamba.encoder import EMBED_DIMS, NORMS, TOPOLOGIES, EncoderConfig, Norm, P
 from ssamba.features import FbankConfig, NORM_PRESETS, crop_or_pad, fbank, normalize, norm_stats, waveform_to_fbank
 from ssamba.finetune import AudioClassifier, ClassifierConfig, adapt_encoder_state, adapt_pos_embed
 from ssamba.pretrain import VALIDATION_MASK_COUNT, PretrainConfig, PretrainOutput, SSAMBAPretrainModel
+from ssamba.pretrained import from_pretrained
 from ssamba.ssast import SSASTConfig, SSASTEncoder
 from ssamba.teacher_student import (
     SSAMBATeacherStudentModel, TeacherStudentConfig, TeacherStudentOutput, TokenCount, tokens_per_clip,
@@ -45,6 +46,7 @@ __all__ = [
     "adapt_pos_embed",
     "crop_or_pad",
     "fbank",
+    "from_pretrained",
     "import_official_checkpoint",
     "load_classifier",
     "load_checkpoint",

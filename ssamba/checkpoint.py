@@ -232,10 +232,13 @@ def _infer_encoder_config(
 
 
 def load_encoder_weights(source: Source) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
-    """The encoder config and weights of one of our checkpoints or of an official SSAMBA ``.pth``."""
+    """The encoder config and weights of one of our checkpoints or of an official SSAMBA ``.pth``. The
+    source is read into memory once, since both formats are tried on it."""
     if isinstance(source, (str, os.PathLike)):
         with open(local_path(os.fspath(source)), "rb") as handle:
             source = handle.read()
+    elif not isinstance(source, bytes):
+        source = source.read()
     try:
         checkpoint = load_checkpoint(source)
         return checkpoint.encoder_config, checkpoint.encoder_state()

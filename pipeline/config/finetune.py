@@ -57,6 +57,14 @@ class FinetuneOptimConfig(Strict):
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm (off in the recipes)")
 
 
+class FinetuneScalingSection(ScalingSection):
+    """Fine-tuning selects its best epoch from the checkpoints Ray Train keeps in storage, which its
+    local mode (no workers) does not keep: at least one worker."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (at least 1: the selected epoch is read back "
+                             "from the checkpoints they leave in storage)")
+
+
 class FinetuneTrackingConfig(TrackingConfig):
     experiment: str = Field("ssamba-finetune", description="MLflow experiment name")
 
@@ -88,7 +96,7 @@ class FinetuneJobConfig(Strict):
     seed: int = Field(0, description="seeds the head's initialisation and the mixup draws")
     shuffle_buffer: int = Field(256, ge=0, description="training rows mixed across shards each epoch (0: none)")
     epochs: int = Field(50, ge=1, description="passes over the training split")
-    scaling: ScalingSection = ScalingSection()
+    scaling: FinetuneScalingSection = FinetuneScalingSection()
     tracking: FinetuneTrackingConfig = FinetuneTrackingConfig()
     ray: RayConfig = RayConfig()
     testing: FinetuneFaultInjectionConfig = Field(FinetuneFaultInjectionConfig(), json_schema_extra=TEST_ONLY,

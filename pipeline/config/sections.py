@@ -87,8 +87,7 @@ class ScalingSection(Strict):
     """Ray Train workers, a fixed number. ``num_workers: 0`` runs the loop in the driver process (local
     mode: no fault tolerance, checkpoints kept in memory)."""
 
-    num_workers: int = Field(1, ge=0, description="Ray Train workers (0: run in the driver); fine-tuning takes "
-                             "a fixed number")
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (0: run in the driver)")
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = unlimited")

@@ -93,9 +93,26 @@ def test_a_batch_larger_than_the_training_clips_is_refused_before_ray(pretrain_f
     assert "ray: " not in done.stdout and not (tmp_path / "outputs" / "checkpoints").exists()
 
 
+def test_an_elastic_run_on_two_cpus_keeps_one_for_its_input_pipeline(pretrain_features, tmp_path):
+    """``num_workers: [1, 2]`` on 2 CPUs starts (it was refused for its max) with one worker and never
+    grows into the CPU its input pipeline needs, though Ray Train looks for room every second: a
+    second worker would leave Ray Data no CPU and training would wait for data forever."""
+    done = run_job("pretrain", "--config", "configs/pretrain/local-tiny.yaml", "--base-dir", str(tmp_path), *OWN_RAY,
+                   "--set", f"data.features={pretrain_features}", "--set", "validation=null",
+                   "--set", "scaling.num_workers=[1, 2]", "--set", "scaling.resize_interval_s=1",
+                   "--set", "train.batch_size=4", "--set", "train.max_steps=6", "--set", "train.log_every=1",
+                   timeout=420)
+    assert done.returncode == 0, output_of(done)
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("ssamba-local").experiment_id])
+    world_sizes = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "world_size")]
+    assert sorted(world_sizes) == [(step, 1) for step in range(1, 7)] and run.info.status == "FINISHED"
+
+
 def test_local_mask_sweep_finishes_on_two_cpus(pretrain_features, tmp_path):
     """The shipped local mask sweep (two trials, each a Train worker, its probe and their input
-    pipelines) on a 2-CPU Ray: Tune runs what fits instead of starving Ray Data."""
+    pipelines) on a 2-CPU Ray: Tune runs what fits instead of starving Ray Data; trials nest under the
+    sweep's MLflow run, each with its probe nested below it, and the runs table lists them."""
     esc50(tmp_path / "data" / "ESC-50-master")
     done = run_job("tune", "--config", "configs/tune/local-mask.yaml", "--base-dir", str(tmp_path), *OWN_RAY,
                    "--set", f"pretrain.data.features={pretrain_features}",
@@ -109,6 +126,15 @@ def test_local_mask_sweep_finishes_on_two_cpus(pretrain_features, tmp_path):
     experiment = client.get_experiment_by_name("ssamba-local-tune")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.ray_run_name = 'local-mask-sweep'")
     assert parent.info.status == "FINISHED" and "best.probe_val_accuracy" in parent.data.metrics
+    assert parent.data.params["space.masking.mask_patches"] == "grid[32, 64]"
+    assert parent.data.params["best.masking.mask_patches"] in ("32", "64")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {child.data.params["masking.mask_patches"] for child in children} == {"32", "64"}
+    for child in children:  # each trial: its pretraining metrics, its probe's score, the probe nested below
+        assert {"loss", "val_masked_accuracy", "probe_val_accuracy"} <= set(child.data.metrics)
+        assert "val_accuracy" not in child.data.metrics  # pretraining's validation is named for what it is
+        (probe,) = client.search_runs([child.info.experiment_id], f"tags.mlflow.parentRunId = '{child.info.run_id}'")
+        assert probe.data.params["model.freeze_encoder"] == "True"
 
     listed = run_job("runs", "--experiment", "ssamba-local-tune", "list", "--parent", "local-mask-sweep", "--csv",
                      base_dir=tmp_path, timeout=120)  # the default store, resolved against the base directory

@@ -99,36 +99,6 @@ def trials_table(client: MlflowClient, run_id: str, folder) -> pd.DataFrame:
     return pd.DataFrame(saved["data"], columns=saved["columns"])
 
 
-def test_mask_sweep_pretrains_probes_and_nests_trials_in_mlflow(ray_cluster, pretrain_features, tmp_path):
-    root = esc50(tmp_path / "esc50")
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = load_config(TuneJobConfig, MASK_PRESET, [
-        "name=masks", f"storage_path={tmp_path / 'tune'}", f"tracking.tracking_uri={tracking}",
-        f"pretrain.storage_path={tmp_path / 'pretrain'}", f"pretrain.data.features={pretrain_features}",
-        f"pretrain.validation.features={pretrain_features}", "pretrain.train.batch_size=4",
-        "pretrain.train.max_steps=4", "pretrain.train.eval_every=2", "pretrain.train.checkpoint_every=2",
-        f"probe.data_root={root}", f"probe.features={tmp_path / 'features'}",
-        f"probe.storage_path={tmp_path / 'probe'}", "probe.target_length=64", "probe.batch_size=4", "probe.epochs=1",
-    ])
-    summary = sweeps.run(config)
-    assert summary["trials"] == 2 and summary["errors"] == 0 and summary["metric"] == "probe_val_accuracy"
-    assert summary["best_values"]["masking.mask_patches"] in (32, 64)
-
-    client = MlflowClient(tracking)
-    parent, children = children_of(client, "ssamba-local-tune", "masks")
-    assert parent.data.params["space.masking.mask_patches"] == "grid[32, 64]"
-    assert parent.data.params["best.masking.mask_patches"] == str(summary["best_values"]["masking.mask_patches"])
-    assert "best.probe_val_accuracy" in parent.data.metrics
-    assert {c.data.params["masking.mask_patches"] for c in children} == {"32", "64"}
-    for child in children:  # each trial: its pretraining metrics, its probe's score, the probe nested below
-        assert {"loss", "val_masked_accuracy", "probe_val_accuracy"} <= set(child.data.metrics)
-        assert "val_accuracy" not in child.data.metrics  # pretraining's validation is named for what it is
-        (probe,) = client.search_runs([child.info.experiment_id], f"tags.mlflow.parentRunId = '{child.info.run_id}'")
-        assert probe.data.params["model.freeze_encoder"] == "True"
-    table = trials_table(client, parent.info.run_id, tmp_path)
-    assert sorted(table["masking.mask_patches"]) == [32, 64] and set(table["status"]) == {"finished"}
-
-
 def test_asha_finetune_sweep_resumes_after_its_trials_fail(ray_cluster, small_encoder, tmp_path):
     root = esc50(tmp_path / "esc50")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -81,6 +81,79 @@ def test_predict_resamples_and_mixes_to_mono_like_the_pipeline():
     torch.testing.assert_close(classifier.predict(stereo, 16_000), classifier.predict(resampled, 16_000))
 
 
+def test_predict_batch_equals_predict_of_each_clip_and_ignores_padding():
+    classifier = load_classifier(exported(trained_model()))
+    clips = [tone(0.3, 16_000, 300.0), tone(1.5, 16_000, 500.0), tone(0.9, 16_000, 700.0)]  # 1.5 s: cut to 64 frames
+    expected = torch.stack([classifier.predict(clip, 16_000) for clip in clips])
+    batch = classifier.predict_batch(clips, 16_000, batch_size=2)  # two model batches
+    assert batch.shape == (3, len(CLASSES))
+    torch.testing.assert_close(batch, expected)
+    # A padded batch: the padding (noise, not zeros, so that any leak shows) is cut off before the fbank.
+    lengths = [len(clip) for clip in clips]
+    padded = torch.randn(3, max(lengths) + 1000, generator=torch.Generator().manual_seed(2))
+    for row, clip in zip(padded, clips):
+        row[: len(clip)] = clip
+    torch.testing.assert_close(classifier.predict_batch(padded, 16_000, torch.tensor(lengths), batch_size=2), batch,
+                               rtol=0, atol=0)
+    stereo = [torch.stack([clip, clip]) for clip in clips]  # (channels, samples) clips and their resampling
+    torch.testing.assert_close(classifier.predict_batch(stereo, 16_000), expected)
+    at_44k = [tone(0.5, 44_100), tone(1.1, 44_100)]
+    torch.testing.assert_close(classifier.predict_batch(at_44k, 44_100),
+                               torch.stack([classifier.predict(clip, 44_100) for clip in at_44k]))
+
+
+def test_predict_windows_covers_a_long_clip():
+    model = trained_model()
+    classifier = load_classifier(exported(model))
+    waveform = tone(2.0, 16_000)  # 198 frames: windows of 64 at 0, 64, 128 and a partial one at 192
+    raw = classifier.fbank(waveform, 16_000)
+    assert raw.shape[0] == 198
+    windows = classifier.predict_windows(waveform, 16_000, batch_size=3)
+    assert windows.probabilities.shape == (4, len(CLASSES))
+    torch.testing.assert_close(windows.starts, torch.tensor([0.0, 0.64, 1.28, 1.92], dtype=torch.float64))
+    # The first window is what predict sees (up to the rounding of batches of another size); the clip cut
+    # to one window's samples likewise (its DC removal runs over fewer samples).
+    torch.testing.assert_close(windows.probabilities[0], classifier.predict(waveform, 16_000))
+    one_window = SETTINGS.fbank.window_size + 63 * SETTINGS.fbank.window_shift
+    torch.testing.assert_close(windows.probabilities[0], classifier.predict(waveform[:one_window], 16_000),
+                               rtol=1e-4, atol=1e-5)
+    # The last window holds the clip's last 6 frames, zero-padded as training pads a short clip.
+    torch.testing.assert_close(windows.probabilities[3], classifier.predict_fbank(raw[192:][None])[0])
+    torch.testing.assert_close(windows.pooled, windows.probabilities.mean(dim=0))
+    assert windows.pooled.sum().item() == pytest.approx(1.0)
+    assert [len(row) for row in classifier.top_k_rows(windows.probabilities, 2)] == [2, 2, 2, 2]
+    assert classifier.top_k_rows(windows.probabilities, 2)[3] == classifier.top_k(windows.probabilities[3], 2)
+
+    # Overlapping windows stop at the first that reaches the clip's end (160 + 64 >= 198).
+    overlapping = classifier.predict_windows(waveform, 16_000, hop_seconds=0.32)
+    torch.testing.assert_close(overlapping.starts, torch.arange(6, dtype=torch.float64) * 0.32)
+    torch.testing.assert_close(overlapping.probabilities[::2], windows.probabilities[:3])
+    short = classifier.predict_windows(tone(0.3, 16_000), 16_000)  # shorter than one window: one, padded
+    assert short.starts.tolist() == [0.0]
+    torch.testing.assert_close(short.probabilities[0], classifier.predict(tone(0.3, 16_000), 16_000), rtol=0, atol=0)
+
+    tagger = load_classifier(exported(model, "sigmoid", multi_label=True))  # a label present in any window
+    tagged = tagger.predict_windows(waveform, 16_000)
+    torch.testing.assert_close(tagged.pooled, tagged.probabilities.amax(dim=0), rtol=0, atol=0)
+
+
+def test_batch_and_window_prediction_refuse_bad_inputs():
+    classifier = load_classifier(exported(trained_model()))
+    clips = [tone(0.3, 16_000), tone(0.5, 16_000)]
+    with pytest.raises(ValueError, match="no waveforms"):
+        classifier.predict_batch([], 16_000)
+    with pytest.raises(ValueError, match="1 lengths for 2 waveforms"):
+        classifier.predict_batch(torch.zeros(2, 8000), 16_000, lengths=[4000])
+    with pytest.raises(ValueError, match="length 9000 of clip 1 is not between 1 and its 8000 samples"):
+        classifier.predict_batch(torch.zeros(2, 8000), 16_000, lengths=[4000, 9000])
+    with pytest.raises(ValueError, match="predict takes one clip"):
+        classifier.predict_batch(clips[0], 16_000)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        classifier.predict_batch(clips, 16_000, batch_size=0)
+    with pytest.raises(ValueError, match="hop_seconds must be at least one frame"):
+        classifier.predict_windows(clips[1], 16_000, hop_seconds=0.001)
+
+
 def test_loaders_refuse_uris_and_other_files_with_a_pointer(tmp_path):
     with pytest.raises(ValueError, match="pipeline.models"):
         load_classifier("s3://bucket/classifier.pt")

@@ -226,3 +226,9 @@ def test_secrets_and_uri_credentials_are_never_echoed_or_tracked():
         "tracking.tracking_uri=https://bob:hunter2@mlflow:5000/x?y=1"])))
     assert "hunter2" not in tracked and "https://mlflow:5000/x?y=1" in tracked
     assert load_config(PretrainJobConfig, LOCAL_TINY, ["tracking.experiment=exp: one"]).tracking.experiment == "exp: one"
+
+
+def test_fine_tuning_refuses_local_mode_naming_the_field():
+    """Its best epoch is read back from the checkpoints Ray Train keeps, which local mode does not."""
+    with pytest.raises(ConfigError, match="scaling.num_workers"):
+        load_config(FinetuneJobConfig, "configs/finetune/local-esc50.yaml", ["scaling.num_workers=0"])

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError, ElasticScalingSection, PretrainJobConfig, ScalingSection, load_config
-from pipeline.resources import ClusterTooSmall, check_data_cpus, starting_workers, sweep_concurrency
+from pipeline.resources import ClusterTooSmall, check_data_cpus, sweep_concurrency
 from pipeline.run_record import (
     CONFIG_FILE, Change, ConfigChangedError, Launch, check_config, config_changes, may_change_on_resume, plain,
     record_accepted_changes, source_tags,
@@ -168,16 +168,17 @@ def test_sweeps_run_as_many_trials_as_hold_their_workers_and_input_pipelines():
         sweep_concurrency(2, 2.0, None, field)
 
 
-def test_an_elastic_run_is_checked_at_the_size_it_starts_with():
+def test_an_elastic_run_is_checked_at_its_minimum():
+    """Its growth is held back at run time (``input_cpus_kept``, tested in tests/integration)."""
     def elastic(low: int, high: int, cpus: float = 1) -> ElasticScalingSection:
         return ElasticScalingSection(num_workers=(low, high), cpus_per_worker=cpus)
 
-    assert starting_workers(4, elastic(1, 8)) == 4 and starting_workers(4, elastic(1, 2)) == 2
-    check_data_cpus(4, elastic(1, 3))       # starts with 3, one CPU left for Ray Data
-    check_data_cpus(3, elastic(1, 2, 2))    # starts with 1 worker of 2 CPUs
+    check_data_cpus(2, elastic(1, 2))       # one worker, one CPU left for Ray Data
+    check_data_cpus(4, elastic(1, 8))
+    check_data_cpus(3, elastic(1, 2, 2))
     check_data_cpus(1, elastic(2, 4))       # too small for min: Ray Train waits for nodes
-    with pytest.raises(ClusterTooSmall, match=r"4 Train workers .* scaling.num_workers \(its max\) \(at most 3"):
-        check_data_cpus(4, elastic(1, 8))
+    with pytest.raises(ClusterTooSmall, match=r"2 Train workers .* scaling.num_workers \(its min\) \(at most 1"):
+        check_data_cpus(2, elastic(2, 4))
 
 
 def test_a_resumed_run_may_change_its_scaling_but_not_its_global_batch(tmp_path):
