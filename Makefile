@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Two pytest workers: most of an integration test's time is spent waiting (Ray starting processes,
+# trainers polling, services coming up), so two at once fill a 2-core machine. Tests that share a
+# costly module fixture run on one worker (pytest.mark.xdist_group).
 test: install            # everything: unit and integration tests (what CI runs, after lint)
-	$(BIN)/python -m pytest --durations=20
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=20
 
 test-unit: install       # the fast loop: no services, a couple of minutes
 	$(BIN)/python -m pytest tests/unit

@@ -55,7 +55,8 @@ class Embedder:
         self.device = torch.device("cuda" if config.use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(1)
-        self.model = None if config.embeddings == "none" else load_hear_model(config.model, config.storage).to(self.device)
+        self.model = None if config.embeddings == "none" else \
+            load_hear_model(config.model, config.storage, pooling=config.pooling).to(self.device)
         self.classifier = None if config.classifier is None else load_classifier(config.classifier, config.storage).to(self.device)
         self.reader = SourceReader(config.storage)
 
@@ -72,7 +73,7 @@ class Embedder:
         if raw is not None:
             features = normalize(raw, norm_stats("audioset"))
         else:
-            features = hear._fbank_batch(waveform[None], self.model)[0]
+            features = hear.model_inputs(waveform[None], self.model)[0]
         embeddings, timestamps = hear.timestamp_embeddings_from_features(features[None].to(self.device), self.model)
         return embeddings[0].cpu(), timestamps[0].cpu()
 

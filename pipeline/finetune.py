@@ -59,7 +59,7 @@ from pipeline.loop import (
 from pipeline.resources import check_cluster
 from pipeline.run_record import TrackingSetup
 from pipeline.sources import AudioSource, SourceError
-from pipeline.storage import resolve
+from pipeline.storage import Location, resolve
 from pipeline.tasks import TaskData, read_task
 from pipeline.tracking import RunTracker, resolve_tracking_uri, run_status
 from pipeline.trainer import LoopConfig, TrainWorker, TuneTrial, Worker, load_state, torch_trainer
@@ -310,9 +310,14 @@ def feature_settings(config: FinetuneJobConfig) -> FeatureSettings:
     return FeatureSettings(FbankConfig(), config.target_length, norm_stats(config.norm), stored_precision=STORED_PRECISION)
 
 
+def storage_root(config: FinetuneJobConfig) -> Location:
+    """``storage_path`` as a location: the one place a fine-tuning job resolves its run storage."""
+    return resolve(config.storage_path, config.storage)
+
+
 def classifier_uri(config: FinetuneJobConfig, run_name: str) -> str:
     """Where a split's selected model is exported: beside its checkpoints."""
-    return resolve(config.storage_path, config.storage).join(run_name, CLASSIFIER_FILE).uri
+    return storage_root(config).join(run_name, CLASSIFIER_FILE).uri
 
 
 def classifier_card(config: FinetuneJobConfig, run_name: str, model: AudioClassifier, classes: list[str], epoch: int,
@@ -339,7 +344,8 @@ def export_classifier(config: FinetuneJobConfig, run_name: str, classes: list[st
     model.load_state_dict(state["model"])
     scores = {name: float(value) for name, value in selected.items() if name.startswith(("val_", "test_"))}
     card = classifier_card(config, run_name, model, classes, int(state["epoch"]), scores, tracker)
-    resolve(config.storage_path, config.storage).join(run_name, CARD_FILE).write_bytes(card.markdown().encode())
+    run_folder = storage_root(config).join(run_name)
+    run_folder.join(CARD_FILE).write_bytes(card.markdown().encode())
     tracker.log_bytes(card.markdown().encode(), CARD_FILE, "model")
     buffer = io.BytesIO()
     save_classifier(buffer, model, classes, feature_settings(config),
@@ -348,7 +354,7 @@ def export_classifier(config: FinetuneJobConfig, run_name: str, classes: list[st
                     metadata={"run": run_name, "task": config.task, "epoch": int(state["epoch"]),
                               "model_card": card.to_json()})
     uri = classifier_uri(config, run_name)
-    resolve(uri, config.storage).write_bytes(buffer.getvalue())
+    run_folder.join(CLASSIFIER_FILE).write_bytes(buffer.getvalue())
     tracker.log_bytes(buffer.getvalue(), CLASSIFIER_FILE, "model")
     tracker.set_tags({"classifier_location": uri})
     with tempfile.TemporaryDirectory() as folder:
@@ -376,7 +382,7 @@ def train_once(config: FinetuneJobConfig, classes: list[str], split: Split,
     tracker, loop = _open_run(config, run_name, classes, split, parent_run_id, tracking)
     trainer = torch_trainer(
         train_loop, loop,
-        run_name, resolve(config.storage_path, config.storage), config.scaling, _datasets(config, classes, split),
+        run_name, storage_root(config), config.scaling, _datasets(config, classes, split),
         ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=validation_metric(config),
                                    checkpoint_score_order="max"),
     )
@@ -445,7 +451,7 @@ def _folds_summary(config: FinetuneJobConfig, data: TaskData, best: dict[str, di
 def run(config: FinetuneJobConfig, accept_config_changes: bool = False) -> dict:
     """Fine-tune as configured (see :func:`train_splits` for the summary). A relaunch whose config changed
     is refused before Ray starts unless the changes are accepted (see ``run_record``)."""
-    storage = resolve(config.storage_path, config.storage)
+    storage = storage_root(config)
     with run_lock.hold(storage.join(config.name), config.name):
         launch = run_record.check_config(config.name, storage, config, accept_config_changes)
         connect_ray(config.ray)

@@ -49,9 +49,10 @@ def load_encoder_weights(uri: str, storage: S3Config | None = None) -> tuple[Enc
     return _load_encoder_weights(read_model(uri, storage))
 
 
-def load_hear_model(uri: str, storage: S3Config | None = None, windows_per_batch: int = 8) -> hear.HEARModel:
+def load_hear_model(uri: str, storage: S3Config | None = None, windows_per_batch: int = 8,
+                    pooling: str = "bands") -> hear.HEARModel:
     """``ssamba.hear.load_model`` at any URI; ``""``: the random SSAMBA-tiny baseline."""
-    return hear.load_model(read_model(uri, storage) if uri else "", windows_per_batch)
+    return hear.load_model(read_model(uri, storage) if uri else "", windows_per_batch, pooling)
 
 
 def load_classifier(uri: str, storage: S3Config | None = None) -> Classifier:

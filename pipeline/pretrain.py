@@ -302,13 +302,14 @@ def _export_encoder(tracker: RunTracker, training: Training, config: PretrainJob
     inner = training.inner
     grid = inner.encoder.config.grid
     card = encoder_card(tracker, training, config)
-    resolve(config.storage_path, config.storage).join(config.name, CARD_FILE).write_bytes(card.markdown().encode())
+    folder_of_run = run_folder(config)
+    folder_of_run.join(CARD_FILE).write_bytes(card.markdown().encode())
     tracker.log_bytes(card.markdown().encode(), CARD_FILE, "model")
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / ENCODER_FILE
         save_checkpoint(path, inner, inner.encoder.config, inner.config,
                         metadata={"step": training.step, "run": config.name, "model_card": card.to_json()})
-        resolve(encoder_uri(config), config.storage).write_bytes(path.read_bytes())
+        folder_of_run.join(ENCODER_FILE).write_bytes(path.read_bytes())
         tracker.log_file(path, "model")
         example = torch.zeros(1, grid.target_length, grid.num_mel_bins)
         tracker.log_model(copy.deepcopy(inner.encoder).cpu(), example, "encoder", path, config.tracking.register_as,
@@ -401,9 +402,19 @@ def train_loop(train_loop_config: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def storage_root(config: PretrainJobConfig) -> Location:
+    """``storage_path`` as a location: the one place a pretraining job resolves its storage."""
+    return resolve(config.storage_path, config.storage)
+
+
+def run_folder(config: PretrainJobConfig) -> Location:
+    """The run's folder: checkpoints, run record, lock, the exported encoder and its card."""
+    return storage_root(config).join(config.name)
+
+
 def encoder_uri(config: PretrainJobConfig) -> str:
     """Where a finished run leaves its weights for fine-tuning (``model.checkpoint`` of a finetune job)."""
-    return resolve(config.storage_path, config.storage).join(config.name, ENCODER_FILE).uri
+    return run_folder(config).join(ENCODER_FILE).uri
 
 
 def check_batch_fits(config: PretrainJobConfig) -> None:
@@ -425,9 +436,8 @@ def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | Non
     its parent MLflow run (the run is then nested under the sweep's). A relaunch whose config changed
     is refused before Ray starts unless the changes are accepted (see ``run_record``)."""
     check_batch_fits(config)
-    storage = resolve(config.storage_path, config.storage)
-    with run_lock.hold(storage.join(config.name), config.name):
-        return _launch(config, storage, callbacks, parent_run_id, accept_config_changes)
+    with run_lock.hold(run_folder(config), config.name):
+        return _launch(config, storage_root(config), callbacks, parent_run_id, accept_config_changes)
 
 
 def _launch(config: PretrainJobConfig, storage: Location, callbacks: list[ray.train.UserCallback] | None,
@@ -469,7 +479,7 @@ def summary(config: PretrainJobConfig, result: ray.train.Result) -> str:
         lines.append(f"  val_masked_accuracy: {metrics['val_masked_accuracy']:.4f}")
     return "\n".join([
         *lines,
-        f"  checkpoints: {resolve(config.storage_path, config.storage).join(config.name)}",
+        f"  checkpoints: {run_folder(config)}",
         f"  encoder for fine-tuning: {encoder_uri(config)}",
         "  " + mlflow_ui_hint(resolve_tracking_uri(config.tracking.tracking_uri), config.tracking.experiment),
     ])

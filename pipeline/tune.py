@@ -169,9 +169,9 @@ def _new_tuner(config: TuneJobConfig, trainable, storage_path: str, filesystem, 
     )
 
 
-def build_tuner(config: TuneJobConfig, trainable, concurrent: int) -> tuple[tune.Tuner, bool]:
-    """A new sweep, or the saved one with the same name (second value: whether it was restored)."""
-    root = resolve(config.storage_path, config.storage)
+def build_tuner(config: TuneJobConfig, root: Location, trainable, concurrent: int) -> tuple[tune.Tuner, bool]:
+    """A new sweep in ``root`` (the sweep's storage), or the saved one with the same name (second value:
+    whether it was restored)."""
     filesystem = root.filesystem if root.is_s3 else None
     storage_path = root.path if root.is_s3 else root.uri
     experiment = root.join(config.name)
@@ -274,18 +274,18 @@ def _launch(config: TuneJobConfig, storage: Location, accept_config_changes: boo
                            **{f"space.{field}": d.describe() for field, d in config.search.space.items()}})
         parent.log_dict(public_dict(config), "sweep_config.json")
     with run_status(parent) as outcome:
-        return _sweep(config, parent, tracking_uri, metric, outcome, concurrent)
+        return _sweep(config, storage, parent, tracking_uri, metric, outcome, concurrent)
 
 
-def _sweep(config: TuneJobConfig, parent: RunTracker, tracking_uri: str, metric: str, outcome: RunOutcome,
-           concurrent: int) -> dict:
+def _sweep(config: TuneJobConfig, storage: Location, parent: RunTracker, tracking_uri: str, metric: str,
+           outcome: RunOutcome, concurrent: int) -> dict:
     """The sweep under its parent run: featurize, tune, close the trials' runs, log the best trial."""
     task = finetune.prepare(config.probe if config.sweep == "mask" else config.finetune)
     trainable = tune.with_resources(
         tune.with_parameters(TRIALS[config.sweep], sweep=config, task=task, tracking_uri=tracking_uri,
                              parent_run_id=parent.run_id),
         trial_resources(config))
-    tuner, restored = build_tuner(config, trainable, concurrent)
+    tuner, restored = build_tuner(config, storage, trainable, concurrent)
     parent.set_tags({"restored": str(restored)})
     results = tuner.fit()
 

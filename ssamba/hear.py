@@ -3,8 +3,15 @@
 
 Audio (16 kHz, float32 in [-1, 1]) → Kaldi fbank (normalised with the AudioSet statistics) →
 overlapping 16×16 patches with a time stride of 4 frames, so that each time column of patches is
-40 ms after the previous one. A timestamp embedding is the mean of the encoder outputs over the
-column's frequency patches; the scene embedding is the mean over all timestamps.
+40 ms after the previous one. A timestamp embedding is made of the encoder outputs of the column's
+frequency patches; the scene embedding is the mean over all timestamps. ``pooling`` says how a
+column's patches are combined:
+
+- ``bands`` (the default): side by side, frequency band by band (F·D values). The scene embedding is
+  then the mean over time of each band: it keeps the spectral layout the encoder learned, which a
+  mean over every patch averages away (on the learning benchmark's probes it scores far above the
+  plain mean, see BENCHMARKS.md).
+- ``mean``: their mean (D values), the compact choice.
 
 Audio of any length is encoded in windows of the pretraining length (1024 frames); consecutive
 windows overlap so that the timestamps stay on one regular 40 ms grid across window boundaries.
@@ -24,6 +31,7 @@ from ssamba.finetune import encoder_on_grid
 SAMPLE_RATE = 16_000
 TIME_STRIDE = 4  # frames: 40 ms between timestamps
 FRAME_MS = 10.0
+POOLINGS: tuple[str, ...] = ("bands", "mean")
 
 
 class HEARModel(nn.Module):
@@ -31,12 +39,15 @@ class HEARModel(nn.Module):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, encoder: SSAMBAEncoder, windows_per_batch: int = 8) -> None:
+    def __init__(self, encoder: SSAMBAEncoder, windows_per_batch: int = 8, pooling: str = "bands") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.encoder = encoder.eval()
         self.grid = encoder.config.grid
-        self.scene_embedding_size = encoder.embed_dim
-        self.timestamp_embedding_size = encoder.embed_dim
+        self.pooling = pooling
+        bands = self.grid.freq_patches if pooling == "bands" else 1
+        self.scene_embedding_size = self.timestamp_embedding_size = bands * encoder.embed_dim
         self.windows_per_batch = windows_per_batch
         self.fbank_config = FbankConfig()
 
@@ -50,13 +61,13 @@ class HEARModel(nn.Module):
         return self.columns_per_window * self.grid.tstride
 
     def column_embeddings(self, features: torch.Tensor) -> torch.Tensor:
-        """Normalised fbank windows ``(n, target_length, mel)`` → ``(n, columns, D)``."""
+        """Normalised fbank windows ``(n, target_length, mel)`` → ``(n, columns, embedding size)``."""
         grid = self.grid
         outputs = []
         for start in range(0, features.shape[0], self.windows_per_batch):
             tokens = self.encoder(features[start : start + self.windows_per_batch])[:, 1:]
             tokens = tokens.reshape(tokens.shape[0], grid.freq_patches, grid.time_patches, -1)
-            outputs.append(tokens.mean(dim=1))
+            outputs.append(tokens.mean(dim=1) if self.pooling == "mean" else tokens.transpose(1, 2).flatten(2))
         return torch.cat(outputs)
 
 
@@ -68,9 +79,10 @@ def _encoder_for_hear(config: EncoderConfig, state: dict[str, torch.Tensor]) -> 
     return encoder_on_grid(config, state, target)
 
 
-def load_model(model_file_path: Source = "", windows_per_batch: int = 8) -> HEARModel:
+def load_model(model_file_path: Source = "", windows_per_batch: int = 8, pooling: str = "bands") -> HEARModel:
     """Load an encoder from one of our checkpoints or an official SSAMBA ``.pth``: a local path, a file
-    object or bytes (for ``s3://`` and other URIs, ``pipeline.models.load_hear_model``).
+    object or bytes (for ``s3://`` and other URIs, ``pipeline.models.load_hear_model``); ``pooling``:
+    one of :data:`POOLINGS` (see the module's docstring).
 
     With no path, a randomly initialised SSAMBA-tiny (fixed seed): a baseline, not a trained model."""
     if not model_file_path:
@@ -81,11 +93,12 @@ def load_model(model_file_path: Source = "", windows_per_batch: int = 8) -> HEAR
         torch.random.set_rng_state(generator_state)
     else:
         config, state = load_encoder_weights(model_file_path)
-    return HEARModel(_encoder_for_hear(config, state), windows_per_batch)
+    return HEARModel(_encoder_for_hear(config, state), windows_per_batch, pooling)
 
 
-def _fbank_batch(audio: torch.Tensor, model: HEARModel) -> torch.Tensor:
-    """``(n_sounds, n_samples)`` → normalised fbank ``(n_sounds, frames, mel)``, at least one patch long."""
+def model_inputs(audio: torch.Tensor, model: HEARModel) -> torch.Tensor:
+    """``(n_sounds, n_samples)`` → the model's input, normalised fbank ``(n_sounds, frames, mel)`` at least
+    one patch long: what :func:`timestamp_embeddings_from_features` takes (the embed job calls it too)."""
     if audio.dim() != 2:
         raise ValueError(f"audio must be (n_sounds, n_samples), got shape {tuple(audio.shape)}")
     min_samples = model.fbank_config.window_size + (model.grid.tshape - 1) * model.fbank_config.window_shift
@@ -96,9 +109,9 @@ def _fbank_batch(audio: torch.Tensor, model: HEARModel) -> torch.Tensor:
 
 
 def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(n_sounds, n_samples)`` → embeddings ``(n_sounds, n_timestamps, D)`` and timestamps in ms
+    """``(n_sounds, n_samples)`` → embeddings ``(n_sounds, n_timestamps, size)`` and timestamps in ms
     ``(n_sounds, n_timestamps)``, every 40 ms, each at the centre of its 16-frame patch column."""
-    return timestamp_embeddings_from_features(_fbank_batch(audio, model), model)
+    return timestamp_embeddings_from_features(model_inputs(audio, model), model)
 
 
 def timestamp_embeddings_from_features(features: torch.Tensor, model: HEARModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +139,6 @@ def timestamp_embeddings_from_features(features: torch.Tensor, model: HEARModel)
 
 
 def get_scene_embeddings(audio: torch.Tensor, model: HEARModel) -> torch.Tensor:
-    """``(n_sounds, n_samples)`` → ``(n_sounds, D)``: the mean of the timestamp embeddings."""
+    """``(n_sounds, n_samples)`` → ``(n_sounds, size)``: the mean of the timestamp embeddings."""
     embeddings, _ = get_timestamp_embeddings(audio, model)
     return embeddings.mean(dim=1)

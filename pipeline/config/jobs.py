@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import Place, Strict, _require_exactly_one
+from pipeline.config.base import Place, Strict, _require_exactly_one, one_of
 from pipeline.config.sections import AudioConfig, InputConfig, RayConfig
 from pipeline.storage import S3Config
-from ssamba import FbankConfig
+from ssamba import FbankConfig, hear
 
 
 class FeaturizeConfig(Strict):
@@ -37,6 +37,9 @@ class EmbedConfig(Strict):
     audio: AudioConfig = AudioConfig()
     embeddings: Literal["scene", "timestamp", "both", "none"] = Field(
         "scene", description="one vector per clip, one per time step, both, or none (labels only: needs classifier)")
+    pooling: one_of(hear.POOLINGS) = Field(
+        "bands", description="how a time step's frequency patches combine: bands (side by side, F x D values; keeps "
+        "the spectral layout, measures best) or mean (D values, compact)")
     classifier: Place | None = Field(None, description="a fine-tuning job's exported classifier.pt (local or s3://): "
                                      "adds each source's top_k labels and probabilities")
     top_k: int = Field(5, ge=1, description="labels written per source when a classifier is given")

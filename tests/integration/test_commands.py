@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ssamba import load_checkpoint
 from support.task_layouts import esc50
 
 REPO = Path(__file__).resolve().parents[2]
@@ -159,4 +160,5 @@ def test_make_demo_then_the_embed_preset_on_what_it_wrote(tmp_path):
     assert f"embed: 12 rows → {output}" in done.stdout
     table = pq.read_table(output)
     assert table.num_rows == 12 and all(table.column("ok").to_pylist())
-    assert {len(vector) for vector in table.column("scene").to_pylist()} == {64}  # local-tiny's width
+    grid = load_checkpoint(encoder).encoder_config.grid  # band means by default: each band's 64 values
+    assert {len(vector) for vector in table.column("scene").to_pylist()} == {64 * grid.freq_patches}

@@ -13,7 +13,7 @@ from pipeline.data import examples_dataset
 from pipeline.sources import AudioSource, list_sources
 from ssamba.features import crop_or_pad, norm_stats, normalize
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("data")]  # one module fixture
 
 
 @pytest.fixture(scope="module")

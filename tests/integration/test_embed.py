@@ -22,7 +22,7 @@ from ssamba.features import norm_stats
 
 CLASSES = ["hum", "tone", "whistle"]
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("embed")]  # its module fixtures once
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_embed_audio_from_s3(ray_cluster, s3_server, collection, model_in_s3, tm
         np.testing.assert_allclose(row["scene"], expected_scene.numpy(), rtol=1e-4, atol=1e-5)
         embeddings, timestamps = hear.get_timestamp_embeddings(waveform, model)
         assert row["timestamps"] == timestamps[0].tolist()
-        assert np.asarray(row["timestamp_embeddings"]).shape == (len(row["timestamps"]), 32)
+        assert np.asarray(row["timestamp_embeddings"]).shape == (len(row["timestamps"]), model.timestamp_embedding_size)
     for name, reason in BAD.items():
         row = rows[f"s3://embed/audio/{name}"]
         assert not row["ok"] and row["error"].startswith(reason) and row["scene"] is None
@@ -79,10 +79,10 @@ def classifier_in_s3(s3_server):
 def test_embed_featurize_output_with_a_classifier(ray_cluster, pretrain_features, model_in_s3, classifier_in_s3, tmp_path):
     config = load_config(EmbedConfig, None, [
         f"features={pretrain_features}", f"output={tmp_path / 'emb'}", f"model={model_in_s3[0]}",
-        f"classifier={classifier_in_s3[0]}", "top_k=2"])
+        f"classifier={classifier_in_s3[0]}", "top_k=2", "pooling=mean"])
     assert embed.run(config) == 24
     table = pq.read_table(str(tmp_path / "emb"))
-    assert all(table.column("ok").to_pylist()) and len(table.column("scene")[0]) == 32
+    assert all(table.column("ok").to_pylist()) and len(table.column("scene")[0]) == 32  # the mean of D = 32
     classifier = load_classifier(classifier_in_s3[1])
     features = resolve(pretrain_features).join("features")
     stored = {row["uri"]: row for row in pq.read_table(features.path).to_pylist()}

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("multinode")]  # one cluster fixture
 
 REPO = Path(__file__).resolve().parents[2]
 HEAD_CPUS, NODE_CPUS, WORKER_CPUS = 3, 2, 2

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import tune as sweeps
 from pipeline.config import ConfigError, PretrainJobConfig, load_config
 from pipeline.config.sweep import TuneJobConfig, with_values
+from pipeline.storage import resolve
 from support.task_layouts import esc50
 
 pytestmark = pytest.mark.timeout(900)
@@ -71,7 +72,8 @@ def test_with_values_sets_dotted_fields_and_revalidates():
 
 def test_optuna_proposes_valid_recipes_from_the_space(tmp_path):
     config = load_config(TuneJobConfig, "configs/tune/finetune_esc50.yaml", [f"storage_path={tmp_path}"])
-    settings = sweeps.build_tuner(config, sweeps.finetune_trial, config.search.max_concurrent_trials)[0]._local_tuner
+    root = resolve(config.storage_path, config.storage)
+    settings = sweeps.build_tuner(config, root, sweeps.finetune_trial, config.search.max_concurrent_trials)[0]._local_tuner
     searcher = settings._tune_config.search_alg
     assert type(searcher).__name__ == "OptunaSearch" and settings._tune_config.max_concurrent_trials == 8
     assert searcher.set_search_properties("val_accuracy", "max", settings._param_space)

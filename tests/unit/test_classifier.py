@@ -174,7 +174,7 @@ def test_pipeline_loads_any_uri(tmp_path):
         assert models.load_classifier(uri).classes == CLASSES
     save_checkpoint(tmp_path / "encoder.pt", model.encoder, model.encoder.config)
     assert models.load_checkpoint((tmp_path / "encoder.pt").as_uri()).encoder_config == model.encoder.config
-    assert models.load_hear_model(str(tmp_path / "encoder.pt")).scene_embedding_size == 32
+    assert models.load_hear_model(str(tmp_path / "encoder.pt"), pooling="mean").scene_embedding_size == 32
 
 
 def test_confusion_matrix_and_per_class_scores_match_sklearn():

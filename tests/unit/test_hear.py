@@ -25,13 +25,21 @@ def noise(n_sounds: int, n_samples: int, seed: int = 0) -> torch.Tensor:
     return (torch.rand(n_sounds, n_samples, generator=torch.Generator().manual_seed(seed)) * 2 - 1).float()
 
 
+BANDS = GRID.freq_patches  # 8 frequency bands of 32 values each
+
+
 def test_model_attributes(checkpoint_path):
     model = hear.load_model(str(checkpoint_path[0]))
     assert isinstance(model, torch.nn.Module)
-    for name, value in (("sample_rate", 16_000), ("scene_embedding_size", 32), ("timestamp_embedding_size", 32)):
+    for name, value in (("sample_rate", 16_000), ("scene_embedding_size", BANDS * 32),
+                        ("timestamp_embedding_size", BANDS * 32)):
         assert isinstance(getattr(model, name), int) and getattr(model, name) == value
-    default = hear.load_model()
+    compact = hear.load_model(str(checkpoint_path[0]), pooling="mean")
+    assert compact.scene_embedding_size == compact.timestamp_embedding_size == 32
+    default = hear.load_model(pooling="mean")
     assert default.scene_embedding_size == 192 and default.sample_rate == 16_000
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        hear.load_model(pooling="max")
 
 
 @pytest.mark.parametrize("n_samples", [100, 16_000, 3 * 16_000 + 123, 7 * 16_000])
@@ -41,7 +49,7 @@ def test_timestamp_and_scene_embeddings_follow_the_api(checkpoint_path, n_sounds
     audio = noise(n_sounds, n_samples)
     embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
     assert embeddings.dtype == torch.float32 and timestamps.dtype == torch.float32
-    assert embeddings.dim() == 3 and embeddings.shape[0] == n_sounds and embeddings.shape[2] == 32
+    assert embeddings.dim() == 3 and embeddings.shape[0] == n_sounds and embeddings.shape[2] == BANDS * 32
     assert timestamps.shape == embeddings.shape[:2]
     steps = timestamps[:, 1:] - timestamps[:, :-1]
     assert torch.all(steps == steps.flatten()[0]) if steps.numel() else True  # regular
@@ -51,7 +59,7 @@ def test_timestamp_and_scene_embeddings_follow_the_api(checkpoint_path, n_sounds
     assert duration_ms - timestamps.max() <= 50 + 80  # and cover it up to the last full patch column
     assert torch.isfinite(embeddings).all()
     scene = hear.get_scene_embeddings(audio, model)
-    assert scene.shape == (n_sounds, 32) and scene.dtype == torch.float32
+    assert scene.shape == (n_sounds, BANDS * 32) and scene.dtype == torch.float32
     torch.testing.assert_close(scene, embeddings.mean(dim=1))
 
 
@@ -67,13 +75,18 @@ def test_embeddings_are_deterministic_and_batch_independent(checkpoint_path):
 
 
 def test_one_window_equals_the_encoder_directly(checkpoint_path):
-    model = hear.load_model(str(checkpoint_path[0]))
+    """A timestamp is one column of patches: its bands side by side (``bands``) or their mean."""
     audio = noise(2, 400 + 127 * 160, seed=2)  # exactly 128 frames: one window
-    embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
-    features = hear._fbank_batch(audio, model)
+    bands_model = hear.load_model(str(checkpoint_path[0]))
+    features = hear.model_inputs(audio, bands_model)
     with torch.no_grad():
-        tokens = model.encoder(features)[:, 1:].reshape(2, 8, 29, 32)
-    torch.testing.assert_close(embeddings, tokens.mean(dim=1))
+        tokens = bands_model.encoder(features)[:, 1:].reshape(2, BANDS, 29, 32)  # (sound, band, column, D)
+    embeddings, timestamps = hear.get_timestamp_embeddings(audio, bands_model)
+    for band in range(BANDS):
+        torch.testing.assert_close(embeddings[..., band * 32 : (band + 1) * 32], tokens[:, band])
+    torch.testing.assert_close(hear.get_scene_embeddings(audio, bands_model).reshape(2, BANDS, 32), tokens.mean(dim=2))
+    means, _ = hear.get_timestamp_embeddings(audio, hear.load_model(str(checkpoint_path[0]), pooling="mean"))
+    torch.testing.assert_close(means, tokens.mean(dim=1))
     assert timestamps[0, :3].tolist() == [80.0, 120.0, 160.0]
 
 
