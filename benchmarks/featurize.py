@@ -77,7 +77,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with tempfile.TemporaryDirectory(prefix="featbench") as tmp:
         root = Path(tmp)
-        ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cores, include_dashboard=False, log_to_driver=False)  # never a stray cluster
         ray.data.DataContext.get_current().enable_progress_bars = False
         write_clips(root / "warmup", "WAV", 2 * args.cores)
         ray_rates(root / "warmup", root / "out-warmup", args.cores)

@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 import ray
 import torch
 
+from pipeline import featurize
 from pipeline.audio import AudioError, decode_audio
 from pipeline.config import EmbedConfig
 from pipeline.feature_store import FBANK_COLUMNS, decode_fbank
@@ -30,7 +31,7 @@ from pipeline.reading import SourceReader
 from pipeline.sources import SourceError, list_sources
 from pipeline.storage import resolve
 from ssamba import hear
-from ssamba.features import norm_stats, normalize
+from ssamba.features import FbankConfig, norm_stats, normalize
 
 
 # Explicit types: a batch whose files all failed must not make a column null-typed.
@@ -43,7 +44,8 @@ OUTPUT_TYPES = {
 
 
 class EmbedError(RuntimeError):
-    """The destination already holds embeddings (and ``--overwrite`` was not given)."""
+    """The destination already holds embeddings (and ``--overwrite`` was not given), or stored features
+    are not what the models take."""
 
 
 class Embedder:
@@ -125,6 +127,8 @@ def run(config: EmbedConfig, overwrite: bool = False) -> int:
         if not overwrite:
             raise EmbedError(f"{output} is not empty; choose another output or pass --overwrite")
         output.delete_contents()
+    if config.features is not None:
+        check_stored_features(config)
     connect_ray(config.ray)
     if config.features is not None:
         features = resolve(config.features, config.storage).join("features")
@@ -140,6 +144,29 @@ def run(config: EmbedConfig, overwrite: bool = False) -> int:
     )
     embedded.write_parquet(output.path, filesystem=output.filesystem)
     return ray.data.read_parquet(output.path, filesystem=output.filesystem, columns=["uri"]).count()
+
+
+def check_stored_features(config: EmbedConfig) -> None:
+    """Stored fbanks are embedded as they are: the settings the featurize run recorded must be those the
+    encoder and the classifier take (checked before any cluster work)."""
+    try:
+        stored = featurize.recorded_fbank(config.features, config.storage)
+    except FileNotFoundError as error:
+        raise EmbedError(f"features: {error}") from None
+    takes = {}
+    if config.embeddings != "none":
+        takes["model"] = load_hear_model(config.model, config.storage).fbank_config
+    if config.classifier is not None:
+        takes["classifier"] = load_classifier(config.classifier, config.storage).features.fbank
+    for field, wanted in takes.items():
+        if wanted != stored:
+            raise EmbedError(f"features: {config.features} hold fbanks of {_describe(stored)}, but {field} takes "
+                             f"{_describe(wanted)}: featurize with matching audio.sample_rate and num_mel_bins, "
+                             "or embed the audio itself (input)")
+
+
+def _describe(settings: FbankConfig) -> str:
+    return f"{settings.num_mel_bins} mel bins at {settings.sample_rate} Hz"
 
 
 def inputs(config: EmbedConfig) -> list[Input]:

@@ -221,7 +221,7 @@ class ShardFeaturizer:
         torch.set_num_threads(1)  # one actor per CPU: threads inside would only contend
         self.config = config
         self.reader = SourceReader(config.storage)
-        self.fbank_config = FbankConfig(sample_rate=config.audio.sample_rate, num_mel_bins=config.num_mel_bins)
+        self.fbank_config = config.fbank_config()
         self.output = resolve(config.output, config.storage)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -375,6 +375,16 @@ def recorded_summary(features: str, storage: S3Config) -> dict:
     for a destination without a finished run."""
     record = resolve(features, storage).join(RUN_RECORD)
     return json.loads(record.read_bytes()).get("summary", {}) if record.exists() else {}
+
+
+def recorded_fbank(features: str, storage: S3Config) -> FbankConfig:
+    """The fbank settings a featurize destination's features were computed with, from its run record
+    (written before the first shard); ``FileNotFoundError`` for a folder no featurize run made."""
+    record = resolve(features, storage).join(RUN_RECORD)
+    if not record.exists():
+        raise FileNotFoundError(f"{features} has no {RUN_RECORD}: not a featurize job's destination")
+    settings = json.loads(record.read_bytes())["config"]
+    return FbankConfig(sample_rate=int(settings["audio"]["sample_rate"]), num_mel_bins=int(settings["num_mel_bins"]))
 
 
 def summarize(output: Location) -> Summary:

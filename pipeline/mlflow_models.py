@@ -74,6 +74,14 @@ def _log(client, run_id: str, model: torch.nn.Module, example: torch.Tensor, nam
     return info.model_uri
 
 
+def project_file_names(uri: str) -> list[str]:
+    """The names of the project's files inside an MLflow model (``ssamba_encoder.pt``, ``classifier.pt``)."""
+    import mlflow.artifacts
+
+    listed = mlflow.artifacts.list_artifacts(artifact_uri=posixpath.join(uri.rstrip("/"), EXTRA_FILES))
+    return [posixpath.basename(item.path) for item in listed]
+
+
 def download_project_file(uri: str, file_name: str) -> bytes:
     """The project's file inside an MLflow model (``models:/NAME/VERSION``, ``models:/<model id>``),
     from the tracking server of ``MLFLOW_TRACKING_URI``."""

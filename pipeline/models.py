@@ -17,7 +17,7 @@ import io
 import torch
 
 from pipeline.config import S3Config
-from pipeline.mlflow_models import MODELS_SCHEME, download_project_file
+from pipeline.mlflow_models import MODELS_SCHEME, download_project_file, project_file_names
 from pipeline.storage import resolve
 from ssamba import Checkpoint, Classifier, EncoderConfig, SSAMBAEncoder, hear
 from ssamba import load_checkpoint as _load_checkpoint
@@ -45,14 +45,14 @@ def load_checkpoint(uri: str, storage: S3Config | None = None) -> Checkpoint:
 
 
 def load_encoder_weights(uri: str, storage: S3Config | None = None) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
-    """The encoder config and weights of our checkpoint or an official SSAMBA ``.pth`` at any URI."""
-    return _load_encoder_weights(read_model(uri, storage))
+    """The encoder config and weights of our checkpoint, a classifier or an official SSAMBA ``.pth`` at any URI."""
+    return _load_encoder_weights(read_encoder(uri, storage))
 
 
 def load_hear_model(uri: str, storage: S3Config | None = None, windows_per_batch: int = 8,
                     pooling: str = "bands") -> hear.HEARModel:
     """``ssamba.hear.load_model`` at any URI; ``""``: the random SSAMBA-tiny baseline."""
-    return hear.load_model(read_model(uri, storage) if uri else "", windows_per_batch, pooling)
+    return hear.load_model(read_encoder(uri, storage) if uri else "", windows_per_batch, pooling)
 
 
 def load_classifier(uri: str, storage: S3Config | None = None) -> Classifier:
@@ -62,5 +62,18 @@ def load_classifier(uri: str, storage: S3Config | None = None) -> Classifier:
 
 def from_pretrained(uri: str, storage: S3Config | None = None) -> SSAMBAEncoder:
     """``ssamba.from_pretrained`` at any URI: the encoder (eval mode) of our checkpoint, an exported
-    encoder or an official SSAMBA ``.pth``; local paths and preset names go to ``ssamba`` as they are."""
-    return _from_pretrained(read_model(uri, storage) if is_uri(uri) else uri)
+    encoder, a classifier (its fine-tuned encoder) or an official SSAMBA ``.pth``. Local paths and
+    preset names go to ``ssamba`` as they are."""
+    return _from_pretrained(read_encoder(uri, storage) if is_uri(uri) else uri)
+
+
+def read_encoder(uri: str, storage: S3Config | None = None) -> bytes:
+    """The bytes of a file holding an encoder; of an MLflow model, its encoder or classifier file
+    (whichever it holds: ``ssamba.load_encoder_weights`` reads both)."""
+    if not uri.startswith(MODELS_SCHEME):
+        return read_model(uri, storage)
+    held = project_file_names(uri)
+    file_name = next((name for name in (ENCODER_FILE, CLASSIFIER_FILE) if name in held), None)
+    if file_name is None:
+        raise ValueError(f"{uri}: not an SSAMBA model (its files {held} hold neither {ENCODER_FILE} nor {CLASSIFIER_FILE})")
+    return download_project_file(uri, file_name)

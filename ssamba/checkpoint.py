@@ -21,6 +21,7 @@ from ssamba.teacher_student import SSAMBATeacherStudentModel, TeacherStudentConf
 
 FORMAT = "ssamba-checkpoint"
 VERSION = 1
+CLASSIFIER_FORMAT = "ssamba-classifier"  # what ssamba.classifier writes: an encoder under a head
 
 Source = str | os.PathLike | BinaryIO | bytes
 # The pretraining objectives by the name a checkpoint stores; checkpoints without a name are masked-patch ones.
@@ -105,7 +106,10 @@ def save_checkpoint(
 
 def load_checkpoint(source: Source) -> Checkpoint:
     """Read one of our checkpoints (never executes pickled code)."""
-    payload = read_payload(source)
+    return _checkpoint_of(read_payload(source))
+
+
+def _checkpoint_of(payload: Any) -> Checkpoint:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError("not an SSAMBA-on-Ray checkpoint; for official SSAMBA weights use import_official_checkpoint")
     if payload["version"] > VERSION:
@@ -232,16 +236,17 @@ def _infer_encoder_config(
 
 
 def load_encoder_weights(source: Source) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
-    """The encoder config and weights of one of our checkpoints or of an official SSAMBA ``.pth``. The
-    source is read into memory once, since both formats are tried on it."""
-    if isinstance(source, (str, os.PathLike)):
-        with open(local_path(os.fspath(source)), "rb") as handle:
-            source = handle.read()
-    elif not isinstance(source, bytes):
-        source = source.read()
-    try:
-        checkpoint = load_checkpoint(source)
+    """The encoder config and weights of one of our checkpoints, of a classifier file (its fine-tuned
+    encoder) or of an official SSAMBA ``.pth``; the source is read once, whichever it holds."""
+    payload = read_payload(source)
+    kind = payload.get("format") if isinstance(payload, dict) else None
+    if kind == FORMAT:
+        checkpoint = _checkpoint_of(payload)
         return checkpoint.encoder_config, checkpoint.encoder_state()
-    except ValueError:
-        official = import_official_checkpoint(source)
-        return official.encoder_config, official.encoder_state
+    if kind == CLASSIFIER_FORMAT:
+        classifier = Checkpoint(EncoderConfig.from_dict(payload["encoder_config"]), payload["state_dict"])
+        return classifier.encoder_config, classifier.encoder_state()
+    if not isinstance(payload, dict):
+        raise ValueError(f"not a model file: it holds a {type(payload).__name__}, not a dict of weights")
+    official = import_official_checkpoint(payload)
+    return official.encoder_config, official.encoder_state

@@ -19,12 +19,12 @@ from typing import Any, BinaryIO, Literal, TypeVar
 
 import torch
 
-from ssamba.checkpoint import Source, read_payload
+from ssamba.checkpoint import CLASSIFIER_FORMAT, Source, read_payload
 from ssamba.encoder import EncoderConfig, SSAMBAEncoder
 from ssamba.features import FbankConfig, NormStats, crop_or_pad, fbank, normalize, remove_dc, to_mono
 from ssamba.finetune import AudioClassifier, ClassifierConfig
 
-FORMAT = "ssamba-classifier"
+FORMAT = CLASSIFIER_FORMAT
 VERSION = 1
 
 Activation = Literal["softmax", "sigmoid"]

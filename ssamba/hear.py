@@ -49,7 +49,7 @@ class HEARModel(nn.Module):
         bands = self.grid.freq_patches if pooling == "bands" else 1
         self.scene_embedding_size = self.timestamp_embedding_size = bands * encoder.embed_dim
         self.windows_per_batch = windows_per_batch
-        self.fbank_config = FbankConfig()
+        self.fbank_config = FbankConfig(sample_rate=self.sample_rate, num_mel_bins=self.grid.num_mel_bins)
 
     @property
     def columns_per_window(self) -> int:

@@ -36,8 +36,8 @@ def is_uri(name: str) -> bool:
 
 def from_pretrained(name_or_path: Source) -> SSAMBAEncoder:
     """An SSAMBA encoder with its weights, in eval mode, from a local path, ``file://`` URI, file object
-    or bytes holding one of our checkpoints, an exported ``ssamba_encoder.pt`` or an official SSAMBA
-    ``.pth``; or from the name of an official checkpoint (:data:`PRESETS`) in :func:`cache_dir`."""
+    or bytes holding one of our checkpoints, an exported ``ssamba_encoder.pt``, a fine-tuning job's
+    ``classifier.pt`` (its fine-tuned encoder) or an official SSAMBA ``.pth``; or from the name of an official checkpoint (:data:`PRESETS`) in :func:`cache_dir`."""
     config, state = load_encoder_weights(_resolve(name_or_path))
     encoder = SSAMBAEncoder(config)
     encoder.load_state_dict(state)

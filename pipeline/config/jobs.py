@@ -24,6 +24,10 @@ class FeaturizeConfig(Strict):
     num_workers: int | None = Field(None, ge=1, description="featurizer actors; default: every CPU in the cluster")
     ray: RayConfig = RayConfig()
 
+    def fbank_config(self) -> FbankConfig:
+        """The Kaldi fbank settings of the stored features (the others are the library's fixed ones)."""
+        return FbankConfig(sample_rate=self.audio.sample_rate, num_mel_bins=self.num_mel_bins)
+
 
 class EmbedConfig(Strict):
     """``python -m pipeline.embed``: scene and/or timestamp embeddings of audio (or of featurize

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -92,3 +96,18 @@ def test_embed_featurize_output_with_a_classifier(ray_cluster, pretrain_features
         expected = classifier.top_k(classifier.predict_fbank(torch.from_numpy(raw.astype(np.float32))[None])[0], 2)
         assert row["labels"] == [label for label, _ in expected]
         np.testing.assert_allclose(row["probabilities"], [p for _, p in expected], rtol=1e-5)
+
+
+def test_embed_refuses_stored_features_the_encoder_does_not_take(pretrain_features, tmp_path):
+    """``python -m pipeline.embed`` on 128-mel features with a 64-mel encoder: a message naming the
+    field and both settings, before any cluster work, and nothing written."""
+    config = EncoderConfig(embed_dim=32, depth=2, grid=PatchGrid(num_mel_bins=64, target_length=128))
+    save_checkpoint(tmp_path / "encoder64.pt", SSAMBAEncoder(config), config)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "pipeline.embed", "--set", f"features={pretrain_features}",
+                           "--set", f"output={tmp_path / 'emb'}", "--set", f"model={tmp_path / 'encoder64.pt'}"],
+                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert (f"features: {pretrain_features} hold fbanks of 128 mel bins at 16000 Hz, but model takes 64 mel bins "
+            "at 16000 Hz") in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "ray:" not in done.stdout and not (tmp_path / "emb").exists()

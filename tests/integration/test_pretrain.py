@@ -128,6 +128,7 @@ def test_local_mode_run_tracks_metrics_figure_and_model(pretrain_features, tmp_p
     assert models.read_model("models:/tiny-encoder/1") == Path(model_file).read_bytes()  # the weights-only file
 
 
+@pytest.mark.timeout(900)  # two runs of two workers, one restart: ~170 s alone, 400 s beside another test
 def test_two_workers_survive_a_failure_and_a_relaunch_resumes(pretrain_features, tmp_path, s3_server):
     s3_server.create_bucket("checkpoints")
     config = job(pretrain_features, tmp_path, "name=ddp-ft", "storage_path=s3://checkpoints/runs", "scaling.num_workers=2",

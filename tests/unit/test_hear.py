@@ -98,3 +98,14 @@ def test_official_checkpoint_gives_the_same_embeddings(checkpoint_path, tmp_path
     ours = hear.get_scene_embeddings(audio, hear.load_model(str(path)))
     theirs = hear.get_scene_embeddings(audio, hear.load_model(str(official)))
     torch.testing.assert_close(ours, theirs)
+
+
+def test_an_encoder_of_64_mel_bins_gets_64_mel_fbanks(tmp_path):
+    torch.manual_seed(0)
+    grid = PatchGrid(num_mel_bins=64, target_length=128)
+    config = EncoderConfig(embed_dim=16, depth=2, grid=grid)
+    save_checkpoint(tmp_path / "mel64.pt", SSAMBAEncoder(config), config)
+    model = hear.load_model(str(tmp_path / "mel64.pt"))
+    audio = noise(1, 16_000)
+    assert model.fbank_config.num_mel_bins == 64 and hear.model_inputs(audio, model).shape[-1] == 64
+    assert hear.get_scene_embeddings(audio, model).shape == (1, grid.freq_patches * 16)

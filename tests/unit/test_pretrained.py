@@ -2,12 +2,18 @@
 ``pipeline.models.from_pretrained`` (any URI the pipeline reaches)."""
 
 import io
+from types import SimpleNamespace
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from pipeline import models
-from ssamba import EncoderConfig, PatchGrid, PretrainConfig, SSAMBAEncoder, SSAMBAPretrainModel, from_pretrained, save_checkpoint
+from pipeline.mlflow_models import log_torch_model
+from ssamba import (
+    AudioClassifier, ClassifierConfig, EncoderConfig, FbankConfig, FeatureSettings, PatchGrid, PretrainConfig, SSAMBAEncoder,
+    SSAMBAPretrainModel, from_pretrained, norm_stats, save_checkpoint, save_classifier,
+)
 from ssamba.pretrained import PRESETS, cache_dir
 
 from support.checkpoints import official_layout
@@ -34,7 +40,8 @@ def official(model: SSAMBAPretrainModel) -> bytes:
     return buffer.getvalue()
 
 
-def assert_same_weights(encoder: SSAMBAEncoder, model: SSAMBAPretrainModel) -> None:
+def assert_same_weights(encoder: SSAMBAEncoder, model) -> None:
+    """``encoder`` is ``model.encoder`` (weights equal, eval mode)."""
     assert not encoder.training and encoder.config == model.encoder.config
     expected = model.encoder.state_dict()
     assert encoder.state_dict().keys() == expected.keys()
@@ -95,3 +102,41 @@ def test_pipeline_from_pretrained_reads_uris_and_delegates_paths_and_presets(tmp
     assert_same_weights(models.from_pretrained("ssamba-small-300"), model)
     with pytest.raises(ValueError, match="unsupported URI scheme"):
         models.from_pretrained("gs://bucket/model.pth")
+
+
+def fine_tuned_classifier(model: SSAMBAPretrainModel) -> tuple[AudioClassifier, bytes]:
+    """A classifier on the pretrained encoder, its encoder moved away from the pretrained weights."""
+    classifier = AudioClassifier(SSAMBAEncoder(model.encoder.config), ClassifierConfig(3))
+    classifier.encoder.load_state_dict(model.encoder.state_dict())
+    with torch.no_grad():
+        classifier.encoder.pos_embed.add_(1.0)
+    buffer = io.BytesIO()
+    save_classifier(buffer, classifier, ["a", "b", "c"], FeatureSettings(FbankConfig(num_mel_bins=32), target_length=64,
+                                                                         norm=norm_stats("audioset")), "softmax", False)
+    return classifier.eval(), buffer.getvalue()
+
+
+def test_a_classifier_file_gives_its_fine_tuned_encoder(tmp_path):
+    classifier, data = fine_tuned_classifier(pretrain_model())
+    (tmp_path / "classifier.pt").write_bytes(data)
+    for encoder in (from_pretrained(str(tmp_path / "classifier.pt")), models.from_pretrained((tmp_path / "classifier.pt").as_uri())):
+        assert_same_weights(encoder, SimpleNamespace(encoder=classifier.encoder))
+
+
+def test_models_uris_load_the_encoder_or_classifier_the_mlflow_model_holds(tmp_path, monkeypatch):
+    """A real MLflow store: an encoder model and a classifier model logged as the jobs log them."""
+    model = pretrain_model()
+    classifier, classifier_data = fine_tuned_classifier(model)
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("models")).info.run_id
+    example = torch.randn(1, GRID.target_length, GRID.num_mel_bins)
+    for name, module, data, file_name in [("encoder", model.encoder, exported_encoder(model), models.ENCODER_FILE),
+                                          ("classifier", classifier, classifier_data, models.CLASSIFIER_FILE)]:
+        (tmp_path / file_name).write_bytes(data)
+        log_torch_model(tracking_uri, run_id, module, example, name, tmp_path / file_name, register_as=f"tiny-{name}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    assert_same_weights(models.from_pretrained("models:/tiny-encoder/1"), model)
+    assert_same_weights(models.from_pretrained("models:/tiny-classifier/1"), SimpleNamespace(encoder=classifier.encoder))
+    config, _ = models.load_encoder_weights("models:/tiny-classifier/1")
+    assert config == classifier.encoder.config
