@@ -31,7 +31,7 @@ from pipeline.audio import AudioError, decode_audio, split_long_audio
 from pipeline.config import AudioConfig, S3Config
 from pipeline.feature_store import encode_fbank
 from pipeline.storage import Location, resolve
-from ssamba.features import FbankConfig, fbank, remove_dc
+from ssamba.features import FbankConfig, waveform_to_fbank
 
 TAR, PARQUET = ".tar", ".parquet"
 CONTAINER_SUFFIXES = (TAR, PARQUET)
@@ -193,7 +193,7 @@ def featurize_source(data: bytes, uri: str, audio: AudioConfig, fbank_config: Fb
     rows = []
     pieces = split_long_audio(decoded.waveform, decoded.sample_rate, audio.max_seconds, audio.long_audio, audio.min_seconds)
     for chunk, (offset, piece) in enumerate(pieces):
-        features = fbank(remove_dc(torch.from_numpy(piece)), fbank_config)
+        features = waveform_to_fbank(torch.from_numpy(piece), fbank_config)
         rows.append({
             "chunk": chunk, "offset_s": offset, "duration_s": len(piece) / decoded.sample_rate,
             "source_sample_rate": decoded.source_sample_rate, "source_channels": decoded.source_channels,

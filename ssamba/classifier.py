@@ -21,7 +21,7 @@ import torch
 
 from ssamba.checkpoint import CLASSIFIER_FORMAT, Source, read_payload
 from ssamba.encoder import EncoderConfig, SSAMBAEncoder
-from ssamba.features import FbankConfig, NormStats, crop_or_pad, fbank, normalize, remove_dc, to_mono
+from ssamba.features import FbankConfig, NormStats, crop_or_pad, normalize, to_mono, waveform_to_fbank
 from ssamba.finetune import AudioClassifier, ClassifierConfig
 
 FORMAT = CLASSIFIER_FORMAT
@@ -105,7 +105,7 @@ class Classifier:
             import torchaudio  # only when resampling: torchaudio is heavy to import
 
             mono = torchaudio.functional.resample(mono, sample_rate, self.sample_rate)
-        return fbank(remove_dc(mono), self.features.fbank)
+        return waveform_to_fbank(mono, self.features.fbank)
 
     def predict_fbank(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw log-mel ``(batch, frames, mel)`` → class probabilities ``(batch, classes)``."""

@@ -22,12 +22,27 @@ import pytest
 ACCESS_KEY = "test-access-key"
 
 
+SECRET_KEY = "test-secret-key-0123456789"
+
+# The modules whose tests run longest (subprocess jobs, Ray Train runs, sweeps), longest first: run
+# first, so that two xdist workers end together on short tests instead of one waiting on a long one.
+LONGEST_FIRST = ("test_commands", "test_pretrain", "test_run_faults", "test_finetune", "test_tune",
+                 "test_multinode", "test_job_submit", "test_featurize_faults")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything under tests/integration is an integration test (``-m "not integration"`` skips them)."""
+    """Everything under tests/integration is an integration test (``-m "not integration"`` skips them);
+    the longest modules go first, then the other integration tests, then the unit tests."""
     for item in items:
         if "integration" in item.path.parts:
             item.add_marker(pytest.mark.integration)
-SECRET_KEY = "test-secret-key-0123456789"
+
+    def rank(item: pytest.Item) -> int:
+        if item.path.stem in LONGEST_FIRST:
+            return LONGEST_FIRST.index(item.path.stem)
+        return len(LONGEST_FIRST) + ("integration" not in item.path.parts)
+
+    items.sort(key=rank)  # stable: a module's tests keep their order
 
 
 def _port_pair_free(port: int) -> bool:

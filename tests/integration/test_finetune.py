@@ -34,11 +34,13 @@ def artifacts(client: MlflowClient, run_id: str, folder: str = "") -> set[str]:
     return {item.path for item in client.list_artifacts(run_id, folder or None)}
 
 
-def selected_model(config: FinetuneJobConfig, folder, classes: list[str]) -> AudioClassifier:
-    """The model as training left it at the selected epoch: its kept checkpoint, rebuilt the way training built it."""
-    (kept,) = [p for p in folder.iterdir() if p.name.startswith("epoch-")]  # only the best epoch's checkpoint is kept
+def selected_model(config: FinetuneJobConfig, folder, classes: list[str], epoch: int) -> AudioClassifier:
+    """The model as training left it at the selected epoch: its kept checkpoint, rebuilt the way training
+    built it. Ray Train keeps the best epoch's checkpoint and, to resume from, the latest one."""
+    kept = {p.name for p in folder.iterdir() if p.name.startswith("epoch-")}
+    assert f"epoch-{epoch:04d}" in kept and kept <= {f"epoch-{epoch:04d}", f"epoch-{config.epochs:04d}"}
     model = finetune.build_classifier(config, len(classes))
-    model.load_state_dict(torch.load(kept / "state.pt", weights_only=True)["model"])
+    model.load_state_dict(torch.load(folder / f"epoch-{epoch:04d}" / "state.pt", weights_only=True)["model"])
     return model.eval()
 
 
@@ -76,7 +78,7 @@ def test_linear_probe_on_esc50_folds(ray_cluster, small_encoder, tmp_path, monke
     assert card["selected_by"]["val_accuracy"] == pytest.approx(run.data.metrics["best_val_accuracy"])
     assert (tmp_path / "ckpt" / "ft-fold1" / "MODEL_CARD.md").read_text().startswith("# SSAMBA classifier: ft-fold1")
     assert run.data.tags["classifier_location"] == str(tmp_path / "ckpt" / "ft-fold1" / "classifier.pt")
-    model = selected_model(config, tmp_path / "ckpt" / "ft-fold1", data.classes)
+    model = selected_model(config, tmp_path / "ckpt" / "ft-fold1", data.classes, classifier.metadata["epoch"])
     stored = pq.read_table(tmp_path / "features" / "features").to_pydict()
     examples = to_examples(stored, ExamplesConfig(features=str(tmp_path / "features"), target_length=64, norm=config.norm))
     trained = dict(zip(examples["uri"], examples["fbank"]))
