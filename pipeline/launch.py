@@ -13,6 +13,7 @@ Entry points stay thin: each module's ``main`` hands its config class, its input
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,19 +93,51 @@ def connect_ray(settings: RayConfig) -> None:
     import ray
     from ray._private.services import canonicalize_bootstrap_address
 
+    read_parquet_without_footer_actors()
     if ray.is_initialized():
         return
     existing = canonicalize_bootstrap_address(settings.address)  # None: a new local instance
-    ray.init(address=settings.address, num_cpus=settings.num_cpus if existing is None else None,
-             include_dashboard=False if existing is None else None)
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    nodes = len([node for node in ray.nodes() if node["Alive"]])
     if existing is None:
-        print(f"ray: started a local instance with {cpus} CPUs for this job (set ray.address to join a cluster)",
-              flush=True)
+        dashboard = start_local_ray(settings.num_cpus)
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        print(f"ray: started a local instance with {cpus} CPUs for this job, its dashboard at {dashboard} "
+              "(set ray.address to join a cluster)", flush=True)
     else:
+        ray.init(address=settings.address)
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        nodes = len([node for node in ray.nodes() if node["Alive"]])
         print(f"ray: joined the cluster at {existing} ({nodes} nodes, {cpus} CPUs)", flush=True)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def start_local_ray(num_cpus: int | None, **init_options) -> str:
+    """Start a Ray instance for this job with its dashboard on a free port of 127.0.0.1; return the
+    dashboard's URL. Ray Train's placement-group cleaner asks the dashboard's state API whether the
+    run's controller still lives, finding it through the environment or the newest cluster this
+    machine started. Without a dashboard of its own, or pointed at a cluster that is gone, every
+    question hangs or fails (a warning a second, and about 12 s at the end of each Train run), and a
+    dashboard of another instance on the default port would answer for the wrong cluster. Every
+    process of the job is therefore told where this instance's dashboard is."""
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dashboard = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": dashboard}}, **init_options)
+    return dashboard
+
+
+def read_parquet_without_footer_actors() -> None:
+    """Read Parquet with Ray Data's first reader in this process. The second one (Ray 2.60's default)
+    lists files in a task and reads their footers on a pool of up to 32 new actors on every execution
+    of a dataset, which is every epoch and every evaluation: about 15 CPU-seconds and several seconds
+    of each small run on a laptop, for feature stores of a few large shards whose footers the first
+    reader reads itself. It also keeps a task holding a CPU while the footer actors start."""
+    import ray
+
+    ray.data.DataContext.get_current().use_datasource_v2 = False
 
 
 def mlflow_ui_hint(tracking_uri: str, experiment: str) -> str:

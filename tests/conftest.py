@@ -188,10 +188,11 @@ def ray_cluster(s3_server):
     """One local Ray cluster for the session, started after the S3 variables are exported."""
     import ray
 
+    from pipeline.launch import start_local_ray
+
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths must stay short
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp_dir,
-             log_to_driver=False, configure_logging=False)
+    start_local_ray(4, _temp_dir=temp_dir, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

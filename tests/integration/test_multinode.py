@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import free_ports
+
 pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("multinode")]  # one cluster fixture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,9 +58,14 @@ def cluster():
 
     temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # unix socket paths must stay short
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    with session_kv_kept():
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": HEAD_CPUS, "temp_dir": temp_dir,
-                                                                "include_dashboard": False})
+    (dashboard,) = free_ports(1)
+    # The head's processes (Ray Train's placement-group cleaner among them) ask this dashboard's state
+    # API about the run, not whichever cluster this machine started last; its raylet passes this on.
+    with session_kv_kept(), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{dashboard}")
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": HEAD_CPUS, "temp_dir": temp_dir, "include_dashboard": True,
+            "dashboard_host": "127.0.0.1", "dashboard_port": dashboard})
     yield cluster
     for node in list(cluster.worker_nodes):
         cluster.remove_node(node)
@@ -84,7 +91,7 @@ class Driver:
     def __init__(self, cluster, tmp_path: Path, features: str, name: str, *settings: str) -> None:
         self.name, self.storage, self.tracking = name, tmp_path / "ckpt", f"sqlite:///{tmp_path / 'mlflow.db'}"
         overrides = [f"name={name}", f"storage_path={self.storage}", f"data.features={features}",
-                     "validation=null", f"tracking.tracking_uri={self.tracking}",
+                     f"validation.features={features}", "train.eval_batches=1", f"tracking.tracking_uri={self.tracking}",
                      "train.batch_size=4", f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={HOLD_STEP}",
                      "train.log_every=1", "train.figure_every=100",
                      f"scaling.cpus_per_worker={WORKER_CPUS}", f"testing.hold_at_step={HOLD_STEP}",
@@ -138,7 +145,8 @@ class Driver:
 
 def test_ddp_across_two_nodes_survives_losing_one_to_a_replacement(cluster, pretrain_features, tmp_path):
     with_worker_nodes(cluster, 1)
-    driver = Driver(cluster, tmp_path, pretrain_features, "two-nodes", "scaling.num_workers=2", "scaling.max_failures=2")
+    driver = Driver(cluster, tmp_path, pretrain_features, "two-nodes", "scaling.num_workers=2", "scaling.max_failures=2",
+                    f"train.eval_every={HOLD_STEP}")  # evaluates before the loss and after the replacement
     try:
         driver.wait_for_checkpoint(HOLD_STEP)
         (lost,) = cluster.worker_nodes
@@ -152,13 +160,14 @@ def test_ddp_across_two_nodes_survives_losing_one_to_a_replacement(cluster, pret
     assert [step for step, _ in history("loss")] == [1, 2, 3, 4]  # each step logged once, across the restart
     assert history("nodes") == [(step, 2) for step in range(1, 5)]  # before the loss and after the replacement
     assert history("world_size") == [(step, 2) for step in range(1, 5)]
+    assert [step for step, _ in history("val_masked_accuracy")] == [HOLD_STEP, MAX_STEPS]
     assert (driver.storage / "two-nodes" / f"step-{MAX_STEPS:08d}" / "state.pt").exists()
 
 
 def test_an_elastic_run_grows_to_a_new_node_and_keeps_its_global_batch(cluster, pretrain_features, tmp_path):
     with_worker_nodes(cluster, 0)  # room for one worker: the run starts with it
     driver = Driver(cluster, tmp_path, pretrain_features, "elastic", "scaling.num_workers=[1, 2]",
-                    "scaling.resize_interval_s=1")
+                    "scaling.resize_interval_s=1", "validation=null")
     try:
         driver.wait_for_checkpoint(HOLD_STEP)
         add_node(cluster)  # room for a second worker: Ray Train resizes at its next look
