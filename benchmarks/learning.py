@@ -6,8 +6,9 @@ compare frozen-embedding linear probes against the same encoder at random init a
 
 1. ``pipeline.featurize`` stores the fbanks of the unlabelled pool (long files in clips of the
    pretraining length) and of each labelled task.
-2. A few pretraining steps are timed in this process at the workers' thread count; ``max_steps`` is
-   what fits in ``--minutes`` (or ``--steps``). ``pipeline.pretrain`` then pretrains on Ray Train,
+2. A few pretraining steps of the chosen ``--objective`` (``masked_patches``, the paper's, or
+   ``teacher_student``) are timed in this process at the workers' thread count; ``max_steps`` is
+   what fits in ``--minutes`` (or ``--steps``), so both objectives get the same compute. ``pipeline.pretrain`` then pretrains on Ray Train,
    tracked in MLflow (``<out>/mlflow.db``).
 3. Each labelled clip is embedded by the pretrained encoder and the same architecture at random init
    (output tokens over the patch columns the clip covers, pooled as their mean, their mean and
@@ -42,7 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import featurize, pretrain
 from pipeline.config import FeaturizeConfig, PretrainJobConfig
-from ssamba import SSAMBAEncoder, SSAMBAPretrainModel, crop_or_pad, load_checkpoint, norm_stats, normalize
+from pipeline.launch import start_local_ray
+from ssamba import SSAMBAEncoder, crop_or_pad, load_checkpoint, norm_stats, normalize
 
 TASKS = ("voice", "language")
 POOLINGS = ("mean", "mean/std", "band means")
@@ -69,8 +71,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--patch", type=int, default=16, help="square patch = stride")
     parser.add_argument("--target-length", type=int, default=256, help="frames per clip (10 ms each)")
-    parser.add_argument("--mask-ratio", type=float, default=0.4)
-    parser.add_argument("--passes", type=int, choices=(1, 2), default=2, help="2: the official InfoNCE and MSE passes")
+    parser.add_argument("--objective", choices=("masked_patches", "teacher_student"), default="masked_patches")
+    parser.add_argument("--mask-ratio", type=float, default=None,
+                        help="fraction of patches masked (default: 0.4 masked_patches, 0.8 teacher_student)")
+    parser.add_argument("--passes", type=int, choices=(1, 2), default=2,
+                        help="masked_patches: 2 is the official InfoNCE and MSE passes")
+    parser.add_argument("--clones", type=int, default=4, help="teacher_student: masks per clip sharing a teacher pass")
+    parser.add_argument("--block-size", type=int, default=3, help="teacher_student: side of the visible blocks")
+    parser.add_argument("--top-k-blocks", type=int, default=2, help="teacher_student: teacher stages averaged")
+    parser.add_argument("--ema-decay", type=float, nargs=2, default=(0.99, 0.999), metavar=("START", "END"),
+                        help="teacher_student: EMA decay, annealed linearly over the run")
+    parser.add_argument("--decoder-dim", type=int, default=64, help="teacher_student: width of the decoder")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -108,6 +119,20 @@ def featurize_manifest(manifest: Path, output: Path, max_seconds: float | None) 
     print(featurize.run(config).table())
 
 
+def mask_ratio(args: argparse.Namespace) -> float:
+    if args.mask_ratio is not None:
+        return args.mask_ratio
+    return 0.8 if args.objective == "teacher_student" else 0.4
+
+
+def objective(args: argparse.Namespace, max_steps: int) -> dict:
+    if args.objective == "masked_patches":
+        return {"kind": "masked_patches"}
+    return {"kind": "teacher_student", "clones": args.clones, "mask_ratio": mask_ratio(args),
+            "block_size": args.block_size, "top_k_blocks": args.top_k_blocks, "ema_decay_start": args.ema_decay[0],
+            "ema_decay_end": args.ema_decay[1], "ema_anneal_steps": max_steps, "decoder_dim": args.decoder_dim}
+
+
 def pretrain_job(args: argparse.Namespace, max_steps: int) -> PretrainJobConfig:
     grid_patches = (128 // args.patch) * (args.target_length // args.patch)
     every = max(1, max_steps // args.evaluations)
@@ -119,8 +144,9 @@ def pretrain_job(args: argparse.Namespace, max_steps: int) -> PretrainJobConfig:
                        "target_length": args.target_length, "shuffle": False},
         "model": {"size": "tiny", "embed_dim": args.width, "depth": args.depth, "patch": args.patch,
                   "target_length": args.target_length, "drop_path_rate": 0.0},
-        "masking": {"mask_ratio": args.mask_ratio, "two_pass": args.passes == 2,
-                    "validation_mask_patches": max(1, round(args.mask_ratio * grid_patches))},
+        "objective": objective(args, max_steps),
+        "masking": {"mask_ratio": mask_ratio(args), "two_pass": args.passes == 2,
+                    "validation_mask_patches": max(1, round(mask_ratio(args) * grid_patches))},
         "optim": {"lr": args.lr, "warmup_steps": min(args.warmup_steps, max_steps // 2), "schedule": "cosine"},
         "train": {"batch_size": args.batch_size, "max_steps": max_steps, "eval_every": every, "eval_batches": 8,
                   "checkpoint_every": every, "log_every": max(1, every // 5), "figure_every": max_steps,
@@ -131,21 +157,23 @@ def pretrain_job(args: argparse.Namespace, max_steps: int) -> PretrainJobConfig:
 
 
 def step_seconds(config: PretrainJobConfig, steps: int = 3) -> float:
-    """Seconds per optimizer step of this config, at the Ray Train worker's thread count."""
+    """Seconds per optimizer step of this config (a teacher's EMA update included), at the Ray Train
+    worker's thread count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(int(config.scaling.cpus_per_worker))
     torch.manual_seed(0)
-    encoder_config = config.model.encoder_config()
-    model = SSAMBAPretrainModel(SSAMBAEncoder(encoder_config), encoder_config.grid, config.masking.pretrain_config())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
+    model = pretrain.pretrain_model(config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr)
     batch = torch.randn(config.train.batch_size, config.model.target_length, config.model.num_mel_bins)
     rng = random.Random(0)
     times = []
-    for _ in range(steps + 1):  # the first step warms up
+    for step in range(steps + 1):  # the first step warms up
         start = time.perf_counter()
         optimizer.zero_grad()
         model(batch, rng).loss.backward()
         optimizer.step()
+        if config.objective.teacher_student:
+            model.update_teacher(step)
         times.append(time.perf_counter() - start)
     torch.set_num_threads(threads)
     return float(np.median(times[1:]))
@@ -253,14 +281,15 @@ def write_table(out: Path, results: dict[str, dict[str, dict]], chance: dict[str
     return table
 
 
-def start_local_ray(worker_cpus: int, attempts: int = 3) -> None:
-    """A Ray instance of our own: the pipeline's bare ``ray.init()`` would join whichever cluster on
-    this machine started last (another job's) and die with it. It has one logical CPU more than the
-    worker takes, so Ray Data's reads (light: the features are stored) always find a slot. Retried
-    because Ray gives a starting node a fixed 30 s, which a heavily loaded machine can miss."""
+def start_ray(worker_cpus: int, attempts: int = 3) -> None:
+    """A Ray instance of our own, as ``ray.address: local`` starts it: the pipeline's bare
+    ``ray.init()`` would join whichever cluster on this machine started last (another job's) and die
+    with it. It has one logical CPU more than the worker takes, so Ray Data's reads (light: the
+    features are stored) always find a slot. Retried because Ray gives a starting node a fixed 30 s,
+    which a heavily loaded machine can miss."""
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(address="local", num_cpus=worker_cpus + 1, include_dashboard=False)
+            start_local_ray(worker_cpus + 1)
             return
         except Exception as error:  # Ray raises a bare Exception on a start-up timeout
             print(f"Ray start-up attempt {attempt} failed: {error}")
@@ -271,7 +300,7 @@ def start_local_ray(worker_cpus: int, attempts: int = 3) -> None:
 
 def pretrain_and_export(args: argparse.Namespace, record: dict) -> SSAMBAEncoder:
     """Featurize, pretrain on Ray Train for the budget, return the exported encoder."""
-    start_local_ray(args.worker_cpus)
+    start_ray(args.worker_cpus)
     clip_seconds = (args.target_length - 1) * 0.01 + 0.025  # exactly target_length fbank frames
     for name in ("pool_train", "pool_validation"):
         manifest = args.data / f"{name}.csv"
@@ -300,8 +329,7 @@ def pretrain_and_export(args: argparse.Namespace, record: dict) -> SSAMBAEncoder
 def checkpoint_encoder(config: PretrainJobConfig, step: int) -> SSAMBAEncoder:
     """The encoder of the run's training checkpoint at ``step`` (the model part of its state)."""
     state = torch.load(state_path(config, step), map_location="cpu", weights_only=True)
-    encoder_config = config.model.encoder_config()
-    model = SSAMBAPretrainModel(SSAMBAEncoder(encoder_config), encoder_config.grid, config.masking.pretrain_config())
+    model = pretrain.pretrain_model(config)
     model.load_state_dict(state["model"])
     return model.encoder
 

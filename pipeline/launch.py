@@ -13,6 +13,7 @@ Entry points stay thin: each module's ``main`` hands its config class, its input
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 from dataclasses import dataclass
@@ -111,21 +112,25 @@ def connect_ray(settings: RayConfig) -> None:
 
 
 def start_local_ray(num_cpus: int | None, **init_options) -> str:
-    """Start a Ray instance for this job with its dashboard on a free port of 127.0.0.1; return the
+    """Start a Ray instance on this machine with its dashboard on a free port of 127.0.0.1; return the
     dashboard's URL. Ray Train's placement-group cleaner asks the dashboard's state API whether the
     run's controller still lives, finding it through the environment or the newest cluster this
     machine started. Without a dashboard of its own, or pointed at a cluster that is gone, every
     question hangs or fails (a warning a second, and about 12 s at the end of each Train run), and a
-    dashboard of another instance on the default port would answer for the wrong cluster. Every
-    process of the job is therefore told where this instance's dashboard is."""
+    dashboard of another instance on the default port would answer for the wrong cluster. So the
+    dashboard's address is put in the environment before the instance starts: its processes inherit
+    it, and so do the workers of every job that later joins it. Ray Train's preemption watcher (an
+    actor per run, for cloud nodes that can be reclaimed) is turned off the same way: this machine is
+    the whole cluster."""
     import ray
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     dashboard = f"http://127.0.0.1:{port}"
+    os.environ.update(RAY_API_SERVER_ADDRESS=dashboard, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": dashboard}}, **init_options)
+             dashboard_port=port, **init_options)
     return dashboard
 
 

@@ -133,6 +133,12 @@ def _older_checkpoints(newest: ray.train.Checkpoint) -> list[ray.train.Checkpoin
             for name in names if name.startswith(prefix) and name < latest]
 
 
+def _where(checkpoint: ray.train.Checkpoint) -> str:
+    """The checkpoint's folder as users name it: an object store's path carries its scheme."""
+    scheme = checkpoint.filesystem.type_name
+    return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
+
+
 def load_newest_state(checkpoint: ray.train.Checkpoint | None, announce: bool = True) -> dict | None:
     """The state of the run's newest checkpoint that loads. A checkpoint cut short (a killed upload, a
     full disk) is skipped, saying which and why, rather than blocking every relaunch of the run."""
@@ -143,10 +149,10 @@ def load_newest_state(checkpoint: ray.train.Checkpoint | None, announce: bool = 
         try:
             state = load_state(candidate)
         except Exception as error:  # torch.load's errors for a damaged file vary (zip, pickle, EOF, OS)
-            skipped.append(f"{candidate.path}/{STATE_FILE}: {type(error).__name__}: {str(error)[:200]}")
+            skipped.append(f"{_where(candidate)}/{STATE_FILE}: {type(error).__name__}: {str(error)[:200]}")
             continue
         if announce and skipped:  # written, not printed: Ray Train's workers print every print twice
-            sys.stdout.write(f"resuming from {candidate.path}: skipped checkpoints that do not load:\n  "
+            sys.stdout.write(f"resuming from {_where(candidate)}: skipped checkpoints that do not load:\n  "
                              + "\n  ".join(skipped) + "\n")
             sys.stdout.flush()
         return state

@@ -128,11 +128,13 @@ def test_local_mode_run_tracks_metrics_figure_and_model(pretrain_features, tmp_p
     assert models.read_model("models:/tiny-encoder/1") == Path(model_file).read_bytes()  # the weights-only file
 
 
-@pytest.mark.timeout(900)  # two runs of two workers, one restart: ~170 s alone, 400 s beside another test
-def test_two_workers_survive_a_failure_and_a_relaunch_resumes(pretrain_features, tmp_path, s3_server):
+@pytest.mark.timeout(600)
+def test_two_workers_survive_a_failure_and_restart_from_s3(pretrain_features, tmp_path, s3_server):
+    """DDP with a worker failure: Ray Train restarts the group from the last checkpoint in the object
+    store. (A relaunch resuming from S3 is in test_run_faults.)"""
     s3_server.create_bucket("checkpoints")
     config = job(pretrain_features, tmp_path, "name=ddp-ft", "storage_path=s3://checkpoints/runs", "scaling.num_workers=2",
-                 "scaling.max_failures=1", "train.max_steps=8", "train.checkpoint_every=3", "train.eval_every=4",
+                 "scaling.max_failures=1", "train.max_steps=8", "train.checkpoint_every=3", "validation=null",
                  "train.log_every=2", "train.figure_every=100", "testing.fail_at_step=5")
     result = pretrain.run(config)
     assert result.metrics["step"] == 8
@@ -144,21 +146,15 @@ def test_two_workers_survive_a_failure_and_a_relaunch_resumes(pretrain_features,
     assert run.data.params["train.global_batch_size"] == "8"
     assert "system/cpu_utilization_percentage" not in run.data.metrics  # auto: off on the CPU
     assert_artifacts_outlive_ray(client, run, tmp_path)
-
-    longer = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 11})})
-    resumed = pretrain.run(longer)
-    assert resumed.metrics["step"] == 11
-    client, run = run_of(longer)  # still one MLflow run for the named run
-    assert run.data.tags["resumed_from_step"] == "8"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     # Step 4 is logged before the failure at step 5 (whose gradients need rank 0), and again by the
-    # restart from step 3; the relaunch from step 8 logs step 10.
-    assert sorted(steps) == [1, 2, 4, 4, 6, 8, 10]
+    # restart from step 3.
+    assert sorted(steps) == [1, 2, 4, 4, 6, 8]
 
 
 def test_failure_without_restarts_leaves_the_run_failed_and_a_relaunch_running_again(pretrain_features, tmp_path):
     settings = ("name=fails", f"storage_path={tmp_path / 'ckpt'}", "scaling.num_workers=1", "scaling.max_failures=0",
-                "train.max_steps=3", "train.eval_every=100", "train.figure_every=100", "testing.fail_at_step=2")
+                "train.max_steps=3", "validation=null", "train.figure_every=100", "testing.fail_at_step=2")
     with pytest.raises(Exception, match="injected failure"):  # the command exits non-zero
         pretrain.main(command_line(pretrain_features, tmp_path, *settings))
     config = job(pretrain_features, tmp_path, *settings)
@@ -172,7 +168,7 @@ def test_failure_without_restarts_leaves_the_run_failed_and_a_relaunch_running_a
 def test_ctrl_c_leaves_the_run_killed_after_progress_lines(ray_cluster, pretrain_features, tmp_path):
     """``python -m pipeline.pretrain`` prints its compute path and progress; SIGINT ends the run KILLED."""
     settings = ("name=interrupted", f"storage_path={tmp_path / 'ckpt'}", "train.max_steps=10000", "train.log_every=1",
-                "train.eval_every=10000", "train.figure_every=10000", "train.checkpoint_every=10000")
+                "validation=null", "train.figure_every=10000", "train.checkpoint_every=10000")
     command = [sys.executable, "-m", "pipeline.pretrain", *command_line(pretrain_features, tmp_path, *settings)]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE,
