@@ -1,10 +1,13 @@
 """GPU pretraining throughput: SSAMBA against SSAST (SDPA) on the same patches, batch and step.
 
 One optimizer step = the official two-pass objective (512 patches, 400 masked per pass), backward and
-a fused AdamW step, under bf16 autocast, SSAMBA with the mamba-ssm / causal-conv1d kernels. For each
+a fused AdamW step, under bf16 autocast, SSAMBA with the mamba-ssm / causal-conv1d kernels; model
+``ssamba-ts`` is the same encoder with the teacher-student objective (its defaults: 4 masks per clip
+at ratio 0.8 sharing one teacher pass, the teacher's EMA update included in the step). For each
 model the batch doubles from ``--batch`` until the GPU runs out of memory (or ``--max-batch``);
 median of ``--repeats`` steps after two warm-ups. Model FLOP/s by the usual count
-``6 · parameters · tokens`` (two passes of 513 tokens a sample) against ``--peak-tflops``.
+``2 · trained parameters · forward-equivalent tokens`` (a backward counts as two forwards; two-pass:
+3 · 2 · 513 a sample; teacher-student: 3 · student tokens + teacher tokens) against ``--peak-tflops``.
 ``--profile`` writes a torch.profiler summary (top CUDA kernels) of one SSAMBA step at the largest
 batch that fit, and the GPU's busy fraction over that step.
 
@@ -22,22 +25,32 @@ from pathlib import Path
 
 import torch
 
-from ssamba import EncoderConfig, PretrainConfig, SSAMBAEncoder, SSAMBAPretrainModel, SSASTConfig, SSASTEncoder
+from ssamba import (
+    EncoderConfig, PretrainConfig, SSAMBAEncoder, SSAMBAPretrainModel, SSAMBATeacherStudentModel, SSASTConfig,
+    SSASTEncoder, TeacherStudentConfig, tokens_per_clip,
+)
 
-TOKENS_PER_SAMPLE = 2 * 513  # two encoder passes of 512 patches + [CLS]
+TEACHER_STUDENT = TeacherStudentConfig()
 
 
-def build(model: str, size: str, device: str) -> SSAMBAPretrainModel:
+def build(model: str, size: str, device: str) -> SSAMBAPretrainModel | SSAMBATeacherStudentModel:
     torch.manual_seed(0)
-    if model == "ssamba":
+    if model in ("ssamba", "ssamba-ts"):
         config = EncoderConfig.from_size(size)
         encoder = SSAMBAEncoder(config)
-        grid = config.grid
     else:
         config = SSASTConfig.from_size(size, attention="sdpa")
         encoder = SSASTEncoder(config)
-        grid = config.grid
-    return SSAMBAPretrainModel(encoder, grid, PretrainConfig(two_pass=True)).to(device)
+    if model == "ssamba-ts":
+        return SSAMBATeacherStudentModel(encoder, config.grid, TEACHER_STUDENT).to(device)
+    return SSAMBAPretrainModel(encoder, config.grid, PretrainConfig(two_pass=True)).to(device)
+
+
+def forward_equivalent_tokens(model: str, num_patches: int) -> int:
+    """Encoder tokens a sample costs per step, a backward pass counted as two forwards."""
+    if model == "ssamba-ts":
+        return tokens_per_clip(TEACHER_STUDENT, num_patches).forward_equivalents
+    return 3 * 2 * (num_patches + 1)  # two passes of the patches + [CLS], forward and backward
 
 
 class Stepper:
@@ -47,7 +60,9 @@ class Stepper:
         self.net = build(model, size, device)
         self.device = device
         fused = device == "cuda"
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=1e-4, fused=fused)
+        self.trained = [p for p in self.net.parameters() if p.requires_grad]  # not an EMA teacher
+        self.optimizer = torch.optim.AdamW(self.trained, lr=1e-4, fused=fused)
+        self.steps = 0
         grid = self.net.grid
         self.features = torch.randn(batch, grid.target_length, grid.num_mel_bins, device=device)
         self.rng = random.Random(0)
@@ -59,9 +74,12 @@ class Stepper:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(self.net, SSAMBATeacherStudentModel):
+            self.net.update_teacher(self.steps)
+        self.steps += 1
 
     def parameters(self) -> int:
-        return sum(p.numel() for p in self.net.parameters())
+        return sum(p.numel() for p in self.trained)
 
 
 def synchronize(device: str) -> None:
@@ -87,7 +105,8 @@ def measure(model: str, size: str, batch: int, device: str, bf16: bool, repeats:
         stepper = Stepper(model, size, batch, device, bf16)
         seconds = time_steps(stepper, repeats)
         memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-        return {"status": "ok", "seconds": seconds, "memory_gib": memory, "params": stepper.parameters()}
+        return {"status": "ok", "seconds": seconds, "memory_gib": memory, "params": stepper.parameters(),
+                "tokens": forward_equivalent_tokens(model, stepper.net.grid.num_patches)}
     except torch.cuda.OutOfMemoryError:
         return {"status": "oom"}
     finally:
@@ -125,7 +144,7 @@ def profile(model: str, size: str, batch: int, device: str, bf16: bool, out: Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="base")
-    parser.add_argument("--models", nargs="+", default=["ssamba", "ssast-sdpa"])
+    parser.add_argument("--models", nargs="+", default=["ssamba", "ssamba-ts", "ssast-sdpa"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
@@ -138,7 +157,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     bf16 = not args.fp32 and args.device == "cuda"
     machine = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"pretraining step ({args.size}, two-pass, {'bf16' if bf16 else 'fp32'}, fused AdamW) on {machine}, torch {torch.__version__}")
+    print(f"pretraining step ({args.size}, {'bf16' if bf16 else 'fp32'}, fused AdamW) on {machine}, torch {torch.__version__}")
     rows, best = [], {}
     for model in args.models:
         batch = args.batch
@@ -148,7 +167,7 @@ def main() -> None:
                 print(f"  {model:<11} batch {batch:>4}: {result['status']}", flush=True)
                 break
             samples = batch / result["seconds"]
-            tflops = 6 * result["params"] * TOKENS_PER_SAMPLE * samples / 1e12
+            tflops = 2 * result["params"] * result["tokens"] * samples / 1e12
             row = {"model": model, "batch": batch, **result, "samples_s": samples, "tflops": tflops}
             rows.append(row)
             best[model] = row if model not in best or samples > best[model]["samples_s"] else best[model]
@@ -168,6 +187,9 @@ def main() -> None:
         same = next((r for r in rows if r["model"] == "ssast-sdpa" and r["batch"] == mamba["batch"]), None)
         if same:
             lines.append(f"at batch {mamba['batch']}: SSAST-SDPA ÷ SSAMBA samples/s = {same['samples_s'] / mamba['samples_s']:.2f}×")
+    if "ssamba" in best and "ssamba-ts" in best:
+        lines.append(f"best SSAMBA teacher-student ÷ best SSAMBA two-pass samples/s = "
+                     f"{best['ssamba-ts']['samples_s'] / best['ssamba']['samples_s']:.2f}×")
     (args.out / "pretrain_gpu.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
