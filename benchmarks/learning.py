@@ -8,8 +8,8 @@ compare frozen-embedding linear probes against the same encoder at random init a
    pretraining length) and of each labelled task.
 2. A few pretraining steps of the chosen ``--objective`` (``masked_patches``, the paper's, or
    ``teacher_student``) are timed in this process at the workers' thread count; ``max_steps`` is
-   what fits in ``--minutes`` (or ``--steps``), so both objectives get the same compute. ``pipeline.pretrain`` then pretrains on Ray Train,
-   tracked in MLflow (``<out>/mlflow.db``).
+   what fits in ``--minutes`` (or ``--steps``), so both objectives get the same compute.
+   ``pipeline.pretrain`` then pretrains on Ray Train, tracked in MLflow (``<out>/mlflow.db``).
 3. Each labelled clip is embedded by the pretrained encoder and the same architecture at random init
    (output tokens over the patch columns the clip covers, pooled as their mean, their mean and
    standard deviation, and the mean of each frequency row), and by the mean and standard deviation
