@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import featurize, pretrain
 from pipeline.config import FeaturizeConfig, PretrainJobConfig
 from pipeline.launch import start_local_ray
-from ssamba import SSAMBAEncoder, crop_or_pad, load_checkpoint, norm_stats, normalize
+from ssamba import TARGET_NORMS, SSAMBAEncoder, crop_or_pad, load_checkpoint, norm_stats, normalize
 
 TASKS = ("voice", "language")
 POOLINGS = ("mean", "mean/std", "band means")
@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ema-decay", type=float, nargs=2, default=(0.99, 0.999), metavar=("START", "END"),
                         help="teacher_student: EMA decay, annealed linearly over the run")
     parser.add_argument("--decoder-dim", type=int, default=64, help="teacher_student: width of the decoder")
+    parser.add_argument("--target-norm", choices=TARGET_NORMS, default="instance",
+                        help="teacher_student: per-stage normalisation of the teacher's targets")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -130,7 +132,8 @@ def objective(args: argparse.Namespace, max_steps: int) -> dict:
         return {"kind": "masked_patches"}
     return {"kind": "teacher_student", "clones": args.clones, "mask_ratio": mask_ratio(args),
             "block_size": args.block_size, "top_k_blocks": args.top_k_blocks, "ema_decay_start": args.ema_decay[0],
-            "ema_decay_end": args.ema_decay[1], "ema_anneal_steps": max_steps, "decoder_dim": args.decoder_dim}
+            "ema_decay_end": args.ema_decay[1], "ema_anneal_steps": max_steps, "decoder_dim": args.decoder_dim,
+            "target_norm": args.target_norm}
 
 
 def pretrain_job(args: argparse.Namespace, max_steps: int) -> PretrainJobConfig:

@@ -30,10 +30,22 @@ from pipeline.config import AudioConfig, ExamplesConfig, S3Config
 from pipeline.feature_store import FBANK_COLUMNS, decode_fbank
 from pipeline.reading import SourceReader, featurize_source
 from pipeline.sources import AudioSource, list_sources
-from pipeline.storage import resolve
+from pipeline.storage import Location, resolve
 from ssamba.features import FbankConfig, add_noise, crop_or_pad, norm_stats, normalize, spec_augment
 
 log = logging.getLogger(__name__)
+
+
+def read_parquet(location: Location, **options) -> ray.data.Dataset:
+    """``ray.data.read_parquet`` of ``location`` with Ray Data's first Parquet reader. The second one
+    (Ray 2.60's default) lists files in a task and reads their footers on a pool of up to 32 new
+    actors on every execution of a dataset, which is every epoch and every evaluation: about 15
+    CPU-seconds and several seconds of each small run on a laptop, for feature stores of a few large
+    shards whose footers the first reader reads itself. The reader is taken from the calling
+    process's ``DataContext`` when the dataset is made, so it is chosen here, where the pipeline
+    makes every Parquet dataset, rather than once per job: Tune trials are processes of their own."""
+    ray.data.DataContext.get_current().use_datasource_v2 = False
+    return ray.data.read_parquet(location.path, filesystem=location.filesystem, **options)
 
 
 def to_examples(batch: dict[str, np.ndarray], config: ExamplesConfig) -> dict[str, np.ndarray]:
@@ -76,10 +88,8 @@ def examples_dataset(config: ExamplesConfig, storage: S3Config, audio: AudioConf
     """A Ray Dataset of training examples (see the module docstring)."""
     if config.features is not None:
         location = resolve(config.features, storage).join("features")
-        dataset = ray.data.read_parquet(
-            location.path, filesystem=location.filesystem, columns=["uri", "label", *FBANK_COLUMNS],
-            shuffle="files" if config.shuffle else None,
-        )
+        dataset = read_parquet(location, columns=["uri", "label", *FBANK_COLUMNS],
+                               shuffle="files" if config.shuffle else None)
     else:
         sources = list_sources(config.audio, storage)
         dataset = ray.data.from_items([{"source": json.dumps(source.to_dict())} for source in sources])

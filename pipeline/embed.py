@@ -24,6 +24,7 @@ import torch
 from pipeline import featurize
 from pipeline.audio import AudioError, decode_audio
 from pipeline.config import EmbedConfig
+from pipeline.data import read_parquet
 from pipeline.feature_store import FBANK_COLUMNS, decode_fbank
 from pipeline.launch import Input, connect_ray, optional_input, run_command, source_inputs
 from pipeline.models import load_classifier, load_hear_model
@@ -132,8 +133,7 @@ def run(config: EmbedConfig, overwrite: bool = False) -> int:
     connect_ray(config.ray)
     if config.features is not None:
         features = resolve(config.features, config.storage).join("features")
-        dataset = ray.data.read_parquet(features.path, filesystem=features.filesystem,
-                                        columns=["uri", "chunk", *FBANK_COLUMNS])
+        dataset = read_parquet(features, columns=["uri", "chunk", *FBANK_COLUMNS])
     else:
         dataset = ray.data.from_items([{"uri": source.uri} for source in list_sources(config.input, config.storage)])
     workers = config.num_workers or max(1, int(ray.cluster_resources().get("GPU" if config.use_gpu else "CPU", 1)))
@@ -143,7 +143,7 @@ def run(config: EmbedConfig, overwrite: bool = False) -> int:
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
     )
     embedded.write_parquet(output.path, filesystem=output.filesystem)
-    return ray.data.read_parquet(output.path, filesystem=output.filesystem, columns=["uri"]).count()
+    return read_parquet(output, columns=["uri"]).count()
 
 
 def check_stored_features(config: EmbedConfig) -> None:

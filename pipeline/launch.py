@@ -94,7 +94,6 @@ def connect_ray(settings: RayConfig) -> None:
     import ray
     from ray._private.services import canonicalize_bootstrap_address
 
-    read_parquet_without_footer_actors()
     if ray.is_initialized():
         return
     existing = canonicalize_bootstrap_address(settings.address)  # None: a new local instance
@@ -132,17 +131,6 @@ def start_local_ray(num_cpus: int | None, **init_options) -> str:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, **init_options)
     return dashboard
-
-
-def read_parquet_without_footer_actors() -> None:
-    """Read Parquet with Ray Data's first reader in this process. The second one (Ray 2.60's default)
-    lists files in a task and reads their footers on a pool of up to 32 new actors on every execution
-    of a dataset, which is every epoch and every evaluation: about 15 CPU-seconds and several seconds
-    of each small run on a laptop, for feature stores of a few large shards whose footers the first
-    reader reads itself. It also keeps a task holding a CPU while the footer actors start."""
-    import ray
-
-    ray.data.DataContext.get_current().use_datasource_v2 = False
 
 
 def mlflow_ui_hint(tracking_uri: str, experiment: str) -> str:

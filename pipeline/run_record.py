@@ -7,7 +7,8 @@ config with that record before Ray starts: fields that may change when a run res
 runs, how often it checkpoints, logs and evaluates, what it runs on) pass; any other change is
 refused with the list of changed fields, unless the user accepts them (``--accept-config-changes``),
 in which case the MLflow run records them (tag ``config_changes.<n>``, artifact ``config-<n>.json``)
-and the record takes the new config.
+and the record takes the new config. A field added to the schema after the run started is no change
+while it has its default: a new field's default keeps the behaviour the run was trained with.
 """
 
 from __future__ import annotations
@@ -72,11 +73,27 @@ def plain(config: BaseModel) -> dict:
     return json.loads(json.dumps(public_dict(config), default=str))
 
 
-def config_changes(before: dict, after: dict) -> list[Change]:
-    """Every field (dotted path) whose value differs, added or removed fields included."""
-    old, new = flatten(before), flatten(after)
+def config_changes(before: dict, after: dict, defaults: dict[str, Any] | None = None) -> list[Change]:
+    """Every field (dotted path) whose value differs, added or removed fields included, except fields
+    missing from ``before`` that hold their value in ``defaults`` (see :func:`field_defaults`)."""
+    old, new, defaults = flatten(before), flatten(after), defaults or {}
     return [Change(key, old.get(key, _ABSENT), new.get(key, _ABSENT)) for key in sorted(old.keys() | new.keys())
-            if old.get(key, _ABSENT) != new.get(key, _ABSENT)]
+            if old.get(key, _ABSENT) != new.get(key, _ABSENT)
+            and not (key not in old and key in defaults and defaults[key] == new[key])]
+
+
+def field_defaults(config: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """The schema's default of every field of ``config`` (dotted paths, values as the record stores
+    them), through its sections; fields without a default are left out."""
+    defaults: dict[str, Any] = {}
+    for name, schema_field in type(config).model_fields.items():
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            defaults.update(field_defaults(value, f"{prefix}{name}."))
+        elif not schema_field.is_required():
+            default = schema_field.get_default(call_default_factory=True)
+            defaults[f"{prefix}{name}"] = json.loads(json.dumps(default, default=str))
+    return defaults
 
 
 def may_change_on_resume(field_path: str) -> bool:
@@ -115,7 +132,7 @@ def check_config(name: str, storage: Location, config: BaseModel, accept_changes
     if not record.exists() or not _started(storage.join(name)):
         record.write_bytes(json.dumps(current, indent=2).encode())
         return Launch(current)
-    changes = config_changes(json.loads(record.read_bytes()), current)
+    changes = config_changes(json.loads(record.read_bytes()), current, field_defaults(config))
     message = refusal(name, record.uri, changes)
     if message is not None and not accept_changes:
         raise ConfigChangedError(message)

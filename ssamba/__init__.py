@@ -12,12 +12,14 @@ from ssamba.pretrain import VALIDATION_MASK_COUNT, PretrainConfig, PretrainOutpu
 from ssamba.pretrained import from_pretrained
 from ssamba.ssast import SSASTConfig, SSASTEncoder
 from ssamba.teacher_student import (
-    SSAMBATeacherStudentModel, TeacherStudentConfig, TeacherStudentOutput, TokenCount, tokens_per_clip,
+    TARGET_NORMS, SSAMBATeacherStudentModel, TargetNorm, TeacherStudentConfig, TeacherStudentOutput, TokenCount,
+    tokens_per_clip,
 )
 
 __all__ = [
     "EMBED_DIMS",
     "NORMS",
+    "TARGET_NORMS",
     "TOPOLOGIES",
     "AudioClassifier",
     "Checkpoint",
@@ -37,6 +39,7 @@ __all__ = [
     "SSAMBATeacherStudentModel",
     "SSASTConfig",
     "SSASTEncoder",
+    "TargetNorm",
     "TeacherStudentConfig",
     "TeacherStudentOutput",
     "TokenCount",

@@ -1,7 +1,7 @@
 """Teacher-student pretraining (after data2vec 2.0 and EAT; docs/model.md#teacher-student-objective).
 
 An EMA copy of the encoder (the teacher) encodes each clip once, in full, under ``no_grad``; the
-average of its last stages' outputs, each instance-normalised, is the target for every patch. The
+average of its last stages' outputs, each normalised (``target_norm``), is the target for every patch. The
 student (the encoder being trained) sees ``clones`` differently masked views of the clip, and only
 their visible patches: a sequence of about ``(1 − mask_ratio)·N + 1`` tokens instead of ``N + 1``.
 A light convolutional decoder fills the masked positions with a mask token and predicts the
@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from ssamba.pretrain import (
 DECODER_KERNEL = 3
 DECODER_GROUPS = 16
 
+TargetNorm = Literal["instance", "layer"]
+TARGET_NORMS: tuple[TargetNorm, ...] = ("instance", "layer")
+
 
 @dataclass(frozen=True)
 class TeacherStudentConfig:
@@ -40,7 +44,8 @@ class TeacherStudentConfig:
 
     ``top_k_blocks`` counts the encoder's stages (a flip-pair is one stage, see
     :attr:`SSAMBAEncoder.num_stages`) and is capped at their number. The teacher's decay goes linearly
-    from ``ema_decay_start`` to ``ema_decay_end`` over ``ema_anneal_steps`` optimizer steps, then stays."""
+    from ``ema_decay_start`` to ``ema_decay_end`` over ``ema_anneal_steps`` optimizer steps, then stays.
+    ``target_norm`` is how each stage is normalised before the average (see :func:`average_targets`)."""
 
     clones: int = 4
     mask_ratio: float = 0.8
@@ -52,9 +57,12 @@ class TeacherStudentConfig:
     decoder_dim: int = 256
     decoder_depth: int = 2
     utterance_weight: float = 1.0
+    target_norm: TargetNorm = "instance"
 
     def __post_init__(self) -> None:
         check_mask_choice(None, self.mask_ratio)
+        if self.target_norm not in TARGET_NORMS:
+            raise ValueError(f"target_norm must be one of {', '.join(TARGET_NORMS)}, got {self.target_norm!r}")
         for name in ("clones", "block_size", "top_k_blocks", "decoder_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -138,12 +146,20 @@ def masked_patches(visible: torch.Tensor, num_patches: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def average_targets(stages: list[torch.Tensor], num_prefix_tokens: int) -> torch.Tensor:
+def average_targets(stages: list[torch.Tensor], num_prefix_tokens: int, norm: TargetNorm = "instance") -> torch.Tensor:
     """data2vec / EAT targets from teacher stage outputs ``(batch, L, D)``: keep the patch tokens,
-    instance-normalise each stage (per feature over the clip's patches, so no stage's scale
-    dominates), average the stages, then layer-normalise each patch (EAT's ``layer_norm_targets``;
-    without it the per-clip mean over patches, the utterance target, would be zero). Float32."""
-    normed = [F.instance_norm(stage[:, num_prefix_tokens:].float().transpose(1, 2)).transpose(1, 2) for stage in stages]
+    normalise each stage so that no stage's scale dominates, average the stages, then
+    layer-normalise each patch (EAT's ``layer_norm_targets``). Float32.
+
+    ``norm="instance"`` (EAT's): per feature over the clip's patches. It takes each feature's clip
+    mean out of the targets, so what every patch of a clip shares (a voice, a room, a microphone) is
+    not asked for, and the utterance target (the mean over patches) is small. ``norm="layer"``: per
+    patch over the features, which keeps those clip-level offsets in the targets."""
+    patches = [stage[:, num_prefix_tokens:].float() for stage in stages]
+    if norm == "instance":
+        normed = [F.instance_norm(tokens.transpose(1, 2)).transpose(1, 2) for tokens in patches]
+    else:
+        normed = [F.layer_norm(tokens, tokens.shape[-1:]) for tokens in patches]
     mean = torch.stack(normed).mean(0)
     return F.layer_norm(mean, mean.shape[-1:])
 
@@ -223,7 +239,8 @@ class SSAMBATeacherStudentModel(nn.Module):
     def teacher_targets(self, features: torch.Tensor) -> torch.Tensor:
         """One full teacher pass: the targets of every patch, ``(batch, N, D)`` float32."""
         hidden = self.teacher.add_positions(self.teacher.embed_patches(features))
-        return average_targets(self.teacher.stage_outputs(hidden, self.top_k), self.teacher.num_prefix_tokens)
+        stages = self.teacher.stage_outputs(hidden, self.top_k)
+        return average_targets(stages, self.teacher.num_prefix_tokens, self.config.target_norm)
 
     def encode_visible(self, features: torch.Tensor, visible: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
         """The student on the shorter sequences: row r holds clip ``clip[r]``'s prefix tokens and its

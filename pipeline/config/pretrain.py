@@ -12,7 +12,8 @@ from pipeline.config.sections import ENCODER_DEFAULTS as _ENCODER
 from pipeline.config.sections import ExamplesConfig, RayConfig, ScalingSection, TrackingConfig
 from pipeline.storage import S3Config
 from ssamba import (
-    EMBED_DIMS, VALIDATION_MASK_COUNT, EncoderConfig, Norm, PatchGrid, PretrainConfig, TeacherStudentConfig, Topology,
+    EMBED_DIMS, VALIDATION_MASK_COUNT, EncoderConfig, Norm, PatchGrid, PretrainConfig, TargetNorm, TeacherStudentConfig,
+    Topology,
 )
 
 
@@ -72,6 +73,9 @@ class ObjectiveConfig(Strict):
     decoder_depth: int = Field(_TEACHER_STUDENT.decoder_depth, ge=1, description="teacher_student: decoder layers")
     utterance_weight: float = Field(_TEACHER_STUDENT.utterance_weight, ge=0, description="teacher_student: weight "
                                     "of the utterance-level loss on the [CLS] token")
+    target_norm: TargetNorm = Field(_TEACHER_STUDENT.target_norm, description="teacher_student: how each teacher "
+                                    "stage is normalised before the average: instance (per feature over the clip, "
+                                    "EAT's) or layer (per patch, keeps what the clip's patches share)")
 
     @property
     def teacher_student(self) -> bool:

@@ -34,6 +34,10 @@ def run_job(job: str, *args: str, timeout: float = 600, base_dir: Path | None = 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def gcs_address(ray_cluster) -> str:
+    return ray_cluster.get_runtime_context().gcs_address
+
+
 def output_of(done: subprocess.CompletedProcess) -> str:
     return f"exit {done.returncode}\n--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-4000:]}"
 
@@ -145,16 +149,19 @@ def test_local_mask_sweep_finishes_on_two_cpus(pretrain_features, tmp_path):
     assert trials["probe_val_accuracy"].notna().all() and trials["checkpoint_location"].notna().all()
 
 
-def test_make_demo_then_the_embed_preset_on_what_it_wrote(tmp_path):
+def test_make_demo_then_the_embed_preset_on_what_it_wrote(ray_cluster, tmp_path):
     """``make demo`` (fewer clips and steps), then ``configs/embed/local.yaml`` unchanged: the preset
-    points at what the demo writes. ``SSAMBA_BASE_DIR`` keeps the outputs out of the repository."""
+    points at what the demo writes. ``SSAMBA_BASE_DIR`` keeps the outputs out of the repository. The
+    embed job joins a running cluster (the test session's) where the demo started its own."""
     demo = run_job("demo", "--clips", "12", "--steps", "2", base_dir=tmp_path)
     assert demo.returncode == 0, output_of(demo)
     encoder = tmp_path / "outputs" / "demo" / "ssamba_encoder.pt"
     assert f"copied to {encoder}" in demo.stdout and encoder.is_file()
     assert "ray: started a local instance" in demo.stdout and "ui --backend-store-uri sqlite:///" in demo.stdout
 
-    done = run_job("embed", "--config", "configs/embed/local.yaml", base_dir=tmp_path)
+    done = run_job("embed", "--config", "configs/embed/local.yaml", "--set", f"ray.address={gcs_address(ray_cluster)}",
+                   base_dir=tmp_path)
+    assert "ray: joined the cluster at" in done.stdout
     assert done.returncode == 0, output_of(done)
     output = tmp_path / "outputs" / "demo" / "embeddings"
     assert f"embed: 12 rows → {output}" in done.stdout

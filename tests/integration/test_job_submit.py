@@ -3,6 +3,7 @@ checkpoints in the S3 test server and metrics and the reconstruction image in ML
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -24,12 +25,18 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(600)
 
 
+def signal_group(process: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+        os.killpg(process.pid, signum)
+
+
 @pytest.fixture
 def head_node(s3_server):
     """A separate Ray head with its dashboard (the job server) on free ports, started like a user would.
 
-    ``--block`` keeps ``ray start`` in the foreground so that terminating it stops this cluster only
-    (``ray stop`` would stop every Ray process on the machine, the test session's cluster included)."""
+    ``--block`` keeps ``ray start`` in the foreground, in a process group of its own with the
+    processes it starts: signalling that group stops this cluster only (``ray stop`` would stop every
+    Ray process on the machine, the test session's cluster included)."""
     gcs, dashboard, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager, client = free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -43,7 +50,7 @@ def head_node(s3_server):
          f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
          f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
          f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 180
     while True:  # the job server answers once the head is up
@@ -54,15 +61,14 @@ def head_node(s3_server):
             break
         except OSError:
             if head.poll() is not None or time.monotonic() > deadline:
-                head.kill()
+                signal_group(head, signal.SIGKILL)
                 pytest.fail("the Ray head node did not start")
             time.sleep(1)
     yield address, env
-    head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        head.kill()
+    signal_group(head, signal.SIGTERM)  # the dashboard and agents stop at once ...
+    time.sleep(3)
+    signal_group(head, signal.SIGKILL)  # ... the GCS and the raylet would take about 30 s more
+    head.wait(timeout=60)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -1,6 +1,6 @@
 """Pretraining on a Ray cluster of several nodes on one machine (Ray's ``cluster_utils.Cluster``: a
 head and worker nodes, each with its own raylet): DDP across two nodes that survives losing one of
-them to a replacement, and an elastic run that grows from 1 to 2 workers with its global batch held.
+them to a replacement, restarting from its checkpoint in the S3 test server, and an elastic run that grows from 1 to 2 workers with its global batch held.
 
 Workers reserve 2 CPUs; the head has 3 and every other node 2, so each node holds one worker and the
 head keeps a CPU for Ray Data. The driver is ``python -m pipeline.pretrain`` pointed at the cluster
@@ -24,6 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import free_ports
+from pipeline.storage import resolve
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("multinode")]  # one cluster fixture
 
@@ -51,9 +52,10 @@ def session_kv_kept():
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3_server):
     """A head node; tests add and remove the other nodes. Torn down node by node (``Cluster.shutdown``
-    would also reset this process's Ray session state)."""
+    would also reset this process's Ray session state). Started after the S3 test server, whose
+    address and keys its nodes inherit from the environment."""
     from ray.cluster_utils import Cluster
 
     temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # unix socket paths must stay short
@@ -88,9 +90,9 @@ def with_worker_nodes(cluster, count: int) -> None:
 class Driver:
     """``python -m pipeline.pretrain`` against the cluster, its output in a file to show on failure."""
 
-    def __init__(self, cluster, tmp_path: Path, features: str, name: str, *settings: str) -> None:
-        self.name, self.storage, self.tracking = name, tmp_path / "ckpt", f"sqlite:///{tmp_path / 'mlflow.db'}"
-        overrides = [f"name={name}", f"storage_path={self.storage}", f"data.features={features}",
+    def __init__(self, cluster, tmp_path: Path, features: str, name: str, storage: str, *settings: str) -> None:
+        self.name, self.storage, self.tracking = name, resolve(storage), f"sqlite:///{tmp_path / 'mlflow.db'}"
+        overrides = [f"name={name}", f"storage_path={storage}", f"data.features={features}",
                      f"validation.features={features}", "train.eval_batches=1", f"tracking.tracking_uri={self.tracking}",
                      "train.batch_size=4", f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={HOLD_STEP}",
                      "train.log_every=1", "train.figure_every=100",
@@ -108,9 +110,9 @@ class Driver:
 
     def wait_for_checkpoint(self, step: int, timeout: float = 240) -> None:
         """Until Ray Train's controller has recorded the checkpoint of ``step`` (its snapshot in storage)."""
-        snapshot = self.storage / self.name / "checkpoint_manager_snapshot.json"
+        snapshot = self.storage.join(self.name, "checkpoint_manager_snapshot.json")
         deadline = time.monotonic() + timeout
-        while not (snapshot.exists() and f"step-{step:08d}" in snapshot.read_text()):
+        while not (snapshot.exists() and f"step-{step:08d}" in snapshot.read_bytes().decode()):
             assert self.process.poll() is None, f"the driver exited early:\n{self.output()}"
             assert time.monotonic() < deadline, f"no checkpoint at step {step} within {timeout:g} s:\n{self.output()}"
             time.sleep(0.5)
@@ -143,9 +145,13 @@ class Driver:
             self.process.wait()
 
 
-def test_ddp_across_two_nodes_survives_losing_one_to_a_replacement(cluster, pretrain_features, tmp_path):
+def test_ddp_across_two_nodes_survives_losing_one_and_restarts_from_s3(cluster, s3_server, pretrain_features, tmp_path):
+    """Losing a node kills its worker: Ray Train restarts the group from the last checkpoint, read back
+    from the object store, on the replacement node."""
     with_worker_nodes(cluster, 1)
-    driver = Driver(cluster, tmp_path, pretrain_features, "two-nodes", "scaling.num_workers=2", "scaling.max_failures=2",
+    s3_server.create_bucket("multinode")
+    driver = Driver(cluster, tmp_path, pretrain_features, "two-nodes", "s3://multinode/runs", "scaling.num_workers=2",
+                    "scaling.max_failures=2",
                     f"train.eval_every={HOLD_STEP}")  # evaluates before the loss and after the replacement
     try:
         driver.wait_for_checkpoint(HOLD_STEP)
@@ -161,12 +167,18 @@ def test_ddp_across_two_nodes_survives_losing_one_to_a_replacement(cluster, pret
     assert history("nodes") == [(step, 2) for step in range(1, 5)]  # before the loss and after the replacement
     assert history("world_size") == [(step, 2) for step in range(1, 5)]
     assert [step for step, _ in history("val_masked_accuracy")] == [HOLD_STEP, MAX_STEPS]
-    assert (driver.storage / "two-nodes" / f"step-{MAX_STEPS:08d}" / "state.pt").exists()
+    assert driver.storage.join("two-nodes", f"step-{MAX_STEPS:08d}", "state.pt").exists()
+    assert run.data.tags["checkpoint_location"] == "s3://multinode/runs/two-nodes"
+    assert run.data.params["train.global_batch_size"] == "8"
+    assert "system/cpu_utilization_percentage" not in run.data.metrics  # auto: off on the CPU
+    # The artifacts sit beside the store, not in a worker's working directory inside Ray's session.
+    assert run.info.artifact_uri == (tmp_path / "mlartifacts" / run.info.run_id / "artifacts").as_uri()
+    assert (tmp_path / "mlartifacts" / run.info.run_id / "artifacts" / "model" / "ssamba_encoder.pt").stat().st_size > 0
 
 
 def test_an_elastic_run_grows_to_a_new_node_and_keeps_its_global_batch(cluster, pretrain_features, tmp_path):
     with_worker_nodes(cluster, 0)  # room for one worker: the run starts with it
-    driver = Driver(cluster, tmp_path, pretrain_features, "elastic", "scaling.num_workers=[1, 2]",
+    driver = Driver(cluster, tmp_path, pretrain_features, "elastic", str(tmp_path / "ckpt"), "scaling.num_workers=[1, 2]",
                     "scaling.resize_interval_s=1", "validation=null")
     try:
         driver.wait_for_checkpoint(HOLD_STEP)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -55,21 +54,6 @@ def every_artifact(client: MlflowClient, run_id: str, path: str | None = None) -
     for item in client.list_artifacts(run_id, path):
         found += every_artifact(client, run_id, item.path) if item.is_dir else [item.path]
     return found
-
-
-def assert_artifacts_outlive_ray(client: MlflowClient, run, tmp_path: Path) -> None:
-    """The run's artifacts sit beside its SQLite store, not in Ray's session folder: deleting the
-    session's artifacts folder (the workers' working directories) loses none of them."""
-    import ray._private.worker
-
-    session = Path(ray._private.worker._global_node.get_session_dir_path())
-    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
-    assert str(session.parent) not in run.info.artifact_uri
-    names = every_artifact(client, run.info.run_id)
-    assert {"config.json", "model/ssamba_encoder.pt"} <= set(names)
-    shutil.rmtree(session / "artifacts", ignore_errors=True)
-    for name in names:
-        assert Path(client.download_artifacts(run.info.run_id, name, str(tmp_path / "read"))).stat().st_size > 0
 
 
 def test_invalid_config_fails_before_ray_with_the_field_named(capsys):
@@ -126,30 +110,6 @@ def test_local_mode_run_tracks_metrics_figure_and_model(pretrain_features, tmp_p
     expected = checkpoint.build_encoder().eval()(fbank)
     torch.testing.assert_close(loaded.eval()(fbank), expected)
     assert models.read_model("models:/tiny-encoder/1") == Path(model_file).read_bytes()  # the weights-only file
-
-
-@pytest.mark.timeout(600)
-def test_two_workers_survive_a_failure_and_restart_from_s3(pretrain_features, tmp_path, s3_server):
-    """DDP with a worker failure: Ray Train restarts the group from the last checkpoint in the object
-    store. (A relaunch resuming from S3 is in test_run_faults.)"""
-    s3_server.create_bucket("checkpoints")
-    config = job(pretrain_features, tmp_path, "name=ddp-ft", "storage_path=s3://checkpoints/runs", "scaling.num_workers=2",
-                 "scaling.max_failures=1", "train.max_steps=8", "train.checkpoint_every=3", "validation=null",
-                 "train.log_every=2", "train.figure_every=100", "testing.fail_at_step=5")
-    result = pretrain.run(config)
-    assert result.metrics["step"] == 8
-    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket="checkpoints", Prefix="runs/ddp-ft/")["Contents"]}
-    assert any(key.endswith("step-00000008/state.pt") for key in keys)
-    client, run = run_of(config)
-    assert run.data.tags["checkpoint_location"] == "s3://checkpoints/runs/ddp-ft"
-    assert run.data.tags["resumed_from_step"] == "3"  # the failure at step 5 restarted from step 3
-    assert run.data.params["train.global_batch_size"] == "8"
-    assert "system/cpu_utilization_percentage" not in run.data.metrics  # auto: off on the CPU
-    assert_artifacts_outlive_ray(client, run, tmp_path)
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    # Step 4 is logged before the failure at step 5 (whose gradients need rank 0), and again by the
-    # restart from step 3.
-    assert sorted(steps) == [1, 2, 4, 4, 6, 8]
 
 
 def test_failure_without_restarts_leaves_the_run_failed_and_a_relaunch_running_again(pretrain_features, tmp_path):
@@ -233,25 +193,28 @@ def test_remote_mlflow_server_and_gradient_accumulation(pretrain_features, tmp_p
         server.wait(timeout=30)
 
 
-def test_teacher_student_objective_trains_resumes_with_its_teacher_and_exports_an_encoder(pretrain_features, tmp_path):
-    """The teacher-student preset on a Train worker: its own metrics, a relaunch that resumes the
-    teacher from the checkpoint, and an encoder that loads like any other."""
+def test_teacher_student_objective_trains_and_exports_its_teacher_with_the_encoder(pretrain_features, tmp_path):
+    """The teacher-student preset on a Train worker: its own metrics, a teacher that moved away from
+    the student and travels in the checkpoints and the export (resuming loads the whole state, see
+    test_run_faults; the teacher's state dict round trip is a unit test), and an encoder that loads
+    like any other."""
     config = load_config(PretrainJobConfig, "configs/pretrain/local-tiny-teacher-student.yaml",
                          overrides(pretrain_features, tmp_path, "name=ts", f"storage_path={tmp_path / 'ckpt'}",
                                    "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2",
                                    "train.log_every=1", "train.batch_size=4", "objective.clones=2"))
     assert pretrain.run(config).metrics["step"] == 4
-    first = torch.load(tmp_path / "ckpt" / "ts" / "step-00000004" / "state.pt", weights_only=True)["model"]
-    teacher = {key: value for key, value in first.items() if key.startswith("teacher.")}
-    assert teacher and any(not torch.equal(value, first["encoder." + key[len("teacher."):]]) for key, value in teacher.items())
+    saved = torch.load(tmp_path / "ckpt" / "ts" / "step-00000004" / "state.pt", weights_only=True)["model"]
+    teacher = {key[len("teacher."):]: value for key, value in saved.items() if key.startswith("teacher.")}
+    assert teacher and any(not torch.equal(value, saved["encoder." + key]) for key, value in teacher.items())
 
-    longer = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 6})})
-    assert pretrain.run(longer).metrics["step"] == 6
-    client, run = run_of(longer)
-    assert run.data.tags["resumed_from_step"] == "4" and run.info.status == "FINISHED"
+    client, run = run_of(config)
+    assert run.info.status == "FINISHED"
     assert {"frame_mse", "utterance_mse", "target_std", "prediction_std", "val_loss", "val_frame_mse"} <= set(run.data.metrics)
     assert "masked_accuracy" not in run.data.metrics
-    exported = load_checkpoint(pretrain.encoder_uri(longer))
-    assert exported.metadata["step"] == 6 and exported.encoder_config.embed_dim == 64
-    assert type(exported.build_pretrain_model()).__name__ == "SSAMBATeacherStudentModel"
+    exported = load_checkpoint(pretrain.encoder_uri(config))
+    assert exported.metadata["step"] == 4 and exported.encoder_config.embed_dim == 64
+    rebuilt = exported.build_pretrain_model()
+    assert type(rebuilt).__name__ == "SSAMBATeacherStudentModel"
+    for key, value in rebuilt.teacher.state_dict().items():
+        torch.testing.assert_close(value, teacher[key], rtol=0, atol=0)
     exported.build_encoder()  # fine-tuning, embed and HEAR load it like any encoder

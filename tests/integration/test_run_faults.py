@@ -1,5 +1,6 @@
-"""Named runs under faults, on the real S3 test server and MLflow: a second launch of a running run, a
-launch that died leaving its lock and its MLflow run RUNNING, and a corrupt newest checkpoint."""
+"""Named runs under faults, on the real S3 test server and MLflow: a second launch of a running run, and
+a launch that died uploading a checkpoint, leaving its lock, its MLflow run RUNNING and a corrupt
+newest checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import run_lock
 from pipeline.storage import resolve
-from test_commands import output_of, run_job
+from test_commands import gcs_address, output_of, run_job
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -23,10 +24,6 @@ def pretrain_args(features: str, tmp_path, name: str, ray_address: str, *extra: 
             "--set", "storage_path=s3://runs/pretrain", "--set", f"data.features={features}",
             "--set", f"validation.features={features}", "--set", "train.batch_size=4", "--set", "train.eval_batches=1",
             "--set", f"ray.address={ray_address}", *extra]
-
-
-def address_of(ray_cluster) -> str:
-    return ray_cluster.get_runtime_context().gcs_address
 
 
 def test_the_lock_admits_one_launch_and_frees_a_dead_ones_run(s3_server):
@@ -53,46 +50,35 @@ def test_a_second_launch_of_a_running_run_exits_naming_it(s3_server, pretrain_fe
     assert not (tmp_path / "outputs").exists()  # no MLflow run opened
 
 
-def test_a_relaunch_after_a_killed_driver_ends_its_stale_run_and_resumes(ray_cluster, s3_server, pretrain_features,
-                                                                         tmp_path):
-    """What a SIGKILLed driver leaves: its lock, no longer beating, and its MLflow run RUNNING."""
-    s3_server.create_bucket("runs")
-    tracking = f"sqlite:///{tmp_path}/outputs/mlflow.db"
-    (tmp_path / "outputs").mkdir()
-    client = MlflowClient(tracking)
-    experiment = client.create_experiment("ssamba-local", artifact_location=(tmp_path / "outputs" / "art").as_uri())
-    stale = client.create_run(experiment, run_name="killed", tags={"ray_run_name": "killed"})
-    dead = {"token": "x", "host": "gone", "pid": 1, "started": time.time() - 900, "heartbeat": time.time() - 600}
-    resolve("s3://runs/pretrain/killed").join(run_lock.LOCK_FILE).write_bytes(json.dumps(dead).encode())
-
-    done = run_job("pretrain", *pretrain_args(pretrain_features, tmp_path, "killed", address_of(ray_cluster),
-                                              "--set", "train.max_steps=2", "--set", "validation=null"))
-    assert done.returncode == 0, output_of(done)
-    assert "run killed: its last launch stopped without ending (launched on gone (pid 1)" in done.stdout
-    assert "MLflow run killed was left RUNNING by a launch that stopped without ending it; marked KILLED" in done.stdout
-    (run,) = client.search_runs([experiment], "tags.ray_run_name = 'killed'")
-    assert run.info.run_id == stale.info.run_id and run.info.status == "FINISHED"  # resumed, then ended
-    assert not resolve("s3://runs/pretrain/killed").join(run_lock.LOCK_FILE).exists()
-
-
-def test_a_corrupt_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(ray_cluster, s3_server,
-                                                                                        pretrain_features, tmp_path):
-    """A relaunch resumes from the object store: from the newest checkpoint that loads, in the same
+def test_a_relaunch_after_a_killed_driver_ends_its_stale_run_and_resumes_from_the_newest_checkpoint_that_loads(
+        ray_cluster, s3_server, pretrain_features, tmp_path):
+    """What a driver SIGKILLed while uploading its newest checkpoint leaves: its lock, no longer
+    beating, its MLflow run RUNNING and a truncated ``state.pt``. The relaunch takes the run over,
+    skips the broken checkpoint and resumes from the one before, from the object store, in the same
     MLflow run."""
     s3_server.create_bucket("runs")
-    args = pretrain_args(pretrain_features, tmp_path, "cut", address_of(ray_cluster), "--set", "train.eval_every=2",
+    args = pretrain_args(pretrain_features, tmp_path, "cut", gcs_address(ray_cluster), "--set", "train.eval_every=2",
                          "--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=2")
     first = run_job("pretrain", *args, "--set", "train.max_steps=4")
     assert first.returncode == 0, output_of(first)
-    newest = resolve("s3://runs/pretrain/cut").join("step-00000004", "state.pt")
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (killed,) = client.search_runs([client.get_experiment_by_name("ssamba-local").experiment_id])
+    client.update_run(killed.info.run_id, status="RUNNING")  # the killed driver never ended it
+    folder = resolve("s3://runs/pretrain/cut")
+    dead = {"token": "x", "host": "gone", "pid": 1, "started": time.time() - 900, "heartbeat": time.time() - 600}
+    folder.join(run_lock.LOCK_FILE).write_bytes(json.dumps(dead).encode())
+    newest = folder.join("step-00000004", "state.pt")
     newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])  # what a killed upload leaves
 
     second = run_job("pretrain", *args, "--set", "train.max_steps=6")
     assert second.returncode == 0, output_of(second)
+    assert "run cut: its last launch stopped without ending (launched on gone (pid 1)" in second.stdout
+    assert "MLflow run cut was left RUNNING by a launch that stopped without ending it; marked KILLED" in second.stdout
     assert "resuming from s3://runs/pretrain/cut/step-00000002: skipped checkpoints" in second.stdout
     assert f"{newest.uri}: " in second.stdout  # names the file and why
     assert "finished at step 6" in second.stdout and "step 5/6 | loss" in second.stdout
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("ssamba-local").experiment_id])  # one run, resumed
-    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "2"
+    (run,) = client.search_runs([killed.info.experiment_id])  # one run, resumed, then ended
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from_step"] == "2"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_masked_accuracy")) == [2, 4, 4, 6]
+    assert not folder.join(run_lock.LOCK_FILE).exists()

@@ -101,7 +101,17 @@ def trials_table(client: MlflowClient, run_id: str, folder) -> pd.DataFrame:
     return pd.DataFrame(saved["data"], columns=saved["columns"])
 
 
+def footer_reader_actors() -> int:
+    """Actors of Ray Data's second Parquet reader this cluster has started, ended ones included."""
+    from ray.util.state import list_actors
+
+    return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000, raise_on_missing_output=False))
+
+
 def test_asha_finetune_sweep_resumes_after_its_trials_fail(ray_cluster, small_encoder, tmp_path):
+    """Trials are processes of their own: they read the feature store with the pipeline's Parquet
+    reader too (they once started footer-reading actors every epoch, 100 CPU-seconds of this test)."""
+    footer_readers = footer_reader_actors()
     root = esc50(tmp_path / "esc50")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = load_config(TuneJobConfig, FINETUNE_PRESET, [
@@ -135,6 +145,7 @@ def test_asha_finetune_sweep_resumes_after_its_trials_fail(ray_cluster, small_en
         row = table[table["run_name"] == child.data.tags["ray_run_name"]].iloc[0]
         assert float(child.data.params["optim.lr"]) == pytest.approx(row["optim.lr"])
         assert child.data.params["batch_size"] == str(row["batch_size"])
+    assert footer_reader_actors() == footer_readers
     best = table.loc[table["val_accuracy"].idxmax()]
     assert parent.data.metrics["best.val_accuracy"] == pytest.approx(best["val_accuracy"])
     assert float(parent.data.params["best.optim.lr"]) == pytest.approx(best["optim.lr"])

@@ -82,6 +82,24 @@ def test_a_relaunch_keeps_its_config_and_refuses_changes_unless_accepted(tmp_pat
     assert check_config(changed.name, storage, changed).accepted == []  # the record took the new config
 
 
+def test_a_run_recorded_before_a_field_existed_resumes_while_the_field_has_its_default(tmp_path):
+    """An upgrade adds a field (here the teacher-student ``objective.target_norm``): relaunching a run
+    recorded without it resumes at the default, and refuses another value naming the field."""
+    storage = resolve(str(tmp_path / "ckpt"))
+    run = job(tmp_path, "objective.kind=teacher_student")
+    older = plain(run)
+    del older["objective"]["target_norm"], older["train"]["seed"]
+    record = tmp_path / "ckpt" / run.name / CONFIG_FILE
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps(older))
+    (record.parent / "step-00000020").mkdir()
+    assert check_config(run.name, storage, run) == Launch(plain(run))
+    record.write_text(json.dumps(older))
+    other = job(tmp_path, "objective.kind=teacher_student", "objective.target_norm=layer")
+    with pytest.raises(ConfigChangedError, match=r'objective.target_norm: "<absent>" -> "layer"'):
+        check_config(other.name, storage, other)
+
+
 def test_accepted_changes_are_recorded_on_the_mlflow_run(tmp_path):
     uri = resolve_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracker = RunTracker(uri, "exp", "run-a")

@@ -101,6 +101,24 @@ def test_targets_are_normalised_per_stage_then_per_patch():
     torch.testing.assert_close(average_targets([1000 * stages[0], stages[1]], 1), targets, rtol=1e-4, atol=1e-4)
 
 
+def test_layer_normalised_targets_keep_what_the_clips_patches_share():
+    stages = [torch.randn(2, 9, 8, dtype=torch.float64) for _ in range(2)]
+    shared = torch.randn(2, 1, 8, dtype=torch.float64)  # a per-clip offset every patch carries
+    stages = [stage + 3 * shared for stage in stages]
+    targets = average_targets([s.float() for s in stages], num_prefix_tokens=1, norm="layer")
+    normed = [(s[:, 1:] - s[:, 1:].mean(2, keepdim=True)) / (s[:, 1:].var(2, unbiased=False, keepdim=True) + 1e-5).sqrt()
+              for s in stages]  # float64, per patch over the features
+    mean = (normed[0] + normed[1]) / 2
+    expected = (mean - mean.mean(2, keepdim=True)) / (mean.var(2, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(targets, expected.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(average_targets([1000 * stages[0].float(), stages[1].float()], 1, "layer"), targets,
+                               rtol=1e-4, atol=1e-4)
+    # The clip-level offset survives as the utterance target; instance norm removes it.
+    utterance = targets.mean(1)
+    assert torch.nn.functional.cosine_similarity(utterance, shared[:, 0].float()).min() > 0.8
+    assert average_targets([s.float() for s in stages], 1, "instance").mean(1).abs().max() < utterance.abs().max() / 4
+
+
 # ---------------------------------------------------------------------------------------- masking
 
 
@@ -236,7 +254,8 @@ def test_a_few_steps_reduce_the_loss():
 
 def test_config_validation():
     for bad in (dict(mask_ratio=1.0), dict(clones=0), dict(block_size=0), dict(top_k_blocks=0),
-                dict(ema_decay_start=0.9999, ema_decay_end=0.999), dict(decoder_dim=40), dict(utterance_weight=-1.0)):
+                dict(ema_decay_start=0.9999, ema_decay_end=0.999), dict(decoder_dim=40), dict(utterance_weight=-1.0),
+                dict(target_norm="batch")):
         with pytest.raises(ValueError):
             TeacherStudentConfig(**bad)
     assert tiny_model(config=TeacherStudentConfig(top_k_blocks=8, decoder_dim=32)).top_k == 2  # capped at the stages
