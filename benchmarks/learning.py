@@ -12,9 +12,9 @@ compare frozen-embedding linear probes against the same encoder at random init a
    ``pipeline.pretrain`` then pretrains on Ray Train, tracked in MLflow (``<out>/mlflow.db``).
 3. Each labelled clip is embedded by the pretrained encoder and the same architecture at random init
    (output tokens over the patch columns the clip covers, pooled as their mean, their mean and
-   standard deviation, and the mean of each frequency row), and by the mean and standard deviation
-   over time of its normalised log-mel frames (the whole clip, and only the frames the encoder
-   sees). ``--probe-step N`` skips pretraining and probes a stopped run's step-N checkpoint.
+   standard deviation, the mean of each frequency row, and each row's mean and standard deviation),
+   and by the mean and standard deviation over time of its normalised log-mel frames (the whole
+   clip, and only the frames the encoder sees). ``--probe-step N`` skips pretraining and probes a stopped run's step-N checkpoint.
 4. A multinomial logistic regression per embedding (features standardised on the train split, L2
    weight chosen on the validation split) is scored on the test split; the splits are group-disjoint
    (see learning_data.py).
@@ -47,7 +47,7 @@ from pipeline.launch import start_local_ray
 from ssamba import TARGET_NORMS, SSAMBAEncoder, crop_or_pad, load_checkpoint, norm_stats, normalize
 
 TASKS = ("voice", "language")
-POOLINGS = ("mean", "mean/std", "band means")
+POOLINGS = ("mean", "mean/std", "band means", "band mean/std")
 
 
 def embedding_name(encoder: str, pooling: str) -> str:
@@ -209,11 +209,13 @@ def logmel_embeddings(rows: list[dict], frames: int | None = None) -> torch.Tens
 def encoder_embeddings(encoder: SSAMBAEncoder, rows: list[dict], target_length: int,
                        batch_size: int = 32) -> dict[str, torch.Tensor]:
     """The output patch tokens over the time columns that hold the clip (not its zero padding),
-    pooled three ways: ``mean`` (D), ``mean/std`` (2·D) and ``band means`` (the mean over time of each
-    frequency row, F·D: it keeps the spectral envelope that a mean over every patch averages away)."""
+    pooled four ways: ``mean`` (D), ``mean/std`` (2·D), ``band means`` (the mean over time of each
+    frequency row, F·D: it keeps the spectral envelope that a mean over every patch averages away) and
+    ``band mean/std`` (each row's mean and standard deviation over time, 2·F·D: the encoder's
+    counterpart of the log-mel baseline)."""
     encoder.eval()
     grid, stats = encoder.config.grid, norm_stats("audioset")
-    pooled: dict[str, list[torch.Tensor]] = {"mean": [], "mean/std": [], "band means": []}
+    pooled: dict[str, list[torch.Tensor]] = {pooling: [] for pooling in POOLINGS}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         features = torch.stack([normalize(crop_or_pad(r["fbank"], target_length), stats) for r in chunk])
@@ -225,7 +227,9 @@ def encoder_embeddings(encoder: SSAMBAEncoder, rows: list[dict], target_length: 
             mean = every.mean(0)
             pooled["mean"].append(mean)
             pooled["mean/std"].append(torch.cat([mean, every.std(0, correction=0)]))
-            pooled["band means"].append(bands.mean(1).flatten())
+            band_means = bands.mean(1).flatten()
+            pooled["band means"].append(band_means)
+            pooled["band mean/std"].append(torch.cat([band_means, bands.std(1, correction=0).flatten()]))
     return {name: torch.stack(vectors) for name, vectors in pooled.items()}
 
 

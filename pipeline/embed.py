@@ -8,7 +8,9 @@ Output Parquet rows: ``uri, chunk, ok, error``, then ``scene`` (D floats) and/or
 (ms) and ``timestamp_embeddings`` (one D-float list per timestamp). With a ``classifier`` (a
 fine-tuning job's exported ``classifier.pt``) each row also gets its ``top_k`` most probable
 ``labels`` and their ``probabilities``; ``embeddings: none`` then skips the encoder. A file that
-cannot be decoded gets ``ok = false`` and its reason, never a failed job.
+is not there or cannot be decoded gets ``ok = false`` and its reason, never a failed job. A store that
+keeps failing is not the files' fault: the job stops with one line naming the store instead of
+marking good audio failed (re-run with ``--overwrite`` once it is back).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pipeline.data import read_parquet
 from pipeline.feature_store import FBANK_COLUMNS, decode_fbank
 from pipeline.launch import Input, connect_ray, optional_input, run_command, source_inputs
 from pipeline.models import load_classifier, load_hear_model
-from pipeline.reading import SourceReader
+from pipeline.reading import SourceReader, StorageUnavailable, read_source, storage_failure
 from pipeline.sources import SourceError, list_sources
 from pipeline.storage import resolve
 from ssamba import hear
@@ -68,7 +70,7 @@ class Embedder:
         row stored by the featurize job."""
         if "fbank" in row:
             return None, decode_fbank(row["fbank"], row["n_frames"], row["n_mels"])
-        decoded = decode_audio(self.reader.read(row["uri"]), row["uri"], self.config.audio.sample_rate,
+        decoded = decode_audio(read_source(self.reader, row["uri"]), row["uri"], self.config.audio.sample_rate,
                                self.config.audio.min_seconds)
         return torch.from_numpy(decoded.waveform), None
 
@@ -142,7 +144,13 @@ def run(config: EmbedConfig, overwrite: bool = False) -> int:
         num_cpus=0 if config.use_gpu else 1, num_gpus=1 if config.use_gpu else 0,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
     )
-    embedded.write_parquet(output.path, filesystem=output.filesystem)
+    try:
+        embedded.write_parquet(output.path, filesystem=output.filesystem)
+    except ray.exceptions.RayTaskError as error:
+        failure = storage_failure(error, "re-run with --overwrite once it is back")
+        if failure is None:
+            raise
+        raise failure from None
     return read_parquet(output, columns=["uri"]).count()
 
 
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(config, overwrite=args.overwrite)
         return f"embed: {rows} rows → {resolve(config.output, config.storage)}"
 
-    return run_command(__doc__.splitlines()[0], EmbedConfig, job, argv, (SourceError, EmbedError), inputs=inputs,
+    return run_command(__doc__.splitlines()[0], EmbedConfig, job, argv, (SourceError, EmbedError, StorageUnavailable), inputs=inputs,
                        overwrite_flag=True)
 
 

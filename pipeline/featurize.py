@@ -62,16 +62,14 @@ from pipeline.audio import AudioError
 from pipeline.config import AudioConfig, FeaturizeConfig, public_dict
 from pipeline.feature_store import FEATURE_SCHEMA, QUARANTINE_SCHEMA
 from pipeline.launch import connect_ray, run_command, source_inputs
-from pipeline.reading import SourceReader, featurize_source, split_uri
+from pipeline.reading import SourceReader, StorageUnavailable, featurize_source, read_source, split_uri, storage_failure
 from pipeline.sources import AudioSource, SourceError, list_sources
-from pipeline.storage import PARTIAL_SUFFIX, Location, S3Config, is_missing, resolve
+from pipeline.storage import PARTIAL_SUFFIX, Location, S3Config, resolve
 from ssamba.features import FbankConfig
 
 FORMAT_VERSION = 2  # 2: sources dealt into shards in a seeded random order, recorded in the plan
 RUN_RECORD, PLAN = "_run.json", "_plan.parquet"
 FEATURES, QUARANTINE, DONE = "features", "quarantine", "done"  # folders of the destination
-READ_ATTEMPTS = 3  # reads of one source before its shard fails (pyarrow also retries each request inside)
-READ_BACKOFF_S = 0.5  # the first wait between attempts, doubled after each
 IO_THREADS = 16  # concurrent small requests when checking finished shards
 SHARD_SEED = 0x55A3BA  # fixed: the same input always gives the same shards
 MEMBER_RUN = 64  # consecutive members of one container stay together (one row group read, not 64)
@@ -81,11 +79,6 @@ PLAN_SCHEMA = pa.schema([("shard", pa.int32()), ("source", pa.string())])
 
 class FeaturizeError(RuntimeError):
     """The job cannot start (destination conflict) or could not finish."""
-
-
-class StorageUnavailable(FeaturizeError):
-    """A store kept failing (unreachable, timing out, throttling, refusing the credentials). Its sources
-    are not bad audio: quarantining them would hide them from every re-run, so the job stops instead."""
 
 
 @contextlib.contextmanager
@@ -154,24 +147,6 @@ def _write_plan(output: Location, plan: dict[int, list[AudioSource]]) -> None:
 # --------------------------------------------------------------------------------------------------
 # One shard
 # --------------------------------------------------------------------------------------------------
-
-
-def read_source(reader: SourceReader, uri: str, attempts: int = READ_ATTEMPTS, backoff_s: float = READ_BACKOFF_S) -> bytes:
-    """The bytes of ``uri``, retried with exponential backoff while its store fails. A file that is not
-    there raises ``OSError`` at once (retrying cannot bring it back); a store that still fails after
-    ``attempts`` raises :class:`StorageUnavailable`."""
-    attempt = 1
-    while True:
-        try:
-            return reader.read(uri)
-        except OSError as error:
-            if is_missing(error):
-                raise
-            if attempt >= attempts:
-                raise StorageUnavailable(f"storage unavailable: reading {reader.describe(uri)} failed "
-                                         f"{attempt} times: {error}") from error
-        time.sleep(backoff_s * 2 ** (attempt - 1))
-        attempt += 1
 
 
 def featurize_shard(sources: list[AudioSource], reader: SourceReader, audio: AudioConfig,
@@ -413,15 +388,6 @@ def _grow_plan(output: Location, sources: list[AudioSource], shard_size: int) ->
     return plan, added, missing
 
 
-def _storage_failure(error: Exception) -> StorageUnavailable | None:
-    """The :class:`StorageUnavailable` an actor raised, if ``error`` reports one: Ray Data re-raises a
-    UDF's exception as a ``UserCodeException`` that keeps only its traceback text."""
-    match = re.search(rf"\b{StorageUnavailable.__name__}: (.+)", str(error))
-    if match is None:
-        return None
-    return StorageUnavailable(f"{match.group(1)} (the shards not written are done by a re-run)")
-
-
 def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
     """Featurize everything the config names (or what is new in it); returns the destination's summary."""
     import ray
@@ -457,7 +423,7 @@ def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
                 compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),
             ).take_all()
         except ray.exceptions.RayTaskError as error:
-            failure = _storage_failure(error)
+            failure = storage_failure(error, "the shards not written are done by a re-run")
             if failure is None:
                 raise
             raise failure from None
@@ -477,7 +443,7 @@ def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
 def main(argv: list[str] | None = None) -> int:
     return run_command(__doc__.splitlines()[0], FeaturizeConfig,
                        lambda config, args: run(config, overwrite=args.overwrite).table(),
-                       argv, (SourceError, FeaturizeError), inputs=lambda config: source_inputs("input", config.input),
+                       argv, (SourceError, FeaturizeError, StorageUnavailable), inputs=lambda config: source_inputs("input", config.input),
                        overwrite_flag=True)
 
 

@@ -18,11 +18,15 @@ use the same code.
 
 from __future__ import annotations
 
+import functools
 import json
 import posixpath
+import re
 import tarfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pyarrow.parquet as pq
 import torch
@@ -30,13 +34,21 @@ import torch
 from pipeline.audio import AudioError, decode_audio, split_long_audio
 from pipeline.config import AudioConfig, S3Config
 from pipeline.feature_store import encode_fbank
-from pipeline.storage import Location, resolve
+from pipeline.storage import Location, is_missing, resolve
 from ssamba.features import FbankConfig, waveform_to_fbank
 
 TAR, PARQUET = ".tar", ".parquet"
 CONTAINER_SUFFIXES = (TAR, PARQUET)
 AUDIO_COLUMN, LABEL_COLUMN = "audio", "label"
+T = TypeVar("T")
 MAX_CACHED_TARS = 16  # tar indexes a reader keeps (a shard reads runs of members, few tars at a time)
+READ_ATTEMPTS = 3  # reads of one source before a job stops (pyarrow also retries each request inside)
+READ_BACKOFF_S = 0.5  # the first wait between attempts, doubled after each
+
+
+class StorageUnavailable(RuntimeError):
+    """A store kept failing (unreachable, timing out, throttling, refusing the credentials). Its sources
+    are not bad audio: marking them failed would hide them from every re-run, so the job stops instead."""
 
 
 def split_uri(uri: str) -> tuple[str, str | None]:
@@ -149,7 +161,25 @@ class SourceReader:
 
     def _parquet(self, container: str) -> pq.ParquetFile:
         root, path = self.location(container)
-        return pq.ParquetFile(root.filesystem.open_input_file(path))
+        return self._decode(container, "its footer", lambda: pq.ParquetFile(root.filesystem.open_input_file(path)))
+
+    def _decode(self, container: str, part: str, decode: Callable[[], T]) -> T:
+        """``decode()`` of a part of a Parquet file. pyarrow reports a corrupt page and a failing store
+        alike (``OSError``), so a failure is decoded again after a raw read of the file has succeeded:
+        if it fails while the store serves the bytes, the data is corrupt (:class:`AudioError`, its
+        rows are quarantined); a failing raw read is the store's ``OSError``."""
+        try:
+            return decode()
+        except ValueError as error:  # ArrowInvalid: not Parquet at all
+            raise AudioError("corrupt", f"{container}: cannot decode {part} ({error})") from None
+        except OSError:
+            root, path = self.location(container)
+            with root.filesystem.open_input_file(path) as handle:
+                handle.read_at(min(handle.size(), 8), max(handle.size() - 8, 0))
+        try:
+            return decode()
+        except (OSError, ValueError) as error:
+            raise AudioError("corrupt", f"{container}: cannot decode {part} ({error})") from None
 
     def _read_parquet_row(self, container: str, member: str) -> bytes:
         if not member.isdigit():
@@ -162,7 +192,9 @@ class SourceReader:
             for group in range(table.metadata.num_row_groups):
                 count = table.metadata.row_group(group).num_rows
                 if row < first + count:
-                    cells = table.read_row_group(group, columns=[AUDIO_COLUMN]).column(AUDIO_COLUMN).to_pylist()
+                    read_group = functools.partial(table.read_row_group, group, columns=[AUDIO_COLUMN])
+                    audio = self._decode(container, f"row group {group}", read_group)
+                    cells = audio.column(AUDIO_COLUMN).to_pylist()
                     cached = self._row_group = (container, group, first, cells)
                     break
                 first += count
@@ -185,6 +217,34 @@ class SourceReader:
             labels = [None] * table.metadata.num_rows
         for row, label in enumerate(labels):
             yield Member(f"{container}#{row}", None if label is None else str(label))
+
+
+def read_source(reader: SourceReader, uri: str, attempts: int = READ_ATTEMPTS, backoff_s: float = READ_BACKOFF_S) -> bytes:
+    """The bytes of ``uri``, retried with exponential backoff while its store fails. A file that is not
+    there raises ``OSError`` at once (retrying cannot bring it back); a store that still fails after
+    ``attempts`` raises :class:`StorageUnavailable`."""
+    attempt = 1
+    while True:
+        try:
+            return reader.read(uri)
+        except OSError as error:
+            if is_missing(error):
+                raise
+            if attempt >= attempts:
+                raise StorageUnavailable(f"storage unavailable: reading {reader.describe(uri)} failed "
+                                         f"{attempt} times: {error}") from error
+        time.sleep(backoff_s * 2 ** (attempt - 1))
+        attempt += 1
+
+
+def storage_failure(error: Exception, advice: str) -> StorageUnavailable | None:
+    """The :class:`StorageUnavailable` a Ray Data actor raised, if ``error`` reports one, with ``advice``
+    appended: Ray Data re-raises a UDF's exception as a ``UserCodeException`` that keeps only its
+    traceback text."""
+    match = re.search(rf"\b{StorageUnavailable.__name__}: (.+)", str(error))
+    if match is None:
+        return None
+    return StorageUnavailable(f"{match.group(1)} ({advice})")
 
 
 def featurize_source(data: bytes, uri: str, audio: AudioConfig, fbank_config: FbankConfig) -> list[dict]:

@@ -8,12 +8,11 @@ import json
 import tarfile
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from support.audio_files import bad_file_bytes, encode, expected_fbank, signal
+from support.audio_files import bad_file_bytes, encode, expected_fbank, parquet_table, signal
 from conftest import ACCESS_KEY, SECRET_KEY
 from pipeline import featurize
 from pipeline.config import FeaturizeConfig, load_config
@@ -41,12 +40,6 @@ def tar_bytes(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def parquet_bytes(rows: list[dict]) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer, row_group_size=2)  # rows span several row groups
-    return buffer.getvalue()
-
-
 def stored(output, name: str) -> list[dict]:
     return pq.read_table(output.join(name).path, filesystem=output.filesystem).to_pylist()
 
@@ -71,7 +64,7 @@ def test_webdataset_tar_and_parquet_audio_are_featurized_member_by_member(s3_ser
     s3_server.create_bucket("corpora")
     client = s3_server.client()
     client.put_object(Bucket="corpora", Key="mixed/shard-000000.tar", Body=tar_bytes(tar_members))
-    client.put_object(Bucket="corpora", Key="mixed/table/train-00000.parquet", Body=parquet_bytes(table_rows))
+    client.put_object(Bucket="corpora", Key="mixed/table/train-00000.parquet", Body=parquet_table(table_rows))
     config = s3_config(s3_server, "input.uri=s3://corpora/mixed", "output=s3://corpora/features", "shard_size=3")
 
     summary = featurize.run(config)
@@ -98,16 +91,23 @@ def test_webdataset_tar_and_parquet_audio_are_featurized_member_by_member(s3_ser
     record = json.loads(output.join(featurize.RUN_RECORD).read_bytes())
     assert record["status"] == "complete" and record["sources"] == 9
 
-    # A manifest may name members, relative to its own folder.
+    # A manifest may name members, relative to its own folder. A table with a corrupt row group
+    # quarantines that group's rows (the store serves the bytes: not an outage) and reads the rest.
+    client.put_object(Bucket="corpora", Key="mixed/damaged.parquet", Body=parquet_table(table_rows, corrupt_group=1))
     manifest = ('{"uri": "shard-000000.tar#sub/b.wav", "label": "owl"}\n'
-                '{"uri": "table/train-00000.parquet#3", "label": "wind"}\n')
+                '{"uri": "table/train-00000.parquet#3", "label": "wind"}\n'
+                '{"uri": "damaged.parquet#0"}\n{"uri": "damaged.parquet#2"}\n')
     client.put_object(Bucket="corpora", Key="mixed/manifest.jsonl", Body=manifest.encode())
     listed = s3_config(s3_server, "input.manifest=s3://corpora/mixed/manifest.jsonl",
                        "output=s3://corpora/from-manifest")
     summary = featurize.run(listed)
-    assert (summary.files, summary.quarantined) == (1, {"non_finite": 1})
-    [row] = stored(featurize.resolve(listed.output, listed.storage), "features")
-    assert (row["uri"], row["label"]) == (f"{tar_uri}#sub/b.wav", "owl")
+    assert (summary.files, summary.quarantined) == (2, {"non_finite": 1, "corrupt": 1})
+    features = stored(featurize.resolve(listed.output, listed.storage), "features")
+    assert sorted((row["uri"], row["label"]) for row in features) == [
+        ("s3://corpora/mixed/damaged.parquet#0", None), (f"{tar_uri}#sub/b.wav", "owl")]
+    [corrupt] = [row for row in stored(featurize.resolve(listed.output, listed.storage), "quarantine")
+                 if row["reason"] == "corrupt"]
+    assert corrupt["uri"] == "s3://corpora/mixed/damaged.parquet#2" and "row group 1" in corrupt["detail"]
 
 
 def test_a_grown_input_featurizes_only_its_new_files(s3_server, ray_cluster):

@@ -1,5 +1,5 @@
-"""The featurize command under faults, run as its own process with its own local Ray: a store that goes
-away during the job, and a destination left with a truncated shard and a partial file."""
+"""The featurize and embed commands under faults, each run as its own process with its own local Ray: a
+store that goes away during the job, and a destination left with a truncated shard and a partial file."""
 
 from __future__ import annotations
 
@@ -36,9 +36,13 @@ def job_env():
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def featurize_process(env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "pipeline.featurize", *[arg for item in overrides for arg in ("--set", item)]]
+def job_process(module: str, env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", module, *[arg for item in overrides for arg in ("--set", item)]]
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+
+
+def featurize_process(env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
+    return job_process("pipeline.featurize", env, *overrides)
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -58,7 +62,7 @@ def wait_readable(weed: WeedServer, bucket: str, key: str) -> None:
             time.sleep(0.5)
 
 
-def test_a_store_outage_fails_the_job_and_quarantines_nothing(tmp_path, job_env):
+def test_a_store_outage_fails_featurize_and_embed_and_marks_no_audio_bad(tmp_path, job_env):
     audio = write_collection(tmp_path / "audio") / "good"
     names = sorted(path.relative_to(audio).as_posix() for path in audio.rglob("*") if path.is_file())
     assert len(names) == len(GOOD)
@@ -86,6 +90,14 @@ def test_a_store_outage_fails_the_job_and_quarantines_nothing(tmp_path, job_env)
         assert message.startswith("error: storage unavailable") and weed.endpoint in message, message
         for folder in ("features", "quarantine", "done"):
             assert not list((output / folder).glob("*")), f"{folder}: a failed shard wrote something"
+
+        embeddings = tmp_path / "embeddings"  # the embed job reads the same audio the same way
+        embed = job_process("pipeline.embed", job_env, f"input.manifest={manifest}", f"output={embeddings}",
+                            *settings[3:])
+        assert embed.returncode == 2, embed.stderr[-3000:]
+        [message] = error_lines(embed)
+        assert message.startswith("error: storage unavailable") and weed.endpoint in message, message
+        assert "--overwrite" in message and not list(embeddings.rglob("*.parquet")), "good audio marked failed"
 
         weed.start()
         wait_readable(weed, "raw", f"corpus/{names[0]}")

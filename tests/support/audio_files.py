@@ -1,5 +1,5 @@
 """A small audio collection written by the tests: good files in several formats, sample rates and
-channel counts, and one file of each kind the featurizer must quarantine."""
+channel counts, one file of each kind the featurizer must quarantine, and Parquet audio tables."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import soundfile
 import torch
 import torchaudio
@@ -97,3 +99,16 @@ def write_class_folders(root: Path, classes: int, per_class: int, seconds: float
             samples = signal(16_000, 1, seconds, seed=1000 * label + index)
             (root / f"class{label}" / f"clip{index:03d}.wav").write_bytes(encode(samples, 16_000, "WAV", "PCM_16"))
     return root
+
+
+def parquet_table(rows: list[dict], corrupt_group: int | None = None) -> bytes:
+    """An audio table (``audio`` structs, optional ``label``) in row groups of two rows. With
+    ``corrupt_group``, the page header of that group's audio bytes is overwritten, as a bad disk or a
+    broken upload leaves it: the footer and the other groups still read."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer, row_group_size=2)
+    data = bytearray(buffer.getvalue())
+    if corrupt_group is not None:
+        offset = pq.ParquetFile(io.BytesIO(data)).metadata.row_group(corrupt_group).column(0).data_page_offset
+        data[offset : offset + 16] = b"\xff" * 16
+    return bytes(data)

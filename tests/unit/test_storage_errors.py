@@ -9,9 +9,11 @@ import time
 import pyarrow.fs as pafs
 import pytest
 
+from support.audio_files import parquet_table
 from pipeline import featurize
+from pipeline.audio import AudioError
 from pipeline.config import AudioConfig, S3Config
-from pipeline.reading import SourceReader
+from pipeline.reading import SourceReader, StorageUnavailable, read_source
 from pipeline.sources import AudioSource
 from pipeline.storage import is_missing
 from ssamba.features import FbankConfig
@@ -73,15 +75,15 @@ def test_real_errors_are_classified(tmp_path):
 def test_read_source_does_not_retry_a_missing_file(tmp_path):
     start = time.monotonic()
     with pytest.raises(FileNotFoundError):
-        featurize.read_source(SourceReader(S3Config()), str(tmp_path / "absent.wav"), attempts=2, backoff_s=30)
+        read_source(SourceReader(S3Config()), str(tmp_path / "absent.wav"), attempts=2, backoff_s=30)
     assert time.monotonic() - start < 30
 
 
 def test_read_source_retries_a_failing_store_then_names_it():
     reader = unreachable_reader()
     start = time.monotonic()
-    with pytest.raises(featurize.StorageUnavailable) as error:
-        featurize.read_source(reader, "s3://raw/a.wav", attempts=3, backoff_s=0.2)
+    with pytest.raises(StorageUnavailable) as error:
+        read_source(reader, "s3://raw/a.wav", attempts=3, backoff_s=0.2)
     assert time.monotonic() - start >= 0.2 + 0.4  # backed off twice, doubling
     message = str(error.value)
     assert "s3://raw/a.wav" in message and reader.storage.endpoint_url in message and "3 times" in message
@@ -93,5 +95,19 @@ def test_a_missing_file_is_quarantined_but_a_failing_store_fails_the_shard(tmp_p
     features, quarantine = featurize.featurize_shard([AudioSource(str(tmp_path / "absent.wav"))],
                                                      SourceReader(S3Config()), audio, fbank)
     assert features.num_rows == 0 and quarantine.column("reason").to_pylist() == ["unreadable"]
-    with pytest.raises(featurize.StorageUnavailable):
+    with pytest.raises(StorageUnavailable):
         featurize.featurize_shard([AudioSource("s3://raw/a.wav")], unreachable_reader(), audio, fbank)
+
+
+def test_a_corrupt_parquet_row_group_is_bad_data_but_an_unreachable_table_is_the_store(tmp_path):
+    table = tmp_path / "table.parquet"
+    table.write_bytes(parquet_table([{"audio": {"bytes": bytes([row]) * 4000, "path": f"{row}.wav"}} for row in range(4)],
+                                    corrupt_group=1))
+    reader = SourceReader(S3Config())
+    assert reader.read(f"{table}#1") == bytes([1]) * 4000  # the intact group still reads
+    with pytest.raises(AudioError) as error:
+        reader.read(f"{table}#2")
+    assert error.value.reason == "corrupt" and "row group 1" in error.value.detail
+    with pytest.raises(OSError) as error:
+        unreachable_reader().read("s3://raw/table.parquet#2")
+    assert not is_missing(error.value)
