@@ -30,7 +30,7 @@ from pipeline.data import read_parquet
 from pipeline.feature_store import FBANK_COLUMNS, decode_fbank
 from pipeline.launch import Input, connect_ray, optional_input, run_command, source_inputs
 from pipeline.models import load_classifier, load_hear_model
-from pipeline.reading import SourceReader, StorageUnavailable, read_source, storage_failure
+from pipeline.reading import SourceReader, StorageUnavailable, read_source, stop_on_storage_failure
 from pipeline.sources import SourceError, list_sources
 from pipeline.storage import resolve
 from ssamba import hear
@@ -144,13 +144,8 @@ def run(config: EmbedConfig, overwrite: bool = False) -> int:
         num_cpus=0 if config.use_gpu else 1, num_gpus=1 if config.use_gpu else 0,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
     )
-    try:
+    with stop_on_storage_failure("re-run with --overwrite once it is back"):
         embedded.write_parquet(output.path, filesystem=output.filesystem)
-    except ray.exceptions.RayTaskError as error:
-        failure = storage_failure(error, "re-run with --overwrite once it is back")
-        if failure is None:
-            raise
-        raise failure from None
     return read_parquet(output, columns=["uri"]).count()
 
 

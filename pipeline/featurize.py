@@ -62,7 +62,7 @@ from pipeline.audio import AudioError
 from pipeline.config import AudioConfig, FeaturizeConfig, public_dict
 from pipeline.feature_store import FEATURE_SCHEMA, QUARANTINE_SCHEMA
 from pipeline.launch import connect_ray, run_command, source_inputs
-from pipeline.reading import SourceReader, StorageUnavailable, featurize_source, read_source, split_uri, storage_failure
+from pipeline.reading import SourceReader, StorageUnavailable, featurize_source, read_source, split_uri, stop_on_storage_failure
 from pipeline.sources import AudioSource, SourceError, list_sources
 from pipeline.storage import PARTIAL_SUFFIX, Location, S3Config, resolve
 from ssamba.features import FbankConfig
@@ -417,16 +417,11 @@ def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
         workers = config.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         rows = [{"shard": index, "sources": json.dumps([s.to_dict() for s in plan[index]])} for index in pending]
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-        try:
+        with stop_on_storage_failure("the shards not written are done by a re-run"):
             done_shards = dataset.map_batches(
                 ShardFeaturizer, fn_constructor_kwargs={"config": config}, batch_size=1, num_cpus=1,
                 compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),
             ).take_all()
-        except ray.exceptions.RayTaskError as error:
-            failure = storage_failure(error, "the shards not written are done by a re-run")
-            if failure is None:
-                raise
-            raise failure from None
 
     with storage_errors(output):
         summary = summarize(output)

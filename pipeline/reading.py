@@ -18,6 +18,7 @@ use the same code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import posixpath
@@ -237,14 +238,18 @@ def read_source(reader: SourceReader, uri: str, attempts: int = READ_ATTEMPTS, b
         attempt += 1
 
 
-def storage_failure(error: Exception, advice: str) -> StorageUnavailable | None:
-    """The :class:`StorageUnavailable` a Ray Data actor raised, if ``error`` reports one, with ``advice``
-    appended: Ray Data re-raises a UDF's exception as a ``UserCodeException`` that keeps only its
-    traceback text."""
-    match = re.search(rf"\b{StorageUnavailable.__name__}: (.+)", str(error))
-    if match is None:
-        return None
-    return StorageUnavailable(f"{match.group(1)} ({advice})")
+@contextlib.contextmanager
+def stop_on_storage_failure(advice: str) -> Iterator[None]:
+    """Around a Ray Data execution: the :class:`StorageUnavailable` an actor raised, with ``advice``
+    appended, instead of Ray's wrapper. Ray Data re-raises a UDF's exception as a
+    ``UserCodeException`` that keeps only its traceback text, so it is recognised by its name there."""
+    try:
+        yield
+    except Exception as error:
+        match = re.search(rf"\b{StorageUnavailable.__name__}: (.+)", str(error))
+        if match is None:
+            raise
+        raise StorageUnavailable(f"{match.group(1)} ({advice})") from None
 
 
 def featurize_source(data: bytes, uri: str, audio: AudioConfig, fbank_config: FbankConfig) -> list[dict]:
