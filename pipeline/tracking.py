@@ -228,7 +228,7 @@ class RunOutcome:
 def run_status(tracker: RunTracker) -> Iterator[RunOutcome]:
     """End ``tracker``'s run by how the block ends: as its :class:`RunOutcome` says when it returns,
     KILLED on Ctrl-C or SIGTERM (the driver then exits non-zero), FAILED on any other exception
-    (which propagates)."""
+    (which propagates). A Tune trial stopped by its scheduler leaves the run to the sweep."""
     outcome = RunOutcome()
     with _sigterm_raises():
         try:
@@ -237,6 +237,11 @@ def run_status(tracker: RunTracker) -> Iterator[RunOutcome]:
             tracker.finish("KILLED")
             raise
         except SystemExit as exiting:
+            if threading.current_thread() is not threading.main_thread():
+                # A Tune trial's thread: Tune ends a trial its scheduler stopped (ASHA) with sys.exit(0)
+                # at its next report, possibly after the sweep has closed the run. The sweep, which
+                # knows how the trial ended, gives the run its status.
+                raise
             # Ray Train's own Ctrl-C handler aborts the run, then exits the driver with status 0.
             tracker.finish("KILLED")
             raise KeyboardInterrupt("interrupted while training") from exiting

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
 
 import pytest
 import torch
@@ -23,6 +25,14 @@ def _tracker(tmp_path, name: str) -> RunTracker:
 
 def _status(tracker: RunTracker) -> str:
     return tracker.client.get_run(tracker.run_id).info.status
+
+
+def _exit_inside_run_status(tracker: RunTracker, exits: list[BaseException]) -> None:
+    try:
+        with run_status(tracker):
+            sys.exit(0)
+    except BaseException as exiting:
+        exits.append(exiting)
 
 
 def test_run_status_follows_how_the_block_ends(tmp_path):
@@ -52,6 +62,13 @@ def test_run_status_follows_how_the_block_ends(tmp_path):
     with pytest.raises(KeyboardInterrupt), run_status(aborted):
         raise SystemExit(0)
     assert _status(aborted) == "KILLED"
+
+    stopped = _tracker(tmp_path, "stopped")  # Tune stops a trial's thread with sys.exit(0) at its next report
+    exits: list[BaseException] = []
+    trial_thread = threading.Thread(target=_exit_inside_run_status, args=(stopped, exits))
+    trial_thread.start()
+    trial_thread.join()
+    assert [type(e) for e in exits] == [SystemExit] and _status(stopped) == "RUNNING"  # the sweep closes it
 
     decided = _tracker(tmp_path, "decided")
     with run_status(decided) as outcome:
