@@ -12,7 +12,8 @@ compare frozen-embedding linear probes against the same encoder at random init a
    ``pipeline.pretrain`` then pretrains on Ray Train, tracked in MLflow (``<out>/mlflow.db``).
 3. Each labelled clip is embedded by the pretrained encoder and the same architecture at random init
    (output tokens over the patch columns the clip covers, pooled as their mean, their mean and
-   standard deviation, the mean of each frequency row, and each row's mean and standard deviation),
+   standard deviation, the mean of each frequency row, each row's mean and standard deviation, and
+   the [CLS] output),
    and by the mean and standard deviation over time of its normalised log-mel frames (the whole
    clip, and only the frames the encoder sees). ``--probe-step N`` skips pretraining and probes a stopped run's step-N checkpoint.
 4. A multinomial logistic regression per embedding (features standardised on the train split, L2
@@ -47,7 +48,7 @@ from pipeline.launch import start_local_ray
 from ssamba import TARGET_NORMS, SSAMBAEncoder, crop_or_pad, load_checkpoint, norm_stats, normalize
 
 TASKS = ("voice", "language")
-POOLINGS = ("mean", "mean/std", "band means", "band mean/std")
+POOLINGS = ("mean", "mean/std", "band means", "band mean/std", "[CLS]")
 
 
 def embedding_name(encoder: str, pooling: str) -> str:
@@ -84,6 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decoder-dim", type=int, default=64, help="teacher_student: width of the decoder")
     parser.add_argument("--target-norm", choices=TARGET_NORMS, default="instance",
                         help="teacher_student: per-stage normalisation of the teacher's targets")
+    parser.add_argument("--reconstruction-weight", type=float, default=0.0,
+                        help="teacher_student: weight of an added MSE reconstruction of the masked fbank patches")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -133,7 +136,7 @@ def objective(args: argparse.Namespace, max_steps: int) -> dict:
     return {"kind": "teacher_student", "clones": args.clones, "mask_ratio": mask_ratio(args),
             "block_size": args.block_size, "top_k_blocks": args.top_k_blocks, "ema_decay_start": args.ema_decay[0],
             "ema_decay_end": args.ema_decay[1], "ema_anneal_steps": max_steps, "decoder_dim": args.decoder_dim,
-            "target_norm": args.target_norm}
+            "target_norm": args.target_norm, "reconstruction_weight": args.reconstruction_weight}
 
 
 def pretrain_job(args: argparse.Namespace, max_steps: int) -> PretrainJobConfig:
@@ -212,14 +215,17 @@ def encoder_embeddings(encoder: SSAMBAEncoder, rows: list[dict], target_length: 
     pooled four ways: ``mean`` (D), ``mean/std`` (2·D), ``band means`` (the mean over time of each
     frequency row, F·D: it keeps the spectral envelope that a mean over every patch averages away) and
     ``band mean/std`` (each row's mean and standard deviation over time, 2·F·D: the encoder's
-    counterpart of the log-mel baseline)."""
+    counterpart of the log-mel baseline); and the ``[CLS]`` output (D: the token the teacher-student
+    utterance loss trains; it also reads the zero padding)."""
     encoder.eval()
     grid, stats = encoder.config.grid, norm_stats("audioset")
     pooled: dict[str, list[torch.Tensor]] = {pooling: [] for pooling in POOLINGS}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         features = torch.stack([normalize(crop_or_pad(r["fbank"], target_length), stats) for r in chunk])
-        tokens = encoder(features)[:, 1:].reshape(len(chunk), grid.freq_patches, grid.time_patches, -1)
+        encoded = encoder(features)
+        pooled["[CLS]"].extend(encoded[:, 0])
+        tokens = encoded[:, 1:].reshape(len(chunk), grid.freq_patches, grid.time_patches, -1)
         for tokens_of_clip, row in zip(tokens, chunk):
             covered = min(grid.time_patches, max(1, math.ceil(min(row["fbank"].shape[0], target_length) / grid.tstride)))
             bands = tokens_of_clip[:, :covered]  # (F, T covered, D)

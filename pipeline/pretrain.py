@@ -156,8 +156,10 @@ def tokens_per_clip(config: PretrainJobConfig, num_patches: int) -> int:
 
 
 def step_metrics(out) -> dict[str, float]:
-    """Every scalar the objective's output holds (``accuracy`` logged as ``masked_accuracy``)."""
-    return {"masked_accuracy" if f.name == "accuracy" else f.name: getattr(out, f.name).item() for f in fields(out)}
+    """Every scalar the objective's output holds (``accuracy`` logged as ``masked_accuracy``; a term the
+    config leaves out is ``None`` and not logged)."""
+    return {"masked_accuracy" if f.name == "accuracy" else f.name: getattr(out, f.name).item() for f in fields(out)
+            if getattr(out, f.name) is not None}
 
 
 def validation_score(config: PretrainJobConfig, metrics: dict[str, float]) -> float:
@@ -192,6 +194,8 @@ def _evaluate(training: Training, config: PretrainJobConfig, worker: Worker, aut
     at the official validation mask count (``val_masked_*``), or the teacher-student losses (``val_*``)."""
     inner = training.inner
     prefix, names = VALIDATION_METRICS[config.objective.kind]
+    if config.objective.teacher_student and config.objective.reconstruction_weight > 0:
+        names = (*names, "reconstruction_mse")
     masking = {} if config.objective.teacher_student else {
         "num_mask": min(config.masking.validation_mask_patches, inner.grid.num_patches - 1)}
     rng = random.Random(1234 + worker.rank)

@@ -6,7 +6,8 @@ student (the encoder being trained) sees ``clones`` differently masked views of 
 their visible patches: a sequence of about ``(1 − mask_ratio)·N + 1`` tokens instead of ``N + 1``.
 A light convolutional decoder fills the masked positions with a mask token and predicts the
 teacher's targets there; the student's [CLS] output regresses the clip's mean target (EAT's
-utterance loss). The one teacher pass is shared by all clones, which is what makes many masks per
+utterance loss). Optionally (``reconstruction_weight``) the decoder also reconstructs the masked
+fbank patches themselves, the masked-patch objective's MSE target. The one teacher pass is shared by all clones, which is what makes many masks per
 clip cheap. :meth:`SSAMBATeacherStudentModel.update_teacher` moves the teacher towards the student
 after every optimizer step.
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from ssamba.encoder import PatchGrid, SSAMBAEncoder
 from ssamba.pretrain import (
-    PretrainConfig, check_mask_choice, check_pretraining_grid, gather_tokens, mask_count, masks_to_device,
+    PretrainConfig, check_mask_choice, check_pretraining_grid, gather_tokens, mask_count, masks_to_device, patchify,
 )
 
 # The decoder's convolutions: 3×3 over the (frequency, time) patch grid, in groups as in EAT's decoder.
@@ -45,7 +46,11 @@ class TeacherStudentConfig:
     ``top_k_blocks`` counts the encoder's stages (a flip-pair is one stage, see
     :attr:`SSAMBAEncoder.num_stages`) and is capped at their number. The teacher's decay goes linearly
     from ``ema_decay_start`` to ``ema_decay_end`` over ``ema_anneal_steps`` optimizer steps, then stays.
-    ``target_norm`` is how each stage is normalised before the average (see :func:`average_targets`)."""
+    ``target_norm`` is how each stage is normalised before the average (see :func:`average_targets`).
+    ``reconstruction_weight`` > 0 adds the MSE between the decoder's reconstruction of each masked
+    patch and its normalised fbank values (what :mod:`ssamba.pretrain` regresses): a target that means
+    something from the first step, while the EMA teacher is still close to its random init. 0 (the
+    default) is EAT's objective."""
 
     clones: int = 4
     mask_ratio: float = 0.8
@@ -58,6 +63,7 @@ class TeacherStudentConfig:
     decoder_depth: int = 2
     utterance_weight: float = 1.0
     target_norm: TargetNorm = "instance"
+    reconstruction_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check_mask_choice(None, self.mask_ratio)
@@ -69,8 +75,8 @@ class TeacherStudentConfig:
         if not 0.0 <= self.ema_decay_start <= self.ema_decay_end <= 1.0:
             raise ValueError(f"need 0 ≤ ema_decay_start ≤ ema_decay_end ≤ 1, "
                              f"got {self.ema_decay_start} and {self.ema_decay_end}")
-        if self.ema_anneal_steps < 0 or self.utterance_weight < 0:
-            raise ValueError("ema_anneal_steps and utterance_weight must not be negative")
+        if self.ema_anneal_steps < 0 or self.utterance_weight < 0 or self.reconstruction_weight < 0:
+            raise ValueError("ema_anneal_steps, utterance_weight and reconstruction_weight must not be negative")
         if self.decoder_dim < 1 or self.decoder_dim % DECODER_GROUPS:
             raise ValueError(f"decoder_dim must be a positive multiple of {DECODER_GROUPS}, got {self.decoder_dim}")
 
@@ -92,13 +98,15 @@ class TeacherStudentConfig:
 
 @dataclass
 class TeacherStudentOutput:
-    """The loss and what to log. The two standard deviations (per feature over all rows, averaged over
+    """The loss and what to log (``reconstruction_mse`` is ``None`` without the reconstruction term). The
+    two standard deviations (per feature over all rows, averaged over
     features; no gradient) are data2vec's collapse monitors: both fall towards 0 if the student and
     the teacher settle on a constant representation."""
 
     loss: torch.Tensor
     frame_mse: torch.Tensor
     utterance_mse: torch.Tensor
+    reconstruction_mse: torch.Tensor | None
     target_std: torch.Tensor
     prediction_std: torch.Tensor
 
@@ -181,10 +189,11 @@ class DecoderLayer(nn.Module):
 class ConvDecoder(nn.Module):
     """The student's outputs at the visible patches, with a learned mask token plus a learned
     positional embedding at every masked patch, through ``depth`` residual :class:`DecoderLayer` on
-    the full patch grid: a prediction of the teacher's target for every patch. Convolutions see each
+    the full patch grid: a prediction of the teacher's target for every patch and, with
+    ``patch_values`` > 0, a reconstruction of every patch's fbank values. Convolutions see each
     patch's grid neighbours, frequency and time alike, at a cost linear in the patches."""
 
-    def __init__(self, embed_dim: int, grid: PatchGrid, dim: int, depth: int) -> None:
+    def __init__(self, embed_dim: int, grid: PatchGrid, dim: int, depth: int, patch_values: int = 0) -> None:
         super().__init__()
         self.grid = grid
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -192,18 +201,21 @@ class ConvDecoder(nn.Module):
         self.project_in = nn.Linear(embed_dim, dim)
         self.layers = nn.ModuleList(DecoderLayer(dim) for _ in range(depth))
         self.project_out = nn.Linear(dim, embed_dim)
+        self.project_patches = nn.Linear(dim, patch_values) if patch_values else None
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def forward(self, encoded: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """``(rows, V, D)`` outputs at the ``(rows, V)`` visible patches → ``(rows, N, D)`` predictions."""
+    def forward(self, encoded: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(rows, V, D)`` outputs at the ``(rows, V)`` visible patches → ``(rows, N, D)`` predictions
+        of the targets, and ``(rows, N, patch_values)`` reconstructions (``None`` without that head)."""
         rows = encoded.shape[0]
         masked_input = (self.mask_token + self.pos_embed).to(encoded.dtype).expand(rows, -1, -1)
         tokens = masked_input.scatter(1, visible.unsqueeze(-1).expand_as(encoded), encoded)
         image = self.project_in(tokens).unflatten(1, (self.grid.freq_patches, self.grid.time_patches))
         for layer in self.layers:
             image = image + layer(image)
-        return self.project_out(image.flatten(1, 2))
+        hidden = image.flatten(1, 2)
+        return self.project_out(hidden), None if self.project_patches is None else self.project_patches(hidden)
 
 
 def _feature_std(values: torch.Tensor) -> torch.Tensor:
@@ -225,7 +237,8 @@ class SSAMBATeacherStudentModel(nn.Module):
         check_pretraining_grid(grid)
         self.encoder, self.grid, self.config = encoder, grid, config
         self.teacher = copy.deepcopy(encoder).requires_grad_(False).eval()
-        self.decoder = ConvDecoder(encoder.embed_dim, grid, config.decoder_dim, config.decoder_depth)
+        patch_values = grid.fshape * grid.tshape if config.reconstruction_weight > 0 else 0
+        self.decoder = ConvDecoder(encoder.embed_dim, grid, config.decoder_dim, config.decoder_depth, patch_values)
         self.num_visible = config.num_visible(grid.num_patches)
         self.top_k = min(config.top_k_blocks, encoder.num_stages)
 
@@ -264,14 +277,19 @@ class SSAMBATeacherStudentModel(nn.Module):
         targets = self.teacher_targets(features)
         encoded = self.encode_visible(features, visible, clip)
         prefix = self.encoder.num_prefix_tokens
-        predictions = gather_tokens(self.decoder(encoded[:, prefix:], visible), masked).float()
+        decoded, reconstructed = self.decoder(encoded[:, prefix:], visible)
+        predictions = gather_tokens(decoded, masked).float()
         masked_targets = targets[clip.unsqueeze(1), masked]
         frame_mse = F.mse_loss(predictions, masked_targets)
         utterance_mse = F.mse_loss(encoded[:, 0].float(), targets.mean(1)[clip])  # [CLS] at 0
-        return TeacherStudentOutput(
-            frame_mse + self.config.utterance_weight * utterance_mse, frame_mse, utterance_mse,
-            _feature_std(masked_targets), _feature_std(predictions),
-        )
+        loss = frame_mse + self.config.utterance_weight * utterance_mse
+        reconstruction_mse = None
+        if reconstructed is not None:
+            patch_values = patchify(features, self.grid)[clip.unsqueeze(1), masked].float()
+            reconstruction_mse = F.mse_loss(gather_tokens(reconstructed, masked).float(), patch_values)
+            loss = loss + self.config.reconstruction_weight * reconstruction_mse
+        return TeacherStudentOutput(loss, frame_mse, utterance_mse, reconstruction_mse,
+                                    _feature_std(masked_targets), _feature_std(predictions))
 
     @torch.no_grad()
     def update_teacher(self, step: int) -> float:

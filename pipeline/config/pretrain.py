@@ -76,6 +76,8 @@ class ObjectiveConfig(Strict):
     target_norm: TargetNorm = Field(_TEACHER_STUDENT.target_norm, description="teacher_student: how each teacher "
                                     "stage is normalised before the average: instance (per feature over the clip, "
                                     "EAT's) or layer (per patch, keeps what the clip's patches share)")
+    reconstruction_weight: float = Field(_TEACHER_STUDENT.reconstruction_weight, ge=0, description="teacher_student: "
+                                         "weight of an added MSE reconstruction of the masked fbank patches (0: off)")
 
     @property
     def teacher_student(self) -> bool:

@@ -194,14 +194,15 @@ def test_remote_mlflow_server_and_gradient_accumulation(pretrain_features, tmp_p
 
 
 def test_teacher_student_objective_trains_and_exports_its_teacher_with_the_encoder(pretrain_features, tmp_path):
-    """The teacher-student preset on a Train worker: its own metrics, a teacher that moved away from
-    the student and travels in the checkpoints and the export (resuming loads the whole state, see
-    test_run_faults; the teacher's state dict round trip is a unit test), and an encoder that loads
-    like any other."""
+    """The teacher-student preset, with the reconstruction term, on a Train worker: its own metrics, a
+    teacher that moved away from the student and travels in the checkpoints and the export (resuming
+    loads the whole state, see test_run_faults; the teacher's state dict round trip is a unit test),
+    and an encoder that loads like any other."""
     config = load_config(PretrainJobConfig, "configs/pretrain/local-tiny-teacher-student.yaml",
                          overrides(pretrain_features, tmp_path, "name=ts", f"storage_path={tmp_path / 'ckpt'}",
                                    "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2",
-                                   "train.log_every=1", "train.batch_size=4", "objective.clones=2"))
+                                   "train.log_every=1", "train.batch_size=4", "objective.clones=2",
+                                   "objective.reconstruction_weight=1.0"))
     assert pretrain.run(config).metrics["step"] == 4
     saved = torch.load(tmp_path / "ckpt" / "ts" / "step-00000004" / "state.pt", weights_only=True)["model"]
     teacher = {key[len("teacher."):]: value for key, value in saved.items() if key.startswith("teacher.")}
@@ -209,7 +210,8 @@ def test_teacher_student_objective_trains_and_exports_its_teacher_with_the_encod
 
     client, run = run_of(config)
     assert run.info.status == "FINISHED"
-    assert {"frame_mse", "utterance_mse", "target_std", "prediction_std", "val_loss", "val_frame_mse"} <= set(run.data.metrics)
+    assert {"frame_mse", "utterance_mse", "reconstruction_mse", "target_std", "prediction_std", "val_loss",
+            "val_frame_mse", "val_reconstruction_mse"} <= set(run.data.metrics)
     assert "masked_accuracy" not in run.data.metrics
     exported = load_checkpoint(pretrain.encoder_uri(config))
     assert exported.metadata["step"] == 4 and exported.encoder_config.embed_dim == 64

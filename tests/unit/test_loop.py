@@ -14,9 +14,9 @@ import torch
 from pipeline.config import FinetuneJobConfig, PretrainJobConfig, load_config
 from pipeline.finetune import StepDecay
 from pipeline.loop import Clock, base_rates, set_learning_rates
-from pipeline.pretrain import accumulation_steps
+from pipeline.pretrain import accumulation_steps, step_metrics
 from pipeline.tracking import RunTracker, run_status
-from ssamba import ops
+from ssamba import PretrainOutput, TeacherStudentOutput, ops
 
 
 def _tracker(tmp_path, name: str) -> RunTracker:
@@ -120,3 +120,14 @@ def test_global_batch_counts_workers_and_accumulation():
     config = load_config(PretrainJobConfig, "configs/pretrain/local-tiny.yaml",
                          ["train.grad_accum=2", "train.batch_size=4", "scaling.num_workers=3"])
     assert config.train.global_batch_size == 24 and accumulation_steps(config, world_size=3) == 2
+
+
+def test_step_metrics_are_the_objectives_terms_without_the_ones_left_out():
+    value = torch.tensor
+    plain = TeacherStudentOutput(value(1.5), value(1.0), value(0.5), None, value(0.9), value(0.8))
+    assert step_metrics(plain) == {"loss": 1.5, "frame_mse": 1.0, "utterance_mse": 0.5,
+                                   "target_std": pytest.approx(0.9), "prediction_std": pytest.approx(0.8)}
+    hybrid = TeacherStudentOutput(value(2.0), value(1.0), value(0.5), value(1.0), value(0.9), value(0.8))
+    assert step_metrics(hybrid)["reconstruction_mse"] == 1.0
+    masked = PretrainOutput(value(3.0), value(2.0), value(0.1), value(0.25))
+    assert step_metrics(masked) == {"loss": 3.0, "nce": 2.0, "mse": pytest.approx(0.1), "masked_accuracy": 0.25}

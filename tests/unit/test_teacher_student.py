@@ -196,6 +196,38 @@ def test_student_output_ignores_masked_patches():
     assert not torch.allclose(model.encode_visible(a, visible, clip), model.encode_visible(b, visible, clip))
 
 
+def test_reconstruction_term_scores_the_masked_fbank_patches():
+    """The optional reconstruction MSE, against the patches cut out of the fbank by hand in float64."""
+    config = TeacherStudentConfig(clones=2, block_size=2, decoder_dim=32, reconstruction_weight=0.5)
+    model = tiny_model(config=config).train()
+    decoded = []
+    model.decoder.register_forward_hook(lambda module, args, output: decoded.append(output))
+    x = features(batch=2)
+    out = model(x, random.Random(0))
+    out.loss.backward()
+
+    visible = sample_visible(GRID, 4, model.num_visible, config.block_size, random.Random(0))  # the forward's draw
+    reconstructed = decoded[0][1].detach().double()
+    errors = []
+    for row, row_visible in enumerate(visible.tolist()):
+        clip = x[row // config.clones].double()
+        for patch in sorted(set(range(GRID.num_patches)) - set(row_visible)):
+            band, column = divmod(patch, GRID.time_patches)
+            frames = slice(column * GRID.tshape, (column + 1) * GRID.tshape)
+            bins = slice(band * GRID.fshape, (band + 1) * GRID.fshape)
+            expected = clip[frames, bins].T.flatten()  # (mel, frames), frequency-major like the patch embedding
+            errors.append((reconstructed[row, patch] - expected).pow(2).mean())
+    assert out.reconstruction_mse.item() == pytest.approx(torch.stack(errors).mean().item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(
+        out.frame_mse.item() + out.utterance_mse.item() + 0.5 * out.reconstruction_mse.item(), rel=1e-6)
+    assert model.decoder.project_patches.weight.grad.abs().sum() > 0
+
+    plain = tiny_model()  # weight 0, the default: EAT's objective, and the state dict of earlier checkpoints
+    assert plain.decoder.project_patches is None and plain(x, random.Random(0)).reconstruction_mse is None
+    assert set(model.state_dict()) - set(plain.state_dict()) == {"decoder.project_patches.weight",
+                                                                 "decoder.project_patches.bias"}
+
+
 def test_ema_schedule_and_exact_update():
     config = TeacherStudentConfig(ema_decay_start=0.99, ema_decay_end=0.999, ema_anneal_steps=100, block_size=2, decoder_dim=32)
     assert config.ema_decay(0) == 0.99 and config.ema_decay(50) == pytest.approx(0.9945, abs=1e-12)
@@ -255,6 +287,7 @@ def test_a_few_steps_reduce_the_loss():
 def test_config_validation():
     for bad in (dict(mask_ratio=1.0), dict(clones=0), dict(block_size=0), dict(top_k_blocks=0),
                 dict(ema_decay_start=0.9999, ema_decay_end=0.999), dict(decoder_dim=40), dict(utterance_weight=-1.0),
+                dict(reconstruction_weight=-0.1),
                 dict(target_norm="batch")):
         with pytest.raises(ValueError):
             TeacherStudentConfig(**bad)
