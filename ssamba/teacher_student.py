@@ -7,9 +7,10 @@ their visible patches: a sequence of about ``(1 − mask_ratio)·N + 1`` tokens 
 A light convolutional decoder fills the masked positions with a mask token and predicts the
 teacher's targets there; the student's [CLS] output regresses the clip's mean target (EAT's
 utterance loss). Optionally (``reconstruction_weight``) the decoder also reconstructs the masked
-fbank patches themselves, the masked-patch objective's MSE target. The one teacher pass is shared by all clones, which is what makes many masks per
-clip cheap. :meth:`SSAMBATeacherStudentModel.update_teacher` moves the teacher towards the student
-after every optimizer step.
+fbank patches themselves, the masked-patch objective's MSE target. The one teacher pass is shared
+by all clones, which is what makes many masks per clip cheap.
+:meth:`SSAMBATeacherStudentModel.update_teacher` moves the teacher towards the student after every
+optimizer step.
 
 The masked-patch objective (:mod:`ssamba.pretrain`) is unchanged; :func:`tokens_per_clip` counts the
 encoder tokens of either.
@@ -98,10 +99,10 @@ class TeacherStudentConfig:
 
 @dataclass
 class TeacherStudentOutput:
-    """The loss and what to log (``reconstruction_mse`` is ``None`` without the reconstruction term). The
-    two standard deviations (per feature over all rows, averaged over
-    features; no gradient) are data2vec's collapse monitors: both fall towards 0 if the student and
-    the teacher settle on a constant representation."""
+    """The loss and what to log (``reconstruction_mse`` is ``None`` without the reconstruction term).
+    The two standard deviations (per feature over all rows, averaged over features; no gradient) are
+    data2vec's collapse monitors: both fall towards 0 if the student and the teacher settle on a
+    constant representation."""
 
     loss: torch.Tensor
     frame_mse: torch.Tensor
