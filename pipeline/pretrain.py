@@ -194,6 +194,7 @@ def _evaluate(training: Training, config: PretrainJobConfig, worker: Worker, aut
     at the official validation mask count (``val_masked_*``), or the teacher-student losses (``val_*``)."""
     inner = training.inner
     prefix, names = VALIDATION_METRICS[config.objective.kind]
+    # From the config, not from the outputs: every worker must sum the same list, batches or none.
     if config.objective.teacher_student and config.objective.reconstruction_weight > 0:
         names = (*names, "reconstruction_mse")
     masking = {} if config.objective.teacher_student else {
