@@ -70,6 +70,12 @@ def head_node(s3_server):
     signal_group(head, signal.SIGKILL)  # ... the GCS and the raylet would take about 30 s more
     head.wait(timeout=60)
     shutil.rmtree(temp_dir, ignore_errors=True)
+    # `ray start` records its cluster for later jobs on this machine (`address: auto` or unset), and a
+    # killed head does not take the record with it: left behind, every such job would try to join a
+    # cluster that is gone (minutes of GCS timeouts, then an error).
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if record.exists() and record.read_text().strip().endswith(f":{gcs}"):
+        record.unlink()
 
 
 def readme_job_submit(address: str, submitter: Path) -> list[str]:
