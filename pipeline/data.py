@@ -13,7 +13,8 @@ mix rows across shards with a local buffer of ``shuffle_buffer`` examples
 sources into shards at random, so a batch is a sample of the whole corpus, not of one folder.
 Validation and test inputs use ``shuffle: false`` and keep their order.
 
-Either way rows come out as ``{"fbank": float32 (target_length, mel), "label": str | None, "uri": str}``,
+Either way rows come out as ``{"fbank": float32 (target_length, mel), "frames": int (before padding),
+"label": str | None, "uri": str}``,
 ready for ``ray.train.get_dataset_shard(...).iter_torch_batches``.
 """
 
@@ -61,7 +62,8 @@ def to_examples(batch: dict[str, np.ndarray], config: ExamplesConfig) -> dict[st
         if augment.noise:
             features = add_noise(features)
         examples.append(features.numpy())
-    return {"fbank": np.stack(examples), "label": batch["label"], "uri": batch["uri"]}
+    return {"fbank": np.stack(examples), "frames": np.minimum(batch["n_frames"], config.target_length).astype(np.int64),
+            "label": batch["label"], "uri": batch["uri"]}
 
 
 class _FeaturizeOnTheFly:

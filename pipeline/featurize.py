@@ -362,6 +362,15 @@ def recorded_fbank(features: str, storage: S3Config) -> FbankConfig:
     return FbankConfig(sample_rate=int(settings["audio"]["sample_rate"]), num_mel_bins=int(settings["num_mel_bins"]))
 
 
+def featurize_listed(sources: list[AudioSource], output: str, storage: S3Config, num_mel_bins: int) -> Summary:
+    """Featurize a labelled task's sources (fine-tuning, the pretraining probe): their list is written as a
+    manifest beside ``output`` and featurized into it; a re-run reuses every finished shard."""
+    manifest = resolve(output.rstrip("/") + ".manifest.jsonl", storage)
+    manifest.write_bytes("".join(json.dumps(source.to_dict()) + "\n" for source in sources).encode())
+    return run(FeaturizeConfig.model_validate({"input": {"manifest": manifest.uri}, "output": output,
+                                               "storage": storage, "num_mel_bins": num_mel_bins, "shard_size": 64}))
+
+
 def summarize(output: Location) -> Summary:
     """Counts over everything the destination holds (including shards of earlier, resumed runs)."""
     summary = Summary(destination=str(output))

@@ -44,8 +44,7 @@ import torch.nn.functional as F
 
 from pipeline import featurize, results, run_lock, run_record
 from pipeline.config import (
-    AugmentConfig, ExamplesConfig, FeaturizeConfig, FinetuneJobConfig, FinetuneOptimConfig, InputConfig, flatten,
-    public_dict,
+    AugmentConfig, ExamplesConfig, FinetuneJobConfig, FinetuneOptimConfig, flatten, public_dict,
 )
 from pipeline.feature_store import STORED_PRECISION
 from pipeline.launch import Input, connect_ray, mlflow_ui_hint, optional_input, run_command
@@ -88,10 +87,7 @@ def validation_metric(config: FinetuneJobConfig) -> str:
 def prepare(config: FinetuneJobConfig) -> TaskData:
     """Read the task and featurize its audio (resuming whatever an earlier run wrote)."""
     data = read_task(config.task, config.data_root, config.storage)
-    manifest = resolve(config.features.rstrip("/") + ".manifest.jsonl", config.storage)
-    manifest.write_bytes("".join(json.dumps(source.to_dict()) + "\n" for source in data.sources).encode())
-    featurize.run(FeaturizeConfig(input=InputConfig(manifest=manifest.uri), output=config.features,
-                                  storage=config.storage, shard_size=64))
+    featurize.featurize_listed(data.sources, config.features, config.storage, FbankConfig().num_mel_bins)
     return data
 
 

@@ -33,7 +33,7 @@ class ModelCard:
     objective: dict[str, Any]
     data: dict[str, Any]  # features location, clips, hours of audio
     training: dict[str, Any]  # steps or epochs
-    selected_by: dict[str, float]  # the metric (and value) that chose this model
+    selected_by: dict[str, Any]  # why this model (which step), and the metrics that chose it
     fbank: dict[str, Any]
     labels: list[str] = field(default_factory=list)
     commit: str | None = None

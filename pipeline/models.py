@@ -50,7 +50,7 @@ def load_encoder_weights(uri: str, storage: S3Config | None = None) -> tuple[Enc
 
 
 def load_hear_model(uri: str, storage: S3Config | None = None, windows_per_batch: int = 8,
-                    pooling: str = "bands") -> hear.HEARModel:
+                    pooling: str = hear.DEFAULT_POOLING) -> hear.HEARModel:
     """``ssamba.hear.load_model`` at any URI; ``""``: the random SSAMBA-tiny baseline."""
     return hear.load_model(read_encoder(uri, storage) if uri else "", windows_per_batch, pooling)
 

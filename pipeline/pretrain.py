@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import ray
 import ray.train
@@ -42,8 +43,10 @@ from pipeline.data import examples_dataset
 from pipeline.model_card import CARD_FILE, ModelCard
 from pipeline.models import ENCODER_FILE
 from pipeline.launch import Input, connect_ray, examples_inputs, mlflow_ui_hint, run_command
+from pipeline.probing import PROBE_DATASET, ProbeHistory, ProbeSet, choose_probe_set, probe_dataset, probe_scores
 from pipeline.loop import (
-    Clock, all_reduce_sum, announce_compute, autocast, base_rates, effective_precision, gradient_sync, node_count,
+    Clock, all_reduce_sum, announce_compute, autocast, base_rates, effective_precision, format_metrics, gradient_sync,
+    node_count,
     optimizer_step, rank0_tracker, say, seed_worker, set_learning_rates, unwrap,
 )
 from pipeline.resources import check_cluster, input_cpus_kept
@@ -91,6 +94,13 @@ class LearningRate:
         self.plateau_scale, self.best, self.bad_evaluations = state["plateau_scale"], state["best"], state["bad_evaluations"]
 
 
+@dataclass(frozen=True)
+class PretrainLoop(LoopConfig[PretrainJobConfig]):
+    """What the driver hands the pretraining loop, beyond the job: the probe set's classes."""
+
+    probe_classes: tuple[str, ...] = ()
+
+
 def accumulation_steps(config: PretrainJobConfig, world_size: int) -> int:
     """Micro-batches per optimizer step on ``world_size`` workers: whatever keeps the global batch
     (the config checked that it divides for every world size the run may have)."""
@@ -115,6 +125,7 @@ class Training:
     epoch: int = 0
     restored: bool = False
     validation: dict[str, float] = field(default_factory=dict)  # the latest evaluation's metrics
+    probes: ProbeHistory = field(default_factory=ProbeHistory)
 
     @property
     def inner(self) -> SSAMBAPretrainModel | SSAMBATeacherStudentModel:
@@ -124,7 +135,7 @@ class Training:
         return {"model": self.inner.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "mask_rng": self.mask_rng.getstate(),
                 "torch_rng": torch.get_rng_state(), "step": self.step, "epoch": self.epoch,
-                "config": json.dumps(public_dict(config))}
+                "probes": self.probes.state_dict(), "config": json.dumps(public_dict(config))}
 
     def restore(self, state: dict) -> None:
         self.inner.load_state_dict(state["model"])
@@ -133,6 +144,8 @@ class Training:
         self.mask_rng.setstate(state["mask_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.epoch, self.restored = state["step"], state["epoch"], True
+        if "probes" in state:  # checkpoints from before probes existed have none
+            self.probes.load_state_dict(state["probes"])
 
 
 # The validation metrics of each objective (fields of its output), and the prefix of their names.
@@ -267,7 +280,35 @@ def _log_step(tracker: RunTracker, training: Training, out, interval: Interval, 
     rates = interval.rates(tokens_per_clip(config, training.inner.grid.num_patches))
     tracker.log_metrics({**step_metrics(out), "lr": lr, **rates, **scale}, training.step)
     say(f"step {training.step}/{config.train.max_steps} | loss {interval.mean_loss():.4f} | "
-        f"{rates['samples_per_s']:.1f} samples/s | {clock.timing(training.step)}")
+        f"{rates['samples_per_s']:.1f} samples/s{_latest_probe(config, training)} | {clock.timing(training.step)}")
+
+
+def _latest_probe(config: PretrainJobConfig, training: Training) -> str:
+    """`` | probe_knn_accuracy 0.8125`` for the progress line: the first probe metric's latest score."""
+    if config.probe is None or not training.probes.latest:
+        return ""
+    name = config.probe.metrics[0]
+    return f" | {name} {training.probes.latest[name]:.4f}"
+
+
+def _probe(training: Training, config: PretrainJobConfig, loop: PretrainLoop, worker: Worker, autocast,
+           tracker: RunTracker | None) -> None:
+    """Probe the current encoder (every worker), keep the best step's model for ``train.select_by``, log
+    the scores and the best so far to MLflow and print them (rank 0)."""
+    started = time.perf_counter()
+    scores = probe_scores(training.inner.encoder, config.probe, worker, len(loop.probe_classes), autocast)
+    keep = (lambda: {k: v.detach().to("cpu", copy=True) for k, v in training.inner.state_dict().items()}) \
+        if worker.rank == 0 and config.train.select_by != "last" else None
+    training.probes.observe(scores, training.step, config.train.select_by, keep)
+    if tracker is None:
+        return
+    best = {name: value for name, value in training.probes.metrics().items() if name.startswith("best_")}
+    tracker.log_metrics({**scores, **{name: value for name, value in best.items() if not name.endswith("_step")}},
+                        training.step)
+    leading = config.probe.metrics[0]
+    value, step = training.probes.best[leading]
+    say(f"probe at step {training.step}: {format_metrics(scores)} | best {leading} {value:.4f} at step {step} | "
+        f"{time.perf_counter() - started:.1f} s")
 
 
 def _inject_failure(config: PretrainJobConfig, training: Training, worker: Worker) -> None:
@@ -287,38 +328,62 @@ def _hold(config: PretrainJobConfig, training: Training, worker: Worker) -> None
     raise RuntimeError(f"testing.hold_at_step: the worker group was not replaced within {config.testing.hold_s:g} s")
 
 
-def encoder_card(tracker: RunTracker, training: Training, config: PretrainJobConfig) -> ModelCard:
+@dataclass(frozen=True)
+class Exported:
+    """The model a run exports, the step it comes from and why it was chosen."""
+
+    model: SSAMBAPretrainModel | SSAMBATeacherStudentModel
+    step: int
+    selected_by: dict[str, Any]
+
+
+def exported_model(training: Training, config: PretrainJobConfig) -> Exported:
+    """The last step's model, or with ``train.select_by`` the model kept at that probe metric's best step."""
+    select_by, probes = config.train.select_by, training.probes
+    if select_by == "last" or probes.selected_state is None:
+        return Exported(training.inner, training.step, {"chosen": f"the last step ({training.step}): train.select_by "
+                                                        "is last", **training.validation, **probes.latest})
+    model = pretrain_model(config)
+    model.load_state_dict(probes.selected_state)
+    value, step = probes.best[select_by]
+    return Exported(model, step, {"chosen": f"step {step} of {training.step}: the best {select_by} of the probes "
+                                  f"every {config.probe.every} steps (train.select_by)", select_by: value})
+
+
+def encoder_card(tracker: RunTracker, exported: Exported, training: Training, config: PretrainJobConfig) -> ModelCard:
     """The facts of a finished run's encoder (see ``pipeline.model_card``)."""
-    encoder = training.inner.encoder
+    encoder = exported.model.encoder
     seen = featurize.recorded_summary(config.data.features, config.storage) if config.data.features else {}
     return ModelCard(
         kind="encoder", run=config.name, run_id=tracker.run_id, architecture=encoder.config.to_dict(),
-        parameters=sum(p.numel() for p in encoder.parameters()), objective=training.inner.config.to_dict(),
+        parameters=sum(p.numel() for p in encoder.parameters()), objective=exported.model.config.to_dict(),
         data={"features": config.data.features or "featurized on the fly",
               **{key: seen[key] for key in ("files", "rows", "hours") if key in seen}},
-        training={"steps": training.step, "global_batch_size": config.train.global_batch_size},
-        selected_by=training.validation, fbank=asdict(FbankConfig(num_mel_bins=encoder.config.grid.num_mel_bins)),
+        training={"steps": training.step, "exported_step": exported.step,
+                  "global_batch_size": config.train.global_batch_size},
+        selected_by=exported.selected_by, fbank=asdict(FbankConfig(num_mel_bins=encoder.config.grid.num_mel_bins)),
         commit=tracker.source_commit())
 
 
 def _export_encoder(tracker: RunTracker, training: Training, config: PretrainJobConfig) -> None:
-    """The final encoder, where fine-tuning looks for it (:func:`encoder_uri`), as a run artifact and as
-    an MLflow model (registered as ``tracking.register_as``), with its model card."""
-    inner = training.inner
+    """The run's encoder (:func:`exported_model`), where fine-tuning looks for it (:func:`encoder_uri`), as a
+    run artifact and as an MLflow model (registered as ``tracking.register_as``), with its model card."""
+    exported = exported_model(training, config)
+    inner = exported.model
     grid = inner.encoder.config.grid
-    card = encoder_card(tracker, training, config)
+    card = encoder_card(tracker, exported, training, config)
     folder_of_run = run_folder(config)
     folder_of_run.join(CARD_FILE).write_bytes(card.markdown().encode())
     tracker.log_bytes(card.markdown().encode(), CARD_FILE, "model")
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / ENCODER_FILE
         save_checkpoint(path, inner, inner.encoder.config, inner.config,
-                        metadata={"step": training.step, "run": config.name, "model_card": card.to_json()})
+                        metadata={"step": exported.step, "run": config.name, "model_card": card.to_json()})
         folder_of_run.join(ENCODER_FILE).write_bytes(path.read_bytes())
         tracker.log_file(path, "model")
         example = torch.zeros(1, grid.target_length, grid.num_mel_bins)
         tracker.log_model(copy.deepcopy(inner.encoder).cpu(), example, "encoder", path, config.tracking.register_as,
-                          {"step": str(training.step), "run": config.name})
+                          {"step": str(exported.step), "run": config.name})
     tracker.log_dict(inner.encoder.config.to_dict(), "model/encoder_config.json")
 
 
@@ -326,7 +391,7 @@ def train_loop(train_loop_config: dict) -> None:
     """Pretraining on one Ray Train worker: build and restore; then per micro-batch a masked forward
     and backward (DDP's ``no_sync`` until the last of ``grad_accum``); per optimizer step clip, step
     and, at their cadences, log, evaluate, draw a reconstruction and checkpoint; export at the end."""
-    loop: LoopConfig[PretrainJobConfig] = LoopConfig.of(train_loop_config)
+    loop: PretrainLoop = LoopConfig.of(train_loop_config)
     config, worker = loop.job, TrainWorker()
     max_steps, cadence = config.train.max_steps, config.train
     training = build(config, worker)
@@ -385,10 +450,16 @@ def train_loop(train_loop_config: dict) -> None:
                 metrics.update(validation)
                 if tracker is not None:
                     tracker.log_metrics(validation, training.step)
+            probed = config.probe is not None and due(config.probe.every)
+            if probed:
+                _probe(training, config, loop, worker, autocast_context, tracker)
+            metrics.update(training.probes.metrics())
             if tracker is not None and due(cadence.figure_every) and hasattr(training.inner, "reconstruct"):
                 _log_reconstruction(tracker, training, batch["fbank"], training.step)
-            if due(cadence.checkpoint_every):
-                worker.report(metrics, lambda: training.state(config), f"step-{training.step:08d}")
+            # Reports reach Ray Train (and a sweep's Tune); a probe's scores are reported as they come.
+            if due(cadence.checkpoint_every) or probed:
+                worker.report(metrics, (lambda: training.state(config)) if due(cadence.checkpoint_every) else None,
+                              f"step-{training.step:08d}")
             _hold(config, training, worker)
             if training.step >= max_steps:
                 break
@@ -441,12 +512,13 @@ def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | Non
     its parent MLflow run (the run is then nested under the sweep's). A relaunch whose config changed
     is refused before Ray starts unless the changes are accepted (see ``run_record``)."""
     check_batch_fits(config)
+    probe_set = choose_probe_set(config.probe, config.storage) if config.probe is not None else None
     with run_lock.hold(run_folder(config), config.name):
-        return _launch(config, storage_root(config), callbacks, parent_run_id, accept_config_changes)
+        return _launch(config, storage_root(config), callbacks, parent_run_id, accept_config_changes, probe_set)
 
 
 def _launch(config: PretrainJobConfig, storage: Location, callbacks: list[ray.train.UserCallback] | None,
-            parent_run_id: str | None, accept_config_changes: bool) -> ray.train.Result:
+            parent_run_id: str | None, accept_config_changes: bool, probe_set: ProbeSet | None) -> ray.train.Result:
     launch = run_record.check_config(config.name, storage, config, accept_config_changes)
     connect_ray(config.ray)
     check_cluster(config.scaling)
@@ -455,25 +527,31 @@ def _launch(config: PretrainJobConfig, storage: Location, callbacks: list[ray.tr
     datasets = {"train": examples_dataset(config.data, config.storage).select_columns(["fbank"])}
     if config.validation is not None:
         datasets["val"] = examples_dataset(config.validation, config.storage).select_columns(["fbank"])
+    if probe_set is not None:
+        datasets[PROBE_DATASET] = probe_dataset(config.probe, probe_set, config.data, config.storage,
+                                                config.model.num_mel_bins)
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     tracker = RunTracker(tracking_uri, config.tracking.experiment, config.name,
                          tags={"checkpoint_location": storage.join(config.name).uri}, parent_run_id=parent_run_id,
                          source_tags=tracking.source_tags)
     trainer = torch_trainer(
-        train_loop, LoopConfig(config, tracking_uri, tracker.run_id, tracking.system_metrics),
+        train_loop, PretrainLoop(config, tracking_uri, tracker.run_id, tracking.system_metrics,
+                                 probe_set.classes if probe_set is not None else ()),
         config.name, storage, config.scaling, datasets,
         ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
         # glibc would otherwise fragment the heap with the CPU scan's large temporaries.
         worker_env={"MALLOC_MMAP_THRESHOLD_": str(16 * 1024 * 1024)},
         callbacks=callbacks,
+        whole=(PROBE_DATASET,),
     )
     with run_status(tracker), input_cpus_kept(config.scaling, config.name):
         return trainer.fit()
 
 
 def inputs(config: PretrainJobConfig) -> list[Input]:
-    """What must exist before the run starts: its training and validation examples."""
-    return examples_inputs("data", config.data) + examples_inputs("validation", config.validation)
+    """What must exist before the run starts: its training and validation examples, the probe's dataset."""
+    probe = [Input("probe.data_root", config.probe.data_root)] if config.probe is not None else []
+    return examples_inputs("data", config.data) + examples_inputs("validation", config.validation) + probe
 
 
 def summary(config: PretrainJobConfig, result: ray.train.Result) -> str:
@@ -482,6 +560,12 @@ def summary(config: PretrainJobConfig, result: ray.train.Result) -> str:
     lines = [f"pretraining {config.name}: finished at step {metrics.get('step')}"]
     if "val_masked_accuracy" in metrics:
         lines.append(f"  val_masked_accuracy: {metrics['val_masked_accuracy']:.4f}")
+    for name in config.probe.metrics if config.probe is not None else []:
+        if f"best_{name}" in metrics:
+            lines.append(f"  {name}: {metrics[name]:.4f} at the end, best {metrics[f'best_{name}']:.4f} at step "
+                         f"{int(metrics[f'best_{name}_step'])}")
+    if config.train.select_by != "last":
+        lines.append(f"  exported encoder: the step with the best {config.train.select_by}")
     return "\n".join([
         *lines,
         f"  checkpoints: {run_folder(config)}",

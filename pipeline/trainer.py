@@ -87,9 +87,12 @@ def torch_trainer(
     checkpoint_config: ray.train.CheckpointConfig,
     worker_env: dict[str, str] | None = None,
     callbacks: list[ray.train.UserCallback] | None = None,
+    whole: tuple[str, ...] = (),
 ) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer whose every dataset is split across the workers. ``callbacks``: Train callbacks,
-    e.g. Tune's ``TuneReportCallback`` when a sweep trial drives the run.
+    """A TorchTrainer whose datasets are split across the workers, except those named in ``whole``, which
+    every worker reads in full (Ray's split makes the shares equal by dropping rows, which a dataset that
+    must be scored whole cannot afford). ``callbacks``: Train callbacks, e.g. Tune's ``TuneReportCallback``
+    when a sweep trial drives the run.
 
     A run of exactly one worker splits nothing: its datasets execute in the worker itself. A split
     puts a coordinator actor between each dataset and the workers, which on a laptop costs seconds
@@ -109,7 +112,7 @@ def torch_trainer(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[] if alone else list(datasets)),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[] if alone else [n for n in datasets if n not in whole]),
     )
 
 

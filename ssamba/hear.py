@@ -5,13 +5,14 @@ Audio (16 kHz, float32 in [-1, 1]) → Kaldi fbank (normalised with the AudioSet
 overlapping 16×16 patches with a time stride of 4 frames, so that each time column of patches is
 40 ms after the previous one. A timestamp embedding is made of the encoder outputs of the column's
 frequency patches; the scene embedding is the mean over all timestamps. ``pooling`` says how a
-column's patches are combined:
+column's patches are combined (``ssamba.probes.POOLINGS``, the same names the pretraining probe uses):
 
-- ``bands`` (the default): side by side, frequency band by band (F·D values). The scene embedding is
-  then the mean over time of each band: it keeps the spectral layout the encoder learned, which a
-  mean over every patch averages away (on the learning benchmark's probes it scores far above the
-  plain mean, see BENCHMARKS.md).
+- ``bands``: side by side, frequency band by band (F·D values). The scene embedding is then the mean
+  over time of each band: it keeps the spectral layout the encoder learned, which a mean over every
+  patch averages away.
 - ``mean``: their mean (D values), the compact choice.
+- ``both``: the mean, then the bands ((F+1)·D values): timbre-like tasks favour the bands, contour-like
+  ones (tone) the mean (BENCHMARKS.md).
 
 Audio of any length is encoded in windows of the pretraining length (1024 frames); consecutive
 windows overlap so that the timestamps stay on one regular 40 ms grid across window boundaries.
@@ -27,11 +28,11 @@ from ssamba.checkpoint import Source, load_encoder_weights
 from ssamba.encoder import EncoderConfig, PatchGrid, SSAMBAEncoder
 from ssamba.features import FbankConfig, fbank, norm_stats, normalize, remove_dc
 from ssamba.finetune import encoder_on_grid
+from ssamba.probes import DEFAULT_POOLING, POOLINGS, column_embeddings, embedding_size
 
 SAMPLE_RATE = 16_000
 TIME_STRIDE = 4  # frames: 40 ms between timestamps
 FRAME_MS = 10.0
-POOLINGS: tuple[str, ...] = ("bands", "mean")
 
 
 class HEARModel(nn.Module):
@@ -39,15 +40,14 @@ class HEARModel(nn.Module):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, encoder: SSAMBAEncoder, windows_per_batch: int = 8, pooling: str = "bands") -> None:
+    def __init__(self, encoder: SSAMBAEncoder, windows_per_batch: int = 8, pooling: str = DEFAULT_POOLING) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.encoder = encoder.eval()
         self.grid = encoder.config.grid
         self.pooling = pooling
-        bands = self.grid.freq_patches if pooling == "bands" else 1
-        self.scene_embedding_size = self.timestamp_embedding_size = bands * encoder.embed_dim
+        self.scene_embedding_size = self.timestamp_embedding_size = embedding_size(self.grid, encoder.embed_dim, pooling)
         self.windows_per_batch = windows_per_batch
         self.fbank_config = FbankConfig(sample_rate=self.sample_rate, num_mel_bins=self.grid.num_mel_bins)
 
@@ -67,7 +67,7 @@ class HEARModel(nn.Module):
         for start in range(0, features.shape[0], self.windows_per_batch):
             tokens = self.encoder(features[start : start + self.windows_per_batch])[:, 1:]
             tokens = tokens.reshape(tokens.shape[0], grid.freq_patches, grid.time_patches, -1)
-            outputs.append(tokens.mean(dim=1) if self.pooling == "mean" else tokens.transpose(1, 2).flatten(2))
+            outputs.append(column_embeddings(tokens, self.pooling))
         return torch.cat(outputs)
 
 
@@ -79,7 +79,7 @@ def _encoder_for_hear(config: EncoderConfig, state: dict[str, torch.Tensor]) -> 
     return encoder_on_grid(config, state, target)
 
 
-def load_model(model_file_path: Source = "", windows_per_batch: int = 8, pooling: str = "bands") -> HEARModel:
+def load_model(model_file_path: Source = "", windows_per_batch: int = 8, pooling: str = DEFAULT_POOLING) -> HEARModel:
     """Load an encoder from one of our checkpoints or an official SSAMBA ``.pth``: a local path, a file
     object or bytes (for ``s3://`` and other URIs, ``pipeline.models.load_hear_model``); ``pooling``:
     one of :data:`POOLINGS` (see the module's docstring).

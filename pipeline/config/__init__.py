@@ -14,7 +14,7 @@ from pipeline.config.finetune import (
 )
 from pipeline.config.jobs import EmbedConfig, FeaturizeConfig
 from pipeline.config.pretrain import (
-    ElasticScalingSection, FaultInjectionConfig, MaskingConfig, ModelConfig, OptimConfig, PretrainJobConfig,
+    ElasticScalingSection, FaultInjectionConfig, MaskingConfig, ModelConfig, OptimConfig, PretrainJobConfig, ProbeConfig,
     TrainLoopConfig,
 )
 from pipeline.config.sections import (
@@ -27,7 +27,7 @@ __all__ = [
     "AUDIO_EXTENSIONS", "AudioConfig", "AugmentConfig", "ConfigError", "ElasticScalingSection", "EmbedConfig",
     "ExamplesConfig", "FaultInjectionConfig", "FeaturizeConfig", "FinetuneAugmentConfig", "FinetuneFaultInjectionConfig",
     "FinetuneJobConfig", "FinetuneModelConfig", "FinetuneOptimConfig", "FinetuneTrackingConfig", "InputConfig",
-    "MaskingConfig", "ModelConfig", "OptimConfig", "Place", "PretrainJobConfig", "RayConfig", "S3Config",
+    "MaskingConfig", "ModelConfig", "OptimConfig", "Place", "PretrainJobConfig", "ProbeConfig", "RayConfig", "S3Config",
     "ScalingSection", "Strict", "TrackingConfig", "TrainLoopConfig", "apply_overrides", "error_lines", "flatten",
     "load_config", "one_of", "public_dict", "read_yaml",
 ]

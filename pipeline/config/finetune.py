@@ -8,7 +8,9 @@ from pydantic import Field
 
 from pipeline.config.base import TEST_ONLY, Place, Strict, one_of
 from pipeline.config.sections import ENCODER_DEFAULTS as _ENCODER
-from pipeline.config.sections import AugmentConfig, RayConfig, ScalingSection, TrackingConfig
+from pipeline.config.sections import (
+    TASK_DESCRIPTION, AugmentConfig, RayConfig, ScalingSection, TaskName, TrackingConfig,
+)
 from pipeline.storage import S3Config
 from ssamba import EMBED_DIMS, NORM_PRESETS
 
@@ -76,9 +78,7 @@ class FinetuneJobConfig(Strict):
                       description="deterministic run name: relaunching with it resumes the run")
     storage_path: Place = Field(..., description="checkpoint root (local folder or s3://bucket/prefix)")
     storage: S3Config = S3Config()
-    task: Literal["esc50", "speechcommands_v1", "speechcommands_v2", "audioset20k", "manifest", "folders"] = Field(
-        ..., description="the labelled dataset and its splits (manifest: your own, from a CSV or JSONL; folders: "
-        "one folder per class)")
+    task: TaskName = Field(..., description=TASK_DESCRIPTION)
     data_root: Place = Field(..., description="the dataset folder, or the manifest for task=manifest")
     features: Place = Field(..., description="where the task's audio is featurized (reused when present)")
     folds: list[int] | None = Field(None, description="ESC-50-style cross-validation: the test folds to run")

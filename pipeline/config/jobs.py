@@ -42,8 +42,8 @@ class EmbedConfig(Strict):
     embeddings: Literal["scene", "timestamp", "both", "none"] = Field(
         "scene", description="one vector per clip, one per time step, both, or none (labels only: needs classifier)")
     pooling: one_of(hear.POOLINGS) = Field(
-        "bands", description="how a time step's frequency patches combine: bands (side by side, F x D values; keeps "
-        "the spectral layout, measures best) or mean (D values, compact)")
+        hear.DEFAULT_POOLING, description="how a time step's frequency patches combine: bands (side by side, F x D "
+        "values; keeps the spectral layout), mean (D values, compact) or both ((F+1) x D)")
     classifier: Place | None = Field(None, description="a fine-tuning job's exported classifier.pt (local or s3://): "
                                      "adds each source's top_k labels and probabilities")
     top_k: int = Field(5, ge=1, description="labels written per source when a classifier is given")

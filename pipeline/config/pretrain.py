@@ -9,12 +9,15 @@ from pydantic import Field, model_validator
 
 from pipeline.config.base import TEST_ONLY, Place, Strict, one_of
 from pipeline.config.sections import ENCODER_DEFAULTS as _ENCODER
-from pipeline.config.sections import ExamplesConfig, RayConfig, ScalingSection, TrackingConfig
+from pipeline.config.sections import (
+    MULTI_LABEL_TASKS, TASK_DESCRIPTION, ExamplesConfig, RayConfig, ScalingSection, TaskName, TrackingConfig,
+)
 from pipeline.storage import S3Config
 from ssamba import (
     EMBED_DIMS, VALIDATION_MASK_COUNT, EncoderConfig, Norm, PatchGrid, PretrainConfig, TargetNorm, TeacherStudentConfig,
     Topology,
 )
+from ssamba.probes import DEFAULT_POOLING, POOLINGS
 
 
 _MASKING = PretrainConfig()
@@ -136,6 +139,56 @@ class OptimConfig(Strict):
     grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm (off officially)")
 
 
+ProbeMethod = Literal["knn", "linear"]
+
+
+class ProbeConfig(Strict):
+    """Downstream probes inside the pretraining loop: every ``every`` steps (and at the last) the frozen
+    encoder embeds a fixed, seeded subset of a labelled task (no masking, ``pooling``), and a weighted k-NN
+    vote and a logistic regression fitted on its training clips score its held-out clips. The scores
+    (``probe_knn_accuracy``, ``probe_linear_accuracy``; ``_mAP`` for multi-label tasks) compare across
+    mask ratios and objectives, which the masked losses do not."""
+
+    task: TaskName = Field("folders", description=TASK_DESCRIPTION)
+    data_root: Place = Field(..., description="the dataset folder, or the manifest for task=manifest")
+    features: Place = Field(..., description="where the task's audio is featurized (reused when present)")
+    every: int = Field(500, ge=1, description="optimizer steps between probes (and at the last step)")
+    methods: tuple[ProbeMethod, ...] = Field(("knn", "linear"), min_length=1, description="knn (weighted vote) "
+                                             "and/or linear (logistic regression)")
+    max_clips: int = Field(2000, ge=2, description="clips probed (a fixed, seeded subset of the task's training "
+                           "and held-out clips, so every probe costs the same)")
+    pooling: one_of(POOLINGS) = Field(DEFAULT_POOLING, description="how a clip's patch tokens become one vector: "
+                                      "bands (each band's mean over time), mean (every patch) or both")
+    k: int = Field(20, ge=1, description="knn: neighbours that vote")
+    temperature: float = Field(0.07, gt=0, description="knn: a neighbour's vote is exp(cosine similarity / "
+                               "temperature)")
+    weight_decay: float = Field(1e-3, ge=0, description="linear: L2 penalty on the weights (mean loss + "
+                                "weight_decay x |W|^2)")
+    batch_size: int = Field(32, ge=1, description="clips per forward pass while embedding")
+    seed: int = Field(0, description="chooses the subset")
+
+    @model_validator(mode="after")
+    def _distinct_methods(self) -> ProbeConfig:
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods: each method once, got {list(self.methods)}")
+        return self
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task in MULTI_LABEL_TASKS
+
+    def metric(self, method: str) -> str:
+        """The MLflow metric of a method: ``probe_<method>_accuracy``, or ``_mAP`` for multi-label tasks."""
+        return f"probe_{method}_{'mAP' if self.multi_label else 'accuracy'}"
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric(method) for method in self.methods]
+
+
+SELECTIONS = ("last", *(f"probe_{method}_{score}" for method in ("knn", "linear") for score in ("accuracy", "mAP")))
+
+
 class TrainLoopConfig(Strict):
     """Steps, batches, and how often the loop evaluates, checkpoints, logs and draws."""
 
@@ -154,6 +207,8 @@ class TrainLoopConfig(Strict):
     figure_every: int = Field(4000, ge=1, description="steps between reconstruction figures")
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast, or full fp32")
     seed: int = Field(0, description="seeds initialisation, masks and data order")
+    select_by: one_of(SELECTIONS) = Field("last", description="the exported encoder: the last step's, or the "
+                                          "step with the best score of this probe metric (needs probe)")
 
 
 WorkerCount = Annotated[int, Field(ge=0)]
@@ -207,6 +262,8 @@ class PretrainJobConfig(Strict):
                                description="frames per clip: data, validation and model use it unless they set their own")
     data: ExamplesConfig = Field(..., description="training examples")
     validation: ExamplesConfig | None = Field(None, description="validation examples (masked-patch accuracy and MSE)")
+    probe: ProbeConfig | None = Field(None, description="downstream probes of the encoder during training (off "
+                                      "when absent)")
     model: ModelConfig = ModelConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     masking: MaskingConfig = MaskingConfig()
@@ -262,10 +319,21 @@ class PretrainJobConfig(Strict):
             except ValueError as error:
                 given = "mask_patches" if self.masking.mask_patches is not None else "mask_ratio"
                 raise ValueError(f"masking.{given}: {error}") from None
+        self._selection_is_probed()
         if self.scaling.num_workers == 0 and self.scaling.max_failures:
             raise ValueError("scaling.max_failures needs Ray Train workers (num_workers ≥ 1); local mode cannot restart")
         self._global_batch_divides()
         return self
+
+    def _selection_is_probed(self) -> None:
+        selected = self.train.select_by
+        if selected == "last":
+            return
+        if self.probe is None:
+            raise ValueError(f"train.select_by: {selected} needs a probe section")
+        if selected not in self.probe.metrics:
+            raise ValueError(f"train.select_by: {selected} is not a metric of this probe (it logs "
+                             f"{', '.join(self.probe.metrics)})")
 
     @property
     def world_sizes(self) -> range:

@@ -112,3 +112,23 @@ def parquet_table(rows: list[dict], corrupt_group: int | None = None) -> bytes:
         offset = pq.ParquetFile(io.BytesIO(data)).metadata.row_group(corrupt_group).column(0).data_page_offset
         data[offset : offset + 16] = b"\xff" * 16
     return bytes(data)
+
+
+PITCHES = {"low": 180.0, "mid": 420.0, "high": 1000.0}  # Hz: three classes a probe can tell apart
+
+
+def write_pitch_folders(root: Path, per_class: dict[str, int], seconds: float = 1.0) -> Path:
+    """Class folders of noisy harmonic tones around three pitches, one folder per split
+    (``train/low/clip000.wav`` ...); every clip's pitch, harmonics and noise are drawn anew."""
+    for split, count in per_class.items():
+        for label, pitch in PITCHES.items():
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                rng = np.random.default_rng([sum(split.encode()), int(pitch), index])
+                t = np.arange(int(16_000 * seconds * rng.uniform(0.6, 1.0))) / 16_000
+                f0 = pitch * rng.uniform(0.92, 1.08)
+                tone = sum(rng.uniform(0.1, 0.3) / h * np.sin(2 * np.pi * f0 * h * t) for h in (1, 2, 3))
+                samples = (tone + 0.03 * rng.standard_normal(len(t))).astype(np.float32)
+                (folder / f"clip{index:03d}.wav").write_bytes(encode(samples, 16_000, "WAV", "PCM_16"))
+    return root

@@ -1,0 +1,129 @@
+"""Downstream probes inside pretraining, as users meet them: ``python -m pipeline.pretrain`` with a probe
+section logs the probe scores to MLflow at every probe step, prints them, exports the best step's encoder
+with ``train.select_by``, gives the same numbers on one and two DDP workers, and refuses a probe set that
+cannot score before Ray starts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import pretrain
+from pipeline.config import PretrainJobConfig, load_config
+from ssamba import load_checkpoint
+from support.audio_files import write_pitch_folders
+
+pytestmark = pytest.mark.timeout(600)
+REPO = Path(__file__).resolve().parents[2]
+PRESET = "configs/pretrain/local-tiny.yaml"
+
+
+def settings(features: str, tmp_path: Path, probe_root: Path, *extra: str) -> list[str]:
+    return [f"data.features={features}", f"validation.features={features}", f"storage_path={tmp_path / 'ckpt'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.batch_size=4",
+            "train.figure_every=1000", f"probe.data_root={probe_root}", f"probe.features={tmp_path / 'probe-features'}",
+            *extra]
+
+
+def pretrain_command(args: list[str], ray_address: str | None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    if ray_address is None:
+        env.pop("RAY_ADDRESS", None)
+    else:
+        env["RAY_ADDRESS"] = ray_address
+    command = [sys.executable, "-m", "pipeline.pretrain", "--config", PRESET, *[a for s in args for a in ("--set", s)]]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+
+
+def history(client: MlflowClient, run_id: str, metric: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
+
+
+def the_run(tracking_uri: str, name: str):
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("ssamba-local")
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.ray_run_name = '{name}'")
+    return client, run
+
+
+def test_pretrain_command_probes_every_few_steps_and_exports_the_best_probe_step(ray_cluster, pretrain_features,
+                                                                                  tmp_path):
+    """Three pitch classes: the probe runs at steps 3, 6 and 8 (the last), its scores reach MLflow and the
+    console, and with ``select_by`` the encoder of the best linear-probe step is exported, its card saying so."""
+    probe_root = write_pitch_folders(tmp_path / "pitches", {"train": 6, "validation": 3})
+    done = pretrain_command(settings(pretrain_features, tmp_path, probe_root, "name=probed", "train.max_steps=8",
+                                     "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=2",
+                                     "probe.every=3", "train.select_by=probe_linear_accuracy"),
+                            ray_cluster.get_runtime_context().gcs_address)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client, run = the_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "probed")
+    knn, linear = (history(client, run.info.run_id, name) for name in ("probe_knn_accuracy", "probe_linear_accuracy"))
+    assert [step for step, _ in knn] == [3, 6, 8] and [step for step, _ in linear] == [3, 6, 8]
+    assert knn[-1][1] > 1 / 3 + 0.2 and linear[-1][1] > 1 / 3 + 0.2  # above chance (three classes)
+    best_value = max(value for _, value in linear)
+    best_step = min(step for step, value in linear if value == best_value)
+    assert run.data.metrics["best_probe_linear_accuracy"] == pytest.approx(best_value)
+
+    assert "probe at step 3: probe_knn_accuracy" in done.stdout
+    assert any("step 4/8 | loss" in line and "| probe_knn_accuracy " in line for line in done.stdout.splitlines())
+    assert f"probe_linear_accuracy: {linear[-1][1]:.4f} at the end, best {best_value:.4f} at step {best_step}" in done.stdout
+
+    exported = load_checkpoint(tmp_path / "ckpt" / "probed" / "ssamba_encoder.pt")
+    assert exported.metadata["step"] == best_step
+    card = json.loads(exported.metadata["model_card"])
+    assert card["training"]["exported_step"] == best_step and card["training"]["steps"] == 8
+    assert card["selected_by"]["probe_linear_accuracy"] == pytest.approx(best_value)
+    assert "the best probe_linear_accuracy" in card["selected_by"]["chosen"]
+
+
+def random_label_manifest(root: Path, destination: Path) -> Path:
+    """The pitch clips under labels that have nothing to do with them: probe scores far from 0 and 1, which
+    any lost, duplicated or misordered clip would move."""
+    rows = []
+    for index, path in enumerate(sorted(root.rglob("*.wav"))):
+        split = "validation" if "/validation/" in str(path) else "train"
+        rows.append({"uri": str(path), "label": "abc"[index % 3], "split": split})
+    with destination.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["uri", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return destination
+
+
+def test_probe_numbers_do_not_depend_on_the_number_of_workers(ray_cluster, pretrain_features, tmp_path):
+    """The same weights probed by one worker and by two DDP workers (a learning rate too small to move a
+    float32 weight keeps the encoder at its seeded initialisation): the same scores within 1e-3."""
+    probe_root = write_pitch_folders(tmp_path / "pitches", {"train": 7, "validation": 4})
+    manifest = random_label_manifest(probe_root, tmp_path / "random-labels.csv")
+    scores = {}
+    for workers in (1, 2):
+        config = load_config(PretrainJobConfig, PRESET, settings(
+            pretrain_features, tmp_path, manifest, f"name=workers{workers}", f"scaling.num_workers={workers}",
+            "train.max_steps=2", "probe.every=2", "train.checkpoint_every=2", "validation=null", "probe.task=manifest",
+            "optim.lr=1e-30", "probe.batch_size=5", "probe.k=5"))
+        result = pretrain.run(config)
+        scores[workers] = {name: result.metrics[name] for name in ("probe_knn_accuracy", "probe_linear_accuracy")}
+    assert 0.0 < scores[1]["probe_linear_accuracy"] < 1.0 and 0.0 < scores[1]["probe_knn_accuracy"] < 1.0
+    for name, value in scores[1].items():
+        assert scores[2][name] == pytest.approx(value, abs=1e-3)
+
+
+def test_a_probe_set_that_cannot_score_or_is_not_there_exits_2_before_ray(pretrain_features, tmp_path):
+    one_class = write_pitch_folders(tmp_path / "one-class", {"train": 2, "validation": 1}, seconds=0.3)
+    for split in ("train", "validation"):
+        for label in ("mid", "high"):
+            for path in (one_class / split / label).iterdir():
+                path.unlink()
+            (one_class / split / label).rmdir()
+    refused = pretrain_command(settings(pretrain_features, tmp_path, one_class, "name=one-class"), None)
+    assert refused.returncode == 2 and "probe.data_root:" in refused.stderr and "at least two" in refused.stderr
+    missing = pretrain_command(settings(pretrain_features, tmp_path, tmp_path / "nowhere", "name=missing"), None)
+    assert missing.returncode == 2 and f"probe.data_root: {tmp_path / 'nowhere'} does not exist" in missing.stderr
+    assert "ray:" not in refused.stdout + missing.stdout  # refused before any Ray work
