@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
+from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import featurize, pretrain
@@ -48,7 +49,7 @@ from pipeline.launch import start_local_ray
 from ssamba import TARGET_NORMS, SSAMBAEncoder, crop_or_pad, load_checkpoint, norm_stats, normalize
 
 TASKS = ("voice", "language")
-POOLINGS = ("mean", "mean/std", "band means", "band mean/std", "[CLS]")
+POOLINGS = ("mean", "mean/std", "band means", "band mean/std", "mean + band means", "[CLS]")
 
 
 def embedding_name(encoder: str, pooling: str) -> str:
@@ -97,6 +98,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="threads of the one Train worker (Ray gets one more logical CPU for Ray Data's reads)")
     parser.add_argument("--probe-step", type=int, default=None, help="no pretraining: probe the named run's "
                         "training checkpoint of this step (a run stopped before its end)")
+    parser.add_argument("--online-probe", choices=(*TASKS, "none"), default="voice",
+                        help="the task pretraining probes itself on at every evaluation (probe section)")
+    parser.add_argument("--online-pooling", choices=("bands", "mean", "both"), default="bands",
+                        help="the online probe's pooling")
     return parser.parse_args(argv)
 
 
@@ -139,6 +144,15 @@ def objective(args: argparse.Namespace, max_steps: int) -> dict:
             "target_norm": args.target_norm, "reconstruction_weight": args.reconstruction_weight}
 
 
+def online_probe(args: argparse.Namespace, every: int) -> dict | None:
+    """The pretraining job's probe section: the task's manifest, probed at every evaluation."""
+    if args.online_probe == "none":
+        return None
+    return {"task": "manifest", "data_root": str((args.data / f"task_{args.online_probe}.csv").resolve()),
+            "features": str((args.out / "features" / f"probe_{args.online_probe}").resolve()), "every": every,
+            "pooling": args.online_pooling}
+
+
 def pretrain_job(args: argparse.Namespace, max_steps: int) -> PretrainJobConfig:
     grid_patches = (128 // args.patch) * (args.target_length // args.patch)
     every = max(1, max_steps // args.evaluations)
@@ -156,7 +170,8 @@ def pretrain_job(args: argparse.Namespace, max_steps: int) -> PretrainJobConfig:
         "optim": {"lr": args.lr, "warmup_steps": min(args.warmup_steps, max_steps // 2), "schedule": "cosine"},
         "train": {"batch_size": args.batch_size, "max_steps": max_steps, "eval_every": every, "eval_batches": 8,
                   "checkpoint_every": every, "log_every": max(1, every // 5), "figure_every": max_steps,
-                  "precision": "fp32", "seed": args.seed},
+                  "keep_checkpoints": args.evaluations + 1, "precision": "fp32", "seed": args.seed},
+        "probe": online_probe(args, every),
         "scaling": {"num_workers": 1, "cpus_per_worker": args.worker_cpus},
         "tracking": {"tracking_uri": f"sqlite:///{(args.out / 'mlflow.db').resolve()}", "experiment": "ssamba-learning"},
     })
@@ -212,10 +227,11 @@ def logmel_embeddings(rows: list[dict], frames: int | None = None) -> torch.Tens
 def encoder_embeddings(encoder: SSAMBAEncoder, rows: list[dict], target_length: int,
                        batch_size: int = 32) -> dict[str, torch.Tensor]:
     """The output patch tokens over the time columns that hold the clip (not its zero padding),
-    pooled four ways: ``mean`` (D), ``mean/std`` (2·D), ``band means`` (the mean over time of each
-    frequency row, F·D: it keeps the spectral envelope that a mean over every patch averages away) and
-    ``band mean/std`` (each row's mean and standard deviation over time, 2·F·D: the encoder's
-    counterpart of the log-mel baseline); and the ``[CLS]`` output (D: the token the teacher-student
+    pooled five ways: ``mean`` (D, ``pooling: mean``), ``mean/std`` (2·D), ``band means`` (the mean over
+    time of each frequency row, F·D, ``pooling: bands``: it keeps the spectral envelope that a mean over
+    every patch averages away), ``band mean/std`` (each row's mean and standard deviation over time,
+    2·F·D: the encoder's counterpart of the log-mel baseline) and ``mean + band means`` ((F+1)·D,
+    ``pooling: both``); and the ``[CLS]`` output (D: the token the teacher-student
     utterance loss trains; it also reads the zero padding)."""
     encoder.eval()
     grid, stats = encoder.config.grid, norm_stats("audioset")
@@ -235,6 +251,7 @@ def encoder_embeddings(encoder: SSAMBAEncoder, rows: list[dict], target_length: 
             pooled["mean/std"].append(torch.cat([mean, every.std(0, correction=0)]))
             band_means = bands.mean(1).flatten()
             pooled["band means"].append(band_means)
+            pooled["mean + band means"].append(torch.cat([mean, band_means]))  # pooling: both
             pooled["band mean/std"].append(torch.cat([band_means, bands.std(1, correction=0).flatten()]))
     return {name: torch.stack(vectors) for name, vectors in pooled.items()}
 
@@ -351,6 +368,58 @@ def state_path(config: PretrainJobConfig, step: int) -> Path:
     return Path(config.storage_path) / config.name / f"step-{step:08d}" / "state.pt"
 
 
+POOLING_COLUMN = {"bands": "band means", "mean": "mean", "both": "mean + band means"}
+
+
+def online_against_offline(args: argparse.Namespace, config: PretrainJobConfig) -> tuple[list[dict], dict]:
+    """Every kept checkpoint of the run: the online probes' scores at its step (from MLflow) beside the
+    offline linear probe of the same weights (validation-selected L2, test accuracy), and what the online
+    probes cost (the sum of ``probe_seconds`` against the run's wall time)."""
+    client = MlflowClient(config.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.ray_run_name = '{config.name}'")
+    online = {name: {m.step: 100.0 * m.value for m in client.get_metric_history(run.info.run_id, name)}
+              for name in config.probe.metrics}
+    seconds = [m.value for m in client.get_metric_history(run.info.run_id, "probe_seconds")]
+    rows = read_features(args.out / "features" / f"task_{args.online_probe}")
+    labels, splits = [r["label"] for r in rows], [r["split"] for r in rows]
+    table = []
+    for folder in sorted((Path(config.storage_path) / config.name).glob("step-*")):
+        step = int(folder.name.removeprefix("step-"))
+        pooled = encoder_embeddings(checkpoint_encoder(config, step), rows, args.target_length)
+        offline = probe(pooled[POOLING_COLUMN[args.online_pooling]], labels, splits)
+        table.append({"step": step, **{name: scores.get(step) for name, scores in online.items()},
+                      "offline_validation": offline["validation"], "offline_test": offline["test"]})
+    return table, {"probes": len(seconds), "probe_seconds": sum(seconds)}
+
+
+def ranking_disagreements(table: list[dict], online: str, offline: str = "offline_test") -> list[tuple[int, int]]:
+    """Pairs of checkpoints (steps) that the online metric and the offline probe order differently."""
+    scored = [row for row in table if row.get(online) is not None]
+    return [(a["step"], b["step"]) for i, a in enumerate(scored) for b in scored[i + 1:]
+            if (a[online] - b[online]) * (a[offline] - b[offline]) < 0]
+
+
+def report_online(args: argparse.Namespace, config: PretrainJobConfig, record: dict) -> str:
+    """The online-against-offline table and the probes' share of the run, as markdown."""
+    table, cost = online_against_offline(args, config)
+    names = config.probe.metrics
+    lines = ["| step | " + " | ".join(f"online {name}" for name in names) + " | offline linear, validation | "
+             "offline linear, test |", "|---|" + "---|" * (len(names) + 2)]
+    for row in table:
+        cells = [f"{row[name]:.1f}" if row.get(name) is not None else "–" for name in names]
+        lines.append(f"| {row['step']} | " + " | ".join(cells)
+                     + f" | {row['offline_validation']:.1f} | {row['offline_test']:.1f} |")
+    share = cost["probe_seconds"] / record["pretrain_seconds"] if record.get("pretrain_seconds") else float("nan")
+    record["online"] = {"table": table, **cost, "share_of_run": share,
+                        "disagreements": {name: ranking_disagreements(table, name) for name in names}}
+    lines.append(f"\n{cost['probes']} online probes took {cost['probe_seconds']:.1f} s, {100 * share:.1f} % of the "
+                 f"{record.get('pretrain_seconds', float('nan')):.0f} s pretraining run")
+    for name, pairs in record["online"]["disagreements"].items():
+        lines.append(f"{name} orders {len(pairs)} checkpoint pairs unlike the offline test accuracy: {pairs}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -378,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
             embeddings[embedding_name("random init", pooling)] = random_pooled[pooling]
         results[task] = {name: probe(vectors, labels, splits) for name, vectors in embeddings.items()}
     record["results"] = results
+    if args.online_probe != "none":
+        config = pretrain_job(args, record.get("max_steps", args.probe_step or 1))
+        online = report_online(args, config, record)
+        (args.out / "online.md").write_text(online + "\n")
+        print("\nonline probes during pretraining (%) against the offline linear probe of the same checkpoints")
+        print(online)
     (args.out / "run.json").write_text(json.dumps(record, indent=2))
     print("\ntest accuracy (%) of linear probes on frozen embeddings; chance = the test split's largest class")
     print(write_table(args.out, results, chance))

@@ -23,6 +23,7 @@ from typing import Callable, TypeVar
 import yaml
 from pydantic import BaseModel
 
+from pipeline.console import quiet_libraries
 from pipeline.config import ConfigError, ExamplesConfig, InputConfig, RayConfig, S3Config, load_config, public_dict
 from pipeline.fields import describe_fields
 from pipeline.mlflow_models import MODELS_SCHEME
@@ -88,15 +89,47 @@ def check_inputs(inputs: list[Input], storage: S3Config) -> None:
         raise MissingInput("missing input:\n  " + "\n  ".join(missing))
 
 
+JOIN_TIMEOUT_S = 5.0  # a cluster that does not accept a connection in this time is named, not waited for
+
+
+class ClusterUnreachable(ConfigError):
+    """The Ray cluster a job would join does not answer."""
+
+
+def _address_origin(settings: RayConfig) -> str:
+    if settings.address not in (None, "auto"):
+        return "ray.address"
+    if os.environ.get("RAY_ADDRESS"):
+        return "from RAY_ADDRESS"
+    return "the cluster `ray start` last started on this machine"
+
+
+def check_cluster_answers(address: str, origin: str) -> None:
+    """Raise :class:`ClusterUnreachable` within seconds when nothing accepts connections at ``address``
+    (Ray itself retries a dead cluster's GCS for minutes, deaf to Ctrl-C)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=JOIN_TIMEOUT_S):
+            return
+    except (OSError, ValueError) as error:
+        raise ClusterUnreachable(
+            f"ray.address: the Ray cluster at {address} ({origin}) does not answer ({error}). If it is gone, "
+            "clear this machine's record of it with `ray stop --force`, or start a new local instance for this "
+            "job with --set ray.address=local") from None
+
+
 def connect_ray(settings: RayConfig) -> None:
-    """Join or start Ray and say which (never join a cluster silently). In a process that already
-    runs Ray (a sweep trial, a test), that instance is used as it is."""
+    """Join or start Ray and say which (never join a cluster silently, nor wait on one that is gone). In
+    a process that already runs Ray (a sweep trial, a test), that instance is used as it is."""
     import ray
     from ray._private.services import canonicalize_bootstrap_address
 
+    quiet_libraries()
     if ray.is_initialized():
         return
     existing = canonicalize_bootstrap_address(settings.address)  # None: a new local instance
+    if existing is not None and not (settings.address or "").startswith("ray://"):
+        check_cluster_answers(existing, _address_origin(settings))
     if existing is None:
         dashboard = start_local_ray(settings.num_cpus)
         cpus = int(ray.cluster_resources().get("CPU", 0))
@@ -107,7 +140,6 @@ def connect_ray(settings: RayConfig) -> None:
         cpus = int(ray.cluster_resources().get("CPU", 0))
         nodes = len([node for node in ray.nodes() if node["Alive"]])
         print(f"ray: joined the cluster at {existing} ({nodes} nodes, {cpus} CPUs)", flush=True)
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
 def start_local_ray(num_cpus: int | None, **init_options) -> str:

@@ -294,7 +294,8 @@ def _latest_probe(config: PretrainJobConfig, training: Training) -> str:
 def _probe(training: Training, config: PretrainJobConfig, loop: PretrainLoop, worker: Worker, autocast,
            tracker: RunTracker | None) -> None:
     """Probe the current encoder (every worker), keep the best step's model for ``train.select_by``, log
-    the scores and the best so far to MLflow and print them (rank 0)."""
+    the scores, the best so far and the probe's wall time (``probe_seconds``) to MLflow and print them
+    (rank 0)."""
     started = time.perf_counter()
     scores = probe_scores(training.inner.encoder, config.probe, worker, len(loop.probe_classes), autocast)
     keep = (lambda: {k: v.detach().to("cpu", copy=True) for k, v in training.inner.state_dict().items()}) \
@@ -302,13 +303,14 @@ def _probe(training: Training, config: PretrainJobConfig, loop: PretrainLoop, wo
     training.probes.observe(scores, training.step, config.train.select_by, keep)
     if tracker is None:
         return
+    seconds = time.perf_counter() - started
     best = {name: value for name, value in training.probes.metrics().items() if name.startswith("best_")}
-    tracker.log_metrics({**scores, **{name: value for name, value in best.items() if not name.endswith("_step")}},
-                        training.step)
+    tracker.log_metrics({**scores, **{name: value for name, value in best.items() if not name.endswith("_step")},
+                         "probe_seconds": seconds}, training.step)
     leading = config.probe.metrics[0]
     value, step = training.probes.best[leading]
     say(f"probe at step {training.step}: {format_metrics(scores)} | best {leading} {value:.4f} at step {step} | "
-        f"{time.perf_counter() - started:.1f} s")
+        f"{seconds:.1f} s")
 
 
 def _inject_failure(config: PretrainJobConfig, training: Training, worker: Worker) -> None:
@@ -546,6 +548,12 @@ def _launch(config: PretrainJobConfig, storage: Location, callbacks: list[ray.tr
     )
     with run_status(tracker), input_cpus_kept(config.scaling, config.name):
         return trainer.fit()
+
+
+def prepare_probe(config: PretrainJobConfig) -> None:
+    """Choose and featurize the probe set ahead of the runs that probe it (a sweep, before its trials)."""
+    probe_dataset(config.probe, choose_probe_set(config.probe, config.storage), config.data, config.storage,
+                  config.model.num_mel_bins)
 
 
 def inputs(config: PretrainJobConfig) -> list[Input]:

@@ -100,6 +100,8 @@ class SourceReader:
         """The bytes of a file or a container member. Raises ``OSError`` (storage) or :class:`AudioError`
         (a member that is not there, or a container that cannot be parsed)."""
         container, member = split_uri(uri)
+        if member is None and container.endswith(CONTAINER_SUFFIXES):
+            self._raise_unlisted(container)
         if member is None:
             root, path = self.location(container)
             with root.filesystem.open_input_stream(path) as stream:
@@ -109,6 +111,14 @@ class SourceReader:
         if container.endswith(PARQUET):
             return self._read_parquet_row(container, member)
         raise AudioError("unreadable", f"{container} is not a .tar or .parquet container")
+
+    def _raise_unlisted(self, container: str) -> None:
+        """A container listed as one source, because its members could not be listed: its error, once more
+        (what the featurize job quarantines it with)."""
+        members = self.tar_members(container, set()) if container.endswith(TAR) else self.parquet_members(container)
+        list(members)  # raises the container's AudioError while it is still damaged
+        raise AudioError("unreadable", f"{container} could not be opened when the input was listed; a re-run lists "
+                         "its members")
 
     # -- WebDataset tar ---------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import posixpath
 from dataclasses import asdict, dataclass
 from urllib.parse import urlparse
@@ -26,6 +27,8 @@ from pipeline.audio import AudioError
 from pipeline.config import InputConfig, S3Config
 from pipeline.reading import CONTAINER_SUFFIXES, TAR, SourceReader
 from pipeline.storage import Location, resolve
+
+log = logging.getLogger(__name__)
 
 
 class SourceError(ValueError):
@@ -101,12 +104,17 @@ def _list_prefix(config: InputConfig, storage: S3Config) -> list[AudioSource]:
 
 
 def _container_sources(reader: SourceReader, uri: str, extensions: set[str]) -> list[AudioSource]:
-    """The members of a tar shard or the rows of a Parquet table; a container that cannot be parsed
-    stops the job here (its members cannot even be named, so they cannot be quarantined one by one)."""
+    """The members of a tar shard or the rows of a Parquet table. A container whose bytes cannot be
+    parsed is one source of its own: its members cannot be named, so the featurize job quarantines the
+    container as one row, with its reason, and featurizes everything else. A store that fails stops the
+    job here."""
     try:
         members = reader.tar_members(uri, extensions) if uri.endswith(TAR) else reader.parquet_members(uri)
         return [AudioSource(member.uri, member.label, labels=member.labels) for member in members]
-    except (AudioError, OSError, ValueError) as error:
+    except AudioError as error:
+        log.warning("cannot list the members of %s (%s): it is quarantined as one source", uri, error)
+        return [AudioSource(uri)]
+    except (OSError, ValueError) as error:
         raise SourceError(f"cannot list the members of {uri}: {error}") from None
 
 

@@ -25,6 +25,7 @@ import ray.tune
 import torch
 
 from pipeline.config import ScalingSection
+from pipeline.console import quiet_libraries
 from pipeline.storage import Location
 
 STATE_FILE = "state.pt"
@@ -110,6 +111,8 @@ def torch_trainer(
             checkpoint_config=checkpoint_config,
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
             callbacks=callbacks,
+            # Ray Train's INFO lines (every report's repr, every checkpoint) go to its log files only.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[] if alone else [n for n in datasets if n not in whole]),
@@ -130,13 +133,14 @@ def load_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
 
 
 def _older_checkpoints(newest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
-    """The run's other checkpoints older than ``newest``, newest first (their folder names,
-    ``step-XXXXXXXX`` or ``epoch-XXXX``, sort in the order they were written)."""
+    """The run's other checkpoints older than ``newest``, newest first (their folder names, a prefix and
+    a zero-padded number: Ray Train's ``step-XXXXXXXX`` or ``epoch-XXXX``, a Tune trial's
+    ``checkpoint_XXXXXX``, sort in the order they were written)."""
     filesystem, run_folder = newest.filesystem, posixpath.dirname(newest.path.rstrip("/"))
     names = sorted((info.base_name for info in filesystem.get_file_info(pafs.FileSelector(run_folder))
                     if info.type == pafs.FileType.Directory), reverse=True)
     latest = posixpath.basename(newest.path.rstrip("/"))
-    prefix = latest.split("-", 1)[0] + "-"
+    prefix = latest.rstrip("0123456789")
     return [ray.train.Checkpoint(posixpath.join(run_folder, name), filesystem)
             for name in names if name.startswith(prefix) and name < latest]
 
@@ -171,6 +175,9 @@ def load_newest_state(checkpoint: ray.train.Checkpoint | None, announce: bool = 
 class TrainWorker:
     """A training loop inside a Ray Train worker: DDP across the run's workers, the datasets split
     between them, reports from every rank with rank 0's checkpoint."""
+
+    def __init__(self) -> None:
+        quiet_libraries()
 
     @property
     def rank(self) -> int:
@@ -216,6 +223,7 @@ class TuneTrial:
     node_id = "trial"
 
     def __init__(self, datasets: dict[str, ray.data.Dataset]) -> None:
+        quiet_libraries()
         self.datasets = datasets
 
     @property
@@ -234,4 +242,5 @@ class TuneTrial:
             ray.tune.report(metrics, checkpoint=checkpoint)
 
     def restored_state(self) -> dict | None:
-        return load_state(ray.tune.get_checkpoint())
+        """The state of the trial's newest checkpoint that loads (a truncated one is skipped, and named)."""
+        return load_newest_state(ray.tune.get_checkpoint())

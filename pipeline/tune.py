@@ -3,8 +3,11 @@
     python -m pipeline.tune --config configs/tune/<sweep>.yaml [--set key=value ...]
 
 * ``sweep: mask`` — each trial pretrains with its sampled masking: a Tune trial function drives a Ray
-  Train run whose reports reach Tune through ``TuneReportCallback``. The trial's encoder is then
-  scored by a linear probe (a second Ray Train run) and the trial reports ``probe_<metric>``.
+  Train run whose reports reach Tune through ``TuneReportCallback``. With ``pretrain.probe`` the run
+  probes its own encoder as it trains and every report carries the scores (``probe_knn_accuracy``...),
+  so ASHA stops weak mask counts mid-run (its grace period and rungs count optimizer steps). With a
+  ``probe`` section instead, the finished trial's encoder is scored by a linear probe (a second Ray
+  Train run) and the trial reports ``probe_<metric>`` once.
 * ``sweep: finetune`` — each trial fine-tunes with its sampled recipe inside the trial (a plain Tune
   function trainable holding the configured resources), reporting and checkpointing every epoch, so
   ASHA can stop weak trials and a restored trial continues from its last epoch.
@@ -57,6 +60,8 @@ def sweep_metric(config: TuneJobConfig) -> str:
     """The metric trials are ranked by."""
     if config.metric:
         return config.metric
+    if config.probes_in_loop:
+        return config.pretrain.probe.metrics[0]
     if config.sweep == "mask":
         return "probe_" + finetune.validation_metric(config.probe)
     return finetune.validation_metric(config.finetune)
@@ -73,15 +78,18 @@ def _in_sweep(job, values: dict[str, Any], run_name: str, tracking_uri: str, exp
                              "tracking.experiment": experiment})
 
 
-def mask_trial(values: dict[str, Any], sweep: TuneJobConfig, task: TaskData, tracking_uri: str,
+def mask_trial(values: dict[str, Any], sweep: TuneJobConfig, task: TaskData | None, tracking_uri: str,
                parent_run_id: str) -> None:
-    """Pretrain with the sampled masking (reports reach Tune every checkpoint), then probe linearly."""
+    """Pretrain with the sampled masking (reports reach Tune at every checkpoint and probe), then, unless
+    the pretraining probed itself, probe linearly."""
     run_name = trial_run_name(sweep.name)
     experiment = sweep.tracking.experiment
     pretrain_config = _in_sweep(sweep.pretrain, values, run_name, tracking_uri, experiment)
     # The sweep checked its config on launch; a restored trial's run follows the sweep's.
     result = pretrain.run(pretrain_config, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id,
                           accept_config_changes=True)
+    if sweep.probes_in_loop:
+        return
     trial_run = RunTracker(tracking_uri, experiment, run_name)  # the pretraining run, reopened
     probe_config = _in_sweep(sweep.probe, {"model.checkpoint": pretrain.encoder_uri(pretrain_config),
                                            "model.freeze_encoder": True}, f"{run_name}-probe", tracking_uri, experiment)
@@ -122,7 +130,9 @@ def concurrent_trials(config: TuneJobConfig) -> int:
     """How many trials run at once: the configured bound, capped at what the cluster's CPUs fit (each
     trial with its Train workers and its own input pipeline); says so when it caps."""
     held = trial_resources(config)["cpu"]
-    if config.sweep == "mask":
+    if config.probes_in_loop:
+        held += train_cpus(config.pretrain.scaling)
+    elif config.sweep == "mask":
         held += max(train_cpus(config.pretrain.scaling), train_cpus(config.probe.scaling))
     cluster = ray.cluster_resources().get("CPU", 0.0)
     configured = config.search.max_concurrent_trials
@@ -145,14 +155,16 @@ def _new_tuner(config: TuneJobConfig, trainable, storage_path: str, filesystem, 
         algorithm, concurrency = OptunaSearch(seed=search.seed), concurrent
     else:
         algorithm, concurrency = BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrent), None
-    if search.scheduler == "asha":
-        scheduler = ASHAScheduler(max_t=config.finetune.epochs, grace_period=search.grace_period,
-                                  reduction_factor=search.reduction_factor)
+    if search.scheduler == "asha":  # rungs in epochs (fine-tuning) or optimizer steps (pretraining)
+        steps = config.probes_in_loop
+        scheduler = ASHAScheduler(time_attr="step" if steps else "training_iteration",
+                                  max_t=config.pretrain.train.max_steps if steps else config.finetune.epochs,
+                                  grace_period=search.grace_period, reduction_factor=search.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    # Mask trials report pretraining progress before their score exists, so Tune must not require
-    # the metric in every result: they are ranked after the sweep instead.
-    ranked_by_tune = config.sweep == "finetune"
+    # Mask trials probed after pretraining report progress before their score exists, so Tune must not
+    # require the metric in every result: they are ranked after the sweep instead.
+    ranked_by_tune = config.sweep == "finetune" or config.probes_in_loop
     return tune.Tuner(
         trainable,
         param_space={field: dimension.domain() for field, dimension in search.space.items()},
@@ -163,9 +175,11 @@ def _new_tuner(config: TuneJobConfig, trainable, storage_path: str, filesystem, 
         run_config=tune.RunConfig(
             name=config.name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
-            # Fine-tuning trials checkpoint every epoch: keep the best (and, always, the latest).
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
-                                                    checkpoint_score_order=config.mode) if ranked_by_tune else None),
+            # Fine-tuning trials checkpoint every epoch: keep the best two (and, always, the latest), so
+            # that a restored trial whose newest checkpoint is damaged has an older one to resume from.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
+                                                    checkpoint_score_order=config.mode)
+            if config.sweep == "finetune" else None),
     )
 
 
@@ -205,6 +219,8 @@ def trial_table(results: tune.ResultGrid, config: TuneJobConfig, metric: str) ->
             row.update({key: best[key] for key in history.columns
                         if key not in _BOOKKEEPING and not key.startswith("config/")})
         row["reports"] = 0 if history is None else len(history)
+        if history is not None and "step" in history:
+            row["last_step"] = int(history["step"].max())
         row["status"] = _status(result)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -225,9 +241,16 @@ def close_trial_runs(table: pd.DataFrame, config: TuneJobConfig, tracking_uri: s
     included), FAILED, or KILLED when the sweep was interrupted before the trial finished."""
     for row in table.itertuples():
         tracker = RunTracker(tracking_uri, config.tracking.experiment, row.run_name, parent_run_id=parent_run_id)
-        early = config.sweep == "finetune" and row.status == "finished" and row.reports < config.finetune.epochs
+        early = row.status == "finished" and _stopped_early(config, row)
         tracker.set_tags({"sweep_trial_status": "stopped_early" if early else row.status})
         tracker.finish(_RUN_STATUS[row.status])
+
+
+def _stopped_early(config: TuneJobConfig, row) -> bool:
+    """A finished trial that did not train to its end: ASHA stopped it."""
+    if config.sweep == "finetune":
+        return row.reports < config.finetune.epochs
+    return config.probes_in_loop and getattr(row, "last_step", config.pretrain.train.max_steps) < config.pretrain.train.max_steps
 
 
 def sweep_status(table: pd.DataFrame) -> str:
@@ -280,7 +303,9 @@ def _launch(config: TuneJobConfig, storage: Location, accept_config_changes: boo
 def _sweep(config: TuneJobConfig, storage: Location, parent: RunTracker, tracking_uri: str, metric: str,
            outcome: RunOutcome, concurrent: int) -> dict:
     """The sweep under its parent run: featurize, tune, close the trials' runs, log the best trial."""
-    task = finetune.prepare(config.probe if config.sweep == "mask" else config.finetune)
+    task = None if config.probes_in_loop else finetune.prepare(config.probe if config.sweep == "mask" else config.finetune)
+    if config.probes_in_loop:  # featurized once here, not by concurrent trials
+        pretrain.prepare_probe(config.pretrain)
     trainable = tune.with_resources(
         tune.with_parameters(TRIALS[config.sweep], sweep=config, task=task, tracking_uri=tracking_uri,
                              parent_run_id=parent.run_id),
@@ -313,6 +338,8 @@ def inputs(config: TuneJobConfig) -> list[Input]:
     def within(section: str, items: list[Input]) -> list[Input]:
         return [Input(f"{section}.{item.field}", item.uri, item.kind) for item in items]
 
+    if config.probes_in_loop:
+        return within("pretrain", pretrain.inputs(config.pretrain))
     if config.sweep == "mask":
         return [*within("pretrain", pretrain.inputs(config.pretrain)), Input("probe.data_root", config.probe.data_root)]
     return within("finetune", finetune.inputs(config.finetune))

@@ -72,8 +72,9 @@ class Dimension(Strict):
 
 class SearchConfig(Strict):
     """How trials are drawn and stopped. ``num_samples`` counts random draws (with a grid: repeats of
-    the whole grid). ASHA stops weak trials early on the metric reported every epoch (fine-tuning
-    sweeps); Optuna replaces random draws with a TPE search (ranges and choices only)."""
+    the whole grid). ASHA stops weak trials early on the metric they report as they train (every epoch
+    of a fine-tuning sweep, every probe of a mask sweep whose pretraining probes itself); Optuna
+    replaces random draws with a TPE search (ranges and choices only)."""
 
     space: dict[str, Dimension] = Field(..., min_length=1, description="the trial job's dotted field names "
                                         "(optim.lr) → their values")
@@ -81,7 +82,8 @@ class SearchConfig(Strict):
     algorithm: Literal["random", "optuna"] = Field("random", description="random (and grid) values, or Optuna's TPE")
     scheduler: Literal["fifo", "asha"] = Field("fifo", description="run every trial to the end, or stop weak "
                                                "ones early (ASHA)")
-    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
+    grace_period: int = Field(1, ge=1, description="ASHA: what every trial runs before it can be stopped: epochs "
+                              "(fine-tuning sweeps) or optimizer steps (mask sweeps)")
     reduction_factor: float = Field(2, gt=1, description="ASHA: keep 1/reduction_factor of the trials per rung")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's resources fit")
     seed: int | None = Field(None, description="seeds the draws")
@@ -115,8 +117,9 @@ class SweepTrackingConfig(TrackingConfig):
 
 
 class TuneJobConfig(Strict):
-    """``python -m pipeline.tune``: a mask sweep (each trial pretrains with its masking and is scored
-    by a linear probe) or a fine-tuning sweep (each trial fine-tunes with its recipe)."""
+    """``python -m pipeline.tune``: a mask sweep (each trial pretrains with its masking, scored by the
+    probes inside its pretraining, ``pretrain.probe``, or by a linear probe after it, ``probe``) or a
+    fine-tuning sweep (each trial fine-tunes with its recipe)."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="the sweep's name: relaunching with it resumes the sweep")
@@ -125,11 +128,13 @@ class TuneJobConfig(Strict):
     storage_path: Place = Field(..., description="where Tune keeps the sweep's state (local folder or s3://)")
     storage: S3Config = S3Config()
     pretrain: PretrainJobConfig | None = Field(None, description="mask sweeps: the base pretraining run")
-    probe: FinetuneJobConfig | None = Field(None, description="mask sweeps: the linear probe that scores a trial")
+    probe: FinetuneJobConfig | None = Field(None, description="mask sweeps scored after pretraining: the linear "
+                                            "probe that scores a trial (or give pretrain.probe: scored while it trains)")
     finetune: FinetuneJobConfig | None = Field(None, description="fine-tuning sweeps: the base fine-tuning run")
     search: SearchConfig
     resources: TrialResources = TrialResources()
-    metric: str | None = Field(None, description="default: probe_<validation metric> (mask) or the validation metric")
+    metric: str | None = Field(None, description="default: pretrain.probe's first metric (probe_knn_accuracy), "
+                               "probe_<validation metric> (a probe after pretraining) or the validation metric")
     mode: Literal["max", "min"] = Field("max", description="whether a higher or a lower metric is better")
     max_failures: int = Field(0, ge=-1, description="restarts of a failed trial (from its last checkpoint)")
     tracking: SweepTrackingConfig = SweepTrackingConfig()
@@ -156,13 +161,7 @@ class TuneJobConfig(Strict):
     @model_validator(mode="after")
     def _job_matches_sweep(self) -> TuneJobConfig:
         if self.sweep == "mask":
-            if self.pretrain is None or self.probe is None:
-                raise ValueError("a mask sweep needs pretrain (the base run) and probe (the scoring task)")
-            if self.finetune is not None:
-                raise ValueError("finetune belongs to fine-tuning sweeps (sweep: finetune)")
-            if self.search.scheduler != "fifo" or self.search.algorithm != "random":
-                raise ValueError("a mask sweep is scored once, after pretraining: use scheduler fifo and "
-                                 "algorithm random (grid or random values)")
+            self._mask_sweep_is_scored()
         else:
             if self.finetune is None:
                 raise ValueError("a fine-tuning sweep needs finetune (the base run)")
@@ -178,6 +177,35 @@ class TuneJobConfig(Strict):
                 except ValueError as error:
                     raise ValueError(f"search.space.{field} = {value!r}: {error}") from None
         return self
+
+    def _mask_sweep_is_scored(self) -> None:
+        """A mask sweep is scored either by the probes inside each trial's pretraining (reported as it
+        trains: ASHA and Optuna apply) or by one linear probe after it (scored once: neither applies)."""
+        if self.pretrain is None:
+            raise ValueError("a mask sweep needs pretrain (the base run)")
+        if self.finetune is not None:
+            raise ValueError("finetune belongs to fine-tuning sweeps (sweep: finetune)")
+        in_loop = self.pretrain.probe is not None
+        if in_loop == (self.probe is not None):
+            raise ValueError("a mask sweep is scored by pretrain.probe (probes while each trial trains) or by probe "
+                             "(a linear probe after it): give exactly one")
+        if not in_loop:
+            if self.search.scheduler != "fifo" or self.search.algorithm != "random":
+                raise ValueError("a mask sweep scored after pretraining is scored once: use scheduler fifo and "
+                                 "algorithm random, or probe inside pretraining (pretrain.probe) for ASHA or Optuna")
+            return
+        probe, train = self.pretrain.probe, self.pretrain.train
+        if self.metric is not None and self.metric not in probe.metrics:
+            raise ValueError(f"metric: {self.metric} is not reported by pretrain.probe (it reports "
+                             f"{', '.join(probe.metrics)})")
+        if train.checkpoint_every % probe.every:
+            raise ValueError(f"pretrain.train.checkpoint_every ({train.checkpoint_every}) must be a multiple of "
+                             f"pretrain.probe.every ({probe.every}): every report Tune ranks needs a probe score")
+
+    @property
+    def probes_in_loop(self) -> bool:
+        """A mask sweep scored by the probes inside its trials' pretraining."""
+        return self.sweep == "mask" and self.pretrain.probe is not None
 
     @property
     def trial_base(self) -> PretrainJobConfig | FinetuneJobConfig:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import signal as signal_module
 import subprocess
 import sys
 import time
@@ -16,6 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ssamba import load_checkpoint
+from conftest import free_ports
+from support.audio_files import encode, random_label_manifest, signal, write_pitch_folders
 from support.task_layouts import esc50
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +54,7 @@ MISSING_INPUTS = {
                   "model.checkpoint: {base}/nowhere/encoder.pt does not exist"]),
     "tune": (["--config", "configs/tune/local-mask.yaml"],
              ["pretrain.data.features: {base}/outputs/demo/features does not exist",
-              "probe.data_root: {base}/data/ESC-50-master does not exist"]),
+              "pretrain.probe.data_root: {base}/data/ESC-50-master does not exist"]),
     "embed": (["--config", "configs/embed/local.yaml", "--set", "classifier=nowhere/classifier.pt"],
               ["features: {base}/outputs/demo/features does not exist",
                "model: {base}/outputs/demo/ssamba_encoder.pt does not exist",
@@ -114,12 +118,44 @@ def test_an_elastic_run_on_two_cpus_keeps_one_for_its_input_pipeline(pretrain_fe
     assert sorted(world_sizes) == [(step, 1) for step in range(1, 7)] and run.info.status == "FINISHED"
 
 
-def test_local_mask_sweep_finishes_on_two_cpus(pretrain_features, tmp_path):
-    """The shipped local mask sweep (two trials, each a Train worker, its probe and their input
-    pipelines) on a 2-CPU Ray: Tune runs what fits instead of starving Ray Data; trials nest under the
-    sweep's MLflow run, each with its probe nested below it, and the runs table lists them."""
-    esc50(tmp_path / "data" / "ESC-50-master")
+def test_local_mask_sweep_stops_weak_mask_counts_by_their_probe(pretrain_features, tmp_path):
+    """The shipped local mask sweep on a 2-CPU Ray: every trial probes its encoder every 2 steps, each report
+    carries the probe score, and ASHA stops at least one trial before its last step on it. The probe set's
+    labels are drawn at random, so the mask counts score differently and ASHA has something to rank."""
+    clips = write_pitch_folders(tmp_path / "pitches", {"train": 10, "validation": 10}, seconds=0.5)
+    manifest = random_label_manifest(clips, tmp_path / "labels.csv")
     done = run_job("tune", "--config", "configs/tune/local-mask.yaml", "--base-dir", str(tmp_path), *OWN_RAY,
+                   "--set", f"pretrain.data.features={pretrain_features}",
+                   "--set", f"pretrain.validation.features={pretrain_features}",
+                   "--set", "pretrain.probe.task=manifest", "--set", f"pretrain.probe.data_root={manifest}",
+                   "--set", "pretrain.probe.every=2", "--set", "search.grace_period=2",
+                   "--set", "pretrain.train.max_steps=8", "--set", "pretrain.train.eval_every=4",
+                   "--set", "pretrain.train.checkpoint_every=4", "--set", "pretrain.train.batch_size=4",
+                   # a rate that moves the encoders apart within 8 steps, so that their probes differ
+                   "--set", "pretrain.optim.lr=0.005", "--set", "pretrain.optim.warmup_steps=0", timeout=840)
+    assert done.returncode == 0, output_of(done)
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    experiment = client.get_experiment_by_name("ssamba-local-tune")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.ray_run_name = 'local-mask-sweep'")
+    assert parent.info.status == "FINISHED" and parent.data.params["metric"] == "probe_knn_accuracy"
+    assert "best.probe_knn_accuracy" in parent.data.metrics
+    trials = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {trial.data.params["masking.mask_patches"] for trial in trials} == {"24", "48", "96"}
+    probed_to = {}
+    for trial in trials:
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "probe_knn_accuracy")]
+        assert steps == list(range(2, max(steps) + 1, 2))  # every probe step up to where it stopped
+        probed_to[trial.data.tags["sweep_trial_status"]] = max(steps)
+        assert trial.info.status == "FINISHED"
+    assert probed_to.get("finished") == 8 and probed_to.get("stopped_early", 8) < 8, probed_to
+
+
+def test_local_mask_sweep_probed_after_pretraining_finishes_on_two_cpus(pretrain_features, tmp_path):
+    """The shipped local mask sweep scored after pretraining (two trials, each a Train worker, its probe
+    and their input pipelines) on a 2-CPU Ray: Tune runs what fits instead of starving Ray Data; trials
+    nest under the sweep's MLflow run, each with its probe nested below it, and the runs table lists them."""
+    esc50(tmp_path / "data" / "ESC-50-master")
+    done = run_job("tune", "--config", "configs/tune/local-mask-then-probe.yaml", "--base-dir", str(tmp_path), *OWN_RAY,
                    "--set", f"pretrain.data.features={pretrain_features}",
                    "--set", f"pretrain.validation.features={pretrain_features}",
                    "--set", "pretrain.train.max_steps=2", "--set", "pretrain.train.eval_every=2",
@@ -129,7 +165,7 @@ def test_local_mask_sweep_finishes_on_two_cpus(pretrain_features, tmp_path):
     assert "tune: 1 trials at a time, not 2" in done.stdout
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     experiment = client.get_experiment_by_name("ssamba-local-tune")
-    (parent,) = client.search_runs([experiment.experiment_id], "tags.ray_run_name = 'local-mask-sweep'")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.ray_run_name = 'local-mask-then-probe'")
     assert parent.info.status == "FINISHED" and "best.probe_val_accuracy" in parent.data.metrics
     assert parent.data.params["space.masking.mask_patches"] == "grid[32, 64]"
     assert parent.data.params["best.masking.mask_patches"] in ("32", "64")
@@ -141,7 +177,7 @@ def test_local_mask_sweep_finishes_on_two_cpus(pretrain_features, tmp_path):
         (probe,) = client.search_runs([child.info.experiment_id], f"tags.mlflow.parentRunId = '{child.info.run_id}'")
         assert probe.data.params["model.freeze_encoder"] == "True"
 
-    listed = run_job("runs", "--experiment", "ssamba-local-tune", "list", "--parent", "local-mask-sweep", "--csv",
+    listed = run_job("runs", "--experiment", "ssamba-local-tune", "list", "--parent", "local-mask-then-probe", "--csv",
                      base_dir=tmp_path, timeout=120)  # the default store, resolved against the base directory
     assert listed.returncode == 0, output_of(listed)
     trials = pd.read_csv(io.StringIO(listed.stdout))
@@ -169,3 +205,35 @@ def test_make_demo_then_the_embed_preset_on_what_it_wrote(ray_cluster, tmp_path)
     assert table.num_rows == 12 and all(table.column("ok").to_pylist())
     grid = load_checkpoint(encoder).encoder_config.grid  # band means by default: each band's 64 values
     assert {len(vector) for vector in table.column("scene").to_pylist()} == {64 * grid.freq_patches}
+
+
+def test_a_dead_cluster_is_named_at_once_and_a_sigterm_stops_the_wait(tmp_path):
+    """A job with the default ray.address on a machine whose recorded cluster (``ray start``'s record in
+    the temp folder) is gone exits 2 within seconds, naming the address and both ways out, instead of
+    retrying its GCS for minutes; one pointed at an address that never answers stops on SIGTERM."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for index in range(2):
+        (audio / f"clip{index}.wav").write_bytes(encode(signal(16_000, 1, 0.5, seed=index), 16_000, "WAV", "PCM_16"))
+    (tmp_path / "tmp" / "ray").mkdir(parents=True)
+    port = free_ports(1)[0]
+    (tmp_path / "tmp" / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "pipeline.featurize", "--set", f"input.uri={audio}",
+               "--set", f"output={tmp_path / 'features'}"]
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and time.monotonic() - started < 15, output_of(done)
+    # Ray names this machine by its address, not 127.0.0.1
+    assert re.search(rf"the Ray cluster at \S+:{port} \(the cluster `ray start` last started on this machine\) "
+                     "does not answer", done.stderr), done.stderr
+    assert "ray stop --force" in done.stderr and "--set ray.address=local" in done.stderr
+
+    waiting = subprocess.Popen([*command, "--set", "ray.address=10.255.255.1:6379"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # Python, torch and Ray imported; connecting
+    signalled = time.monotonic()
+    waiting.send_signal(signal_module.SIGTERM)
+    waiting.wait(timeout=30)
+    assert time.monotonic() - signalled < 10 and waiting.returncode != 0

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,6 +22,7 @@ from pipeline import featurize
 from pipeline.config import FeaturizeConfig, load_config
 
 pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def s3_config(s3_server, *overrides: str) -> FeaturizeConfig:
@@ -145,3 +150,29 @@ def test_a_grown_input_featurizes_only_its_new_files(s3_server, ray_cluster):
         featurize.run(config.model_copy(update={"num_mel_bins": 64}))
     with pytest.raises(featurize.FeaturizeError, match="--overwrite"):
         featurize.run(config.model_copy(update={"shard_size": 5}))
+
+
+def test_a_container_that_cannot_be_opened_is_quarantined_as_one_row_and_the_rest_featurized(tmp_path):
+    """``python -m pipeline.featurize`` over a folder of Parquet audio tables, one of them with a footer that
+    does not decode: the job exits 0, every good row is stored, and the damaged table is one quarantine row
+    with its reason (its rows cannot be named)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = [{"audio": {"bytes": wav(0.4, seed), "path": f"r{seed}.wav"}, "label": "rain"} for seed in range(3)]
+    (corpus / "good-0.parquet").write_bytes(parquet_table(rows[:2]))
+    (corpus / "good-1.parquet").write_bytes(parquet_table(rows[2:]))
+    damaged = parquet_table(rows)
+    (corpus / "damaged.parquet").write_bytes(damaged[:-20] + b"\0" * 20)  # the footer and its length overwritten
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "pipeline.featurize", "--set", f"input.uri={corpus}",
+                           "--set", f"output={tmp_path / 'features'}", "--set", "ray.address=local",
+                           "--set", "ray.num_cpus=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    features = pq.read_table(tmp_path / "features" / "features").to_pylist()
+    assert sorted(row["uri"] for row in features) == [
+        f"{corpus}/good-0.parquet#0", f"{corpus}/good-0.parquet#1", f"{corpus}/good-1.parquet#0"]
+    (quarantined,) = pq.read_table(tmp_path / "features" / "quarantine").to_pylist()
+    assert quarantined["uri"] == f"{corpus}/damaged.parquet" and quarantined["reason"] == "corrupt"
+    assert "cannot decode its footer" in quarantined["detail"]
+    assert "quarantined 1 files" in done.stdout

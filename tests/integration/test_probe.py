@@ -5,7 +5,6 @@ cannot score before Ray starts."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import pretrain
 from pipeline.config import PretrainJobConfig, load_config
 from ssamba import load_checkpoint
-from support.audio_files import write_pitch_folders
+from support.audio_files import random_label_manifest, write_pitch_folders
 
 pytestmark = pytest.mark.timeout(600)
 REPO = Path(__file__).resolve().parents[2]
@@ -72,6 +71,7 @@ def test_pretrain_command_probes_every_few_steps_and_exports_the_best_probe_step
     assert run.data.metrics["best_probe_linear_accuracy"] == pytest.approx(best_value)
 
     assert "probe at step 3: probe_knn_accuracy" in done.stdout
+    assert "TrainingReport(" not in done.stdout + done.stderr  # Ray's chatter stays in its log files
     assert any("step 4/8 | loss" in line and "| probe_knn_accuracy " in line for line in done.stdout.splitlines())
     assert f"probe_linear_accuracy: {linear[-1][1]:.4f} at the end, best {best_value:.4f} at step {best_step}" in done.stdout
 
@@ -81,20 +81,6 @@ def test_pretrain_command_probes_every_few_steps_and_exports_the_best_probe_step
     assert card["training"]["exported_step"] == best_step and card["training"]["steps"] == 8
     assert card["selected_by"]["probe_linear_accuracy"] == pytest.approx(best_value)
     assert "the best probe_linear_accuracy" in card["selected_by"]["chosen"]
-
-
-def random_label_manifest(root: Path, destination: Path) -> Path:
-    """The pitch clips under labels that have nothing to do with them: probe scores far from 0 and 1, which
-    any lost, duplicated or misordered clip would move."""
-    rows = []
-    for index, path in enumerate(sorted(root.rglob("*.wav"))):
-        split = "validation" if "/validation/" in str(path) else "train"
-        rows.append({"uri": str(path), "label": "abc"[index % 3], "split": split})
-    with destination.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["uri", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return destination
 
 
 def test_probe_numbers_do_not_depend_on_the_number_of_workers(ray_cluster, pretrain_features, tmp_path):

@@ -20,6 +20,7 @@ from support.task_layouts import esc50
 pytestmark = pytest.mark.timeout(900)
 
 MASK_PRESET = "configs/tune/local-mask.yaml"
+THEN_PROBE_PRESET = "configs/tune/local-mask-then-probe.yaml"
 FINETUNE_PRESET = "configs/tune/local-finetune.yaml"
 
 
@@ -37,18 +38,22 @@ def test_presets_read_their_base_configs_and_apply_changes():
     assert overridden.pretrain.train.max_steps == 7
 
 
-@pytest.mark.parametrize("override, message", [
-    ("search.space={optim.lr: {loguniform: [0.0, 0.1]}}", "bounds must be positive"),
-    ("search.space={masking.mask_patchez: {grid: [32]}}", r"search.space.masking.mask_patchez = 32: .*no such field"),
-    ("search.space={masking.mask_patches: {grid: [32, 500]}}", r"search.space.masking.mask_patches = 500: .*must be below"),
-    ("search.space={train.max_steps: {randint: [0, 5]}}", r"search.space.train.max_steps = 0: .*train.max_steps"),
-    ("search.scheduler=asha", "mask sweep is scored once"),
-    ("pretrain.base=configs/pretrain/missing.yaml", "pretrain.base: cannot read config"),
-    ("sweep=finetune", "fine-tuning sweep needs finetune"),
+@pytest.mark.parametrize("preset, override, message", [
+    (MASK_PRESET, "search.space={optim.lr: {loguniform: [0.0, 0.1]}}", "bounds must be positive"),
+    (MASK_PRESET, "search.space={masking.mask_patchez: {grid: [32]}}", r"search.space.masking.mask_patchez = 32: .*no such field"),
+    (MASK_PRESET, "search.space={masking.mask_patches: {grid: [32, 500]}}", r"search.space.masking.mask_patches = 500: .*must be below"),
+    (MASK_PRESET, "search.space={train.max_steps: {randint: [0, 5]}}", r"search.space.train.max_steps = 0: .*train.max_steps"),
+    (MASK_PRESET, "pretrain.base=configs/pretrain/missing.yaml", "pretrain.base: cannot read config"),
+    (MASK_PRESET, "sweep=finetune", "fine-tuning sweep needs finetune"),
+    (MASK_PRESET, "metric=val_masked_accuracy", "metric: val_masked_accuracy is not reported by pretrain.probe"),
+    (MASK_PRESET, "pretrain.probe.every=15", r"pretrain.train.checkpoint_every \(20\) must be a multiple of pretrain.probe.every"),
+    (MASK_PRESET, "probe={task: esc50, name: p, storage_path: x, data_root: y, features: z}", "give exactly one"),
+    (THEN_PROBE_PRESET, "search.scheduler=asha", "scored after pretraining is scored once"),
+    (THEN_PROBE_PRESET, "probe=null", "give exactly one"),
 ])
-def test_invalid_sweeps_fail_naming_the_field(override, message):
+def test_invalid_sweeps_fail_naming_the_field(preset, override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(TuneJobConfig, MASK_PRESET, [override])
+        load_config(TuneJobConfig, preset, [override])
 
 
 def test_invalid_sweep_exits_with_the_field_named(capsys):
@@ -149,3 +154,32 @@ def test_asha_finetune_sweep_resumes_after_its_trials_fail(ray_cluster, small_en
     best = table.loc[table["val_accuracy"].idxmax()]
     assert parent.data.metrics["best.val_accuracy"] == pytest.approx(best["val_accuracy"])
     assert float(parent.data.params["best.optim.lr"]) == pytest.approx(best["optim.lr"])
+
+
+def test_a_restored_finetune_trial_skips_a_truncated_newest_checkpoint(ray_cluster, small_encoder, tmp_path):
+    """One trial fails after its epoch-2 checkpoint; that checkpoint is then cut short (a killed upload).
+    The restored sweep resumes the trial from epoch 1, retrains epoch 2 and finishes."""
+    root = esc50(tmp_path / "esc50")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(TuneJobConfig, FINETUNE_PRESET, [
+        "name=truncated", f"storage_path={tmp_path / 'tune'}", f"tracking.tracking_uri={tracking}",
+        f"finetune.storage_path={tmp_path / 'finetune'}", "finetune.task=esc50", f"finetune.data_root={root}",
+        f"finetune.features={tmp_path / 'features'}", "finetune.folds=[1]", "finetune.norm=esc50", "finetune.loss=ce",
+        f"finetune.model.checkpoint={small_encoder}", "finetune.target_length=64", "finetune.epochs=3",
+        "search.space={optim.lr: {grid: [0.001]}}", "search.num_samples=1", "search.scheduler=fifo",
+        "finetune.testing.fail_at_epoch=3",
+    ])
+    assert sweeps.run(config)["errors"] == 1
+    (trial_folder,) = [path for path in (tmp_path / "tune" / "truncated").iterdir() if path.is_dir()]
+    checkpoints = sorted(trial_folder.glob("checkpoint_*"))
+    assert len(checkpoints) == 2  # epochs 1 and 2
+    state = checkpoints[-1] / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+    second = sweeps.run(config)
+    assert second["errors"] == 0
+    client = MlflowClient(tracking)
+    _, (child,) = children_of(client, "ssamba-local-tune", "truncated")
+    epochs = [m.step for m in sorted(client.get_metric_history(child.info.run_id, "val_accuracy"),
+                                     key=lambda m: m.timestamp)]
+    assert epochs == [1, 2, 2, 3]  # epoch 2 again, from the checkpoint of epoch 1

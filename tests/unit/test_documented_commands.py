@@ -67,6 +67,9 @@ def test_documented_command_validates(document, job, arguments, monkeypatch, cap
     main = importlib.import_module(f"pipeline.{job}").main
     if job == "runs":  # reads a store: an empty one here, so the command parses and names what is missing
         monkeypatch.setenv("SSAMBA_BASE_DIR", str(tmp_path))
+        if "--experiment" not in arguments:  # the experiments of the store
+            assert main(arguments) == 0 and "Default" in capsys.readouterr().out
+            return
         assert main(arguments) == 2 and "no experiment" in capsys.readouterr().err
         return
     if "--help" in arguments:
