@@ -46,8 +46,7 @@ from pipeline.launch import Input, connect_ray, examples_inputs, mlflow_ui_hint,
 from pipeline.probing import PROBE_DATASET, ProbeHistory, ProbeSet, choose_probe_set, probe_dataset, probe_scores
 from pipeline.loop import (
     Clock, all_reduce_sum, announce_compute, autocast, base_rates, effective_precision, format_metrics, gradient_sync,
-    node_count,
-    optimizer_step, rank0_tracker, say, seed_worker, set_learning_rates, unwrap,
+    node_count, optimizer_step, rank0_tracker, say, seed_worker, set_learning_rates, unwrap,
 )
 from pipeline.resources import check_cluster, input_cpus_kept
 from pipeline.storage import Location, resolve
@@ -291,6 +290,10 @@ def _latest_probe(config: PretrainJobConfig, training: Training) -> str:
     return f" | {name} {training.probes.latest[name]:.4f}"
 
 
+def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+
+
 def _probe(training: Training, config: PretrainJobConfig, loop: PretrainLoop, worker: Worker, autocast,
            tracker: RunTracker | None) -> None:
     """Probe the current encoder (every worker), keep the best step's model for ``train.select_by``, log
@@ -298,9 +301,9 @@ def _probe(training: Training, config: PretrainJobConfig, loop: PretrainLoop, wo
     (rank 0)."""
     started = time.perf_counter()
     scores = probe_scores(training.inner.encoder, config.probe, worker, len(loop.probe_classes), autocast)
-    keep = (lambda: {k: v.detach().to("cpu", copy=True) for k, v in training.inner.state_dict().items()}) \
-        if worker.rank == 0 and config.train.select_by != "last" else None
-    training.probes.observe(scores, training.step, config.train.select_by, keep)
+    selecting = worker.rank == 0 and config.train.select_by != "last"  # rank 0 saves, and exports, the kept model
+    training.probes.observe(scores, training.step, config.train.select_by,
+                            (lambda: _cpu_copy(training.inner)) if selecting else None)
     if tracker is None:
         return
     seconds = time.perf_counter() - started

@@ -113,20 +113,25 @@ def footer_reader_actors() -> int:
     return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000, raise_on_missing_output=False))
 
 
+def esc50_sweep(tmp_path, encoder: str, name: str, *overrides: str) -> tuple[TuneJobConfig, str]:
+    """The local fine-tuning sweep on a generated ESC-50 (fold 1, 3 epochs) from ``encoder``, and its store."""
+    root = esc50(tmp_path / "esc50")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return load_config(TuneJobConfig, FINETUNE_PRESET, [
+        f"name={name}", f"storage_path={tmp_path / 'tune'}", f"tracking.tracking_uri={tracking}",
+        f"finetune.storage_path={tmp_path / 'finetune'}", "finetune.task=esc50", f"finetune.data_root={root}",
+        f"finetune.features={tmp_path / 'features'}", "finetune.folds=[1]", "finetune.norm=esc50", "finetune.loss=ce",
+        f"finetune.model.checkpoint={encoder}", "finetune.target_length=64", "finetune.epochs=3", *overrides,
+    ]), tracking
+
+
 def test_asha_finetune_sweep_resumes_after_its_trials_fail(ray_cluster, small_encoder, tmp_path):
     """Trials are processes of their own: they read the feature store with the pipeline's Parquet
     reader too (they once started footer-reading actors every epoch, 100 CPU-seconds of this test)."""
     footer_readers = footer_reader_actors()
-    root = esc50(tmp_path / "esc50")
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = load_config(TuneJobConfig, FINETUNE_PRESET, [
-        "name=recipes", f"storage_path={tmp_path / 'tune'}", f"tracking.tracking_uri={tracking}",
-        f"finetune.storage_path={tmp_path / 'finetune'}", "finetune.task=esc50", f"finetune.data_root={root}",
-        f"finetune.features={tmp_path / 'features'}", "finetune.folds=[1]", "finetune.norm=esc50", "finetune.loss=ce",
-        f"finetune.model.checkpoint={small_encoder}", "finetune.target_length=64", "finetune.epochs=3",
-        "search.grace_period=2",  # ASHA's only rung is at epoch 2: both trials reach the failure below
-        "finetune.testing.fail_at_epoch=2",  # every trial fails once, after its epoch-1 checkpoint
-    ])
+    config, tracking = esc50_sweep(tmp_path, small_encoder, "recipes",
+                                   "search.grace_period=2",  # ASHA's only rung is at epoch 2: both trials fail first
+                                   "finetune.testing.fail_at_epoch=2")  # every trial fails once, after epoch 1
     first = sweeps.run(config)
     assert first["trials"] == 2 and first["errors"] == 2
     client = MlflowClient(tracking)
@@ -159,16 +164,8 @@ def test_asha_finetune_sweep_resumes_after_its_trials_fail(ray_cluster, small_en
 def test_a_restored_finetune_trial_skips_a_truncated_newest_checkpoint(ray_cluster, small_encoder, tmp_path):
     """One trial fails after its epoch-2 checkpoint; that checkpoint is then cut short (a killed upload).
     The restored sweep resumes the trial from epoch 1, retrains epoch 2 and finishes."""
-    root = esc50(tmp_path / "esc50")
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = load_config(TuneJobConfig, FINETUNE_PRESET, [
-        "name=truncated", f"storage_path={tmp_path / 'tune'}", f"tracking.tracking_uri={tracking}",
-        f"finetune.storage_path={tmp_path / 'finetune'}", "finetune.task=esc50", f"finetune.data_root={root}",
-        f"finetune.features={tmp_path / 'features'}", "finetune.folds=[1]", "finetune.norm=esc50", "finetune.loss=ce",
-        f"finetune.model.checkpoint={small_encoder}", "finetune.target_length=64", "finetune.epochs=3",
-        "search.space={optim.lr: {grid: [0.001]}}", "search.num_samples=1", "search.scheduler=fifo",
-        "finetune.testing.fail_at_epoch=3",
-    ])
+    config, tracking = esc50_sweep(tmp_path, small_encoder, "truncated", "search.space={optim.lr: {grid: [0.001]}}",
+                                   "search.num_samples=1", "search.scheduler=fifo", "finetune.testing.fail_at_epoch=3")
     assert sweeps.run(config)["errors"] == 1
     (trial_folder,) = [path for path in (tmp_path / "tune" / "truncated").iterdir() if path.is_dir()]
     checkpoints = sorted(trial_folder.glob("checkpoint_*"))
