@@ -213,7 +213,10 @@ def _listing(client: MlflowClient, args: argparse.Namespace) -> str:
     if not args.columns:
         table = table[compact_columns(table)]
     text, dropped = fit_to_width(table, shutil.get_terminal_size().columns)
-    return text + (f"\n({len(dropped)} columns left out to fit: {', '.join(dropped)}; --columns chooses)" if dropped else "")
+    if not dropped:
+        return text
+    columns = "column" if len(dropped) == 1 else "columns"
+    return text + f"\n({len(dropped)} {columns} left out to fit: {', '.join(dropped)}; --columns chooses)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,7 @@ def test_list_without_an_experiment_names_the_experiments_and_a_run_list_fits_th
     monkeypatch.setenv("COLUMNS", "40")
     assert runs.main(["--tracking-uri", uri, "--experiment", "pretraining", "list"]) == 0
     narrow = capsys.readouterr().out.splitlines()
-    assert all(len(line) <= 40 for line in narrow[:-1]) and "columns left out to fit" in narrow[-1]
+    assert all(len(line) <= 40 for line in narrow[:-1]) and "left out to fit" in narrow[-1]
 
     assert runs.main(["--tracking-uri", uri, "--experiment", "pretraining", "list", "--columns", "run,param.optim.lr"]) == 0
     chosen = capsys.readouterr().out.split()
