@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -118,10 +119,28 @@ def test_an_elastic_run_on_two_cpus_keeps_one_for_its_input_pipeline(pretrain_fe
     assert sorted(world_sizes) == [(step, 1) for step in range(1, 7)] and run.info.status == "FINISHED"
 
 
-def test_local_mask_sweep_stops_weak_mask_counts_by_their_probe(pretrain_features, tmp_path):
+def asha_stops(scores_in_trial_order: dict[str, dict[int, float]], rungs: list[int],
+               reduction_factor: float) -> dict[str, int]:
+    """The trials asynchronous successive halving stops, and at which rung, written out from the rule
+    (Li et al. 2020) rather than from Ray: trials reach the rungs one after another, and a trial whose score at
+    a rung is below the ``1 - 1/reduction_factor`` quantile of the scores recorded there before it stops."""
+    recorded: dict[int, list[float]] = {rung: [] for rung in rungs}
+    stopped = {}
+    for trial, scores in scores_in_trial_order.items():
+        for rung in (rung for rung in rungs if rung in scores):
+            earlier = list(recorded[rung])
+            recorded[rung].append(scores[rung])
+            if earlier and scores[rung] < np.percentile(earlier, 100 * (1 - 1 / reduction_factor)):
+                stopped[trial] = rung
+                break
+    return stopped
+
+
+def test_local_mask_sweep_ranks_and_stops_mask_counts_by_their_probe(pretrain_features, tmp_path):
     """The shipped local mask sweep on a 2-CPU Ray: every trial probes its encoder every 2 steps, each report
-    carries the probe score, and ASHA stops at least one trial before its last step on it. The probe set's
-    labels are drawn at random, so the mask counts score differently and ASHA has something to rank."""
+    carries the probe score, and ASHA stops exactly the trials its rule stops on those scores, at their rung.
+    The probe set's labels are drawn at random, so the mask counts score differently and ASHA has something
+    to rank. On 2 CPUs the trials run one after another, which fixes the order they reach each rung in."""
     clips = write_pitch_folders(tmp_path / "pitches", {"train": 10, "validation": 10}, seconds=0.5)
     manifest = random_label_manifest(clips, tmp_path / "labels.csv")
     done = run_job("tune", "--config", "configs/tune/local-mask.yaml", "--base-dir", str(tmp_path), *OWN_RAY,
@@ -134,20 +153,31 @@ def test_local_mask_sweep_stops_weak_mask_counts_by_their_probe(pretrain_feature
                    # a rate that moves the encoders apart within 8 steps, so that their probes differ
                    "--set", "pretrain.optim.lr=0.005", "--set", "pretrain.optim.warmup_steps=0", timeout=840)
     assert done.returncode == 0, output_of(done)
+    assert "tune: 1 trials at a time, not 2" in done.stdout
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     experiment = client.get_experiment_by_name("ssamba-local-tune")
     (parent,) = client.search_runs([experiment.experiment_id], "tags.ray_run_name = 'local-mask-sweep'")
     assert parent.info.status == "FINISHED" and parent.data.params["metric"] == "probe_knn_accuracy"
     assert "best.probe_knn_accuracy" in parent.data.metrics
-    trials = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    trials = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                order_by=["attributes.start_time ASC"])
     assert {trial.data.params["masking.mask_patches"] for trial in trials} == {"24", "48", "96"}
-    probed_to = {}
+    scores, stopped_at = {}, {}
     for trial in trials:
-        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "probe_knn_accuracy")]
-        assert steps == list(range(2, max(steps) + 1, 2))  # every probe step up to where it stopped
-        probed_to[trial.data.tags["sweep_trial_status"]] = max(steps)
+        probes = {m.step: m.value for m in client.get_metric_history(trial.info.run_id, "probe_knn_accuracy")}
+        assert sorted(probes) == list(range(2, max(probes) + 1, 2))  # every probe step up to where it stopped
         assert trial.info.status == "FINISHED"
-    assert probed_to.get("finished") == 8 and probed_to.get("stopped_early", 8) < 8, probed_to
+        name = trial.data.params["masking.mask_patches"]
+        scores[name] = probes
+        if trial.data.tags["sweep_trial_status"] == "stopped_early":
+            stopped_at[name] = max(probes)
+        else:
+            assert trial.data.tags["sweep_trial_status"] == "finished" and max(probes) == 8
+    # rungs: the grace period times powers of the reduction factor, below the last step
+    expected = asha_stops(scores, rungs=[2, 4], reduction_factor=2)
+    assert set(stopped_at) == set(expected), scores
+    for name, rung in expected.items():  # a stopped trial may finish the steps under way before it ends
+        assert rung <= stopped_at[name] < 8, (stopped_at, scores)
 
 
 def test_local_mask_sweep_probed_after_pretraining_finishes_on_two_cpus(pretrain_features, tmp_path):

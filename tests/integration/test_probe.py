@@ -1,6 +1,6 @@
 """Downstream probes inside pretraining, as users meet them: ``python -m pipeline.pretrain`` with a probe
 section logs the probe scores to MLflow at every probe step, prints them, exports the best step's encoder
-with ``train.select_by``, gives the same numbers on one and two DDP workers, and refuses a probe set that
+with ``train.select_by``, gives two DDP workers the numbers one process computes, and refuses a probe set that
 cannot score before Ray starts."""
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+import numpy as np
+import torch
+
 from pipeline import pretrain
 from pipeline.config import PretrainJobConfig, load_config
-from ssamba import load_checkpoint
+from pipeline.probing import choose_probe_set, probe_dataset, score
+from ssamba import from_pretrained, load_checkpoint
+from ssamba.probes import clip_embeddings
 from support.audio_files import random_label_manifest, write_pitch_folders
 
 pytestmark = pytest.mark.timeout(600)
@@ -83,22 +88,33 @@ def test_pretrain_command_probes_every_few_steps_and_exports_the_best_probe_step
     assert "the best probe_linear_accuracy" in card["selected_by"]["chosen"]
 
 
-def test_probe_numbers_do_not_depend_on_the_number_of_workers(ray_cluster, pretrain_features, tmp_path):
-    """The same weights probed by one worker and by two DDP workers (a learning rate too small to move a
-    float32 weight keeps the encoder at its seeded initialisation): the same scores within 1e-3."""
+def test_two_ddp_workers_score_what_one_process_scores_on_the_same_weights(ray_cluster, pretrain_features,
+                                                                            tmp_path):
+    """Two DDP workers each embed their share of the probe set and gather the rest: their scores equal
+    those of one process embedding every clip with the exported encoder (a learning rate too small to move a
+    float32 weight keeps the probed step's weights and the exported ones the same)."""
     probe_root = write_pitch_folders(tmp_path / "pitches", {"train": 7, "validation": 4})
     manifest = random_label_manifest(probe_root, tmp_path / "random-labels.csv")
-    scores = {}
-    for workers in (1, 2):
-        config = load_config(PretrainJobConfig, PRESET, settings(
-            pretrain_features, tmp_path, manifest, f"name=workers{workers}", f"scaling.num_workers={workers}",
-            "train.max_steps=2", "probe.every=2", "train.checkpoint_every=2", "validation=null", "probe.task=manifest",
-            "optim.lr=1e-30", "probe.batch_size=5", "probe.k=5"))
-        result = pretrain.run(config)
-        scores[workers] = {name: result.metrics[name] for name in ("probe_knn_accuracy", "probe_linear_accuracy")}
-    assert 0.0 < scores[1]["probe_linear_accuracy"] < 1.0 and 0.0 < scores[1]["probe_knn_accuracy"] < 1.0
-    for name, value in scores[1].items():
-        assert scores[2][name] == pytest.approx(value, abs=1e-3)
+    config = load_config(PretrainJobConfig, PRESET, settings(
+        pretrain_features, tmp_path, manifest, "name=workers2", "scaling.num_workers=2", "train.max_steps=2",
+        "probe.every=2", "train.checkpoint_every=2", "validation=null", "probe.task=manifest", "optim.lr=1e-30",
+        "probe.batch_size=5", "probe.k=5"))
+    result = pretrain.run(config)
+    gathered = {name: result.metrics[name] for name in ("probe_knn_accuracy", "probe_linear_accuracy")}
+
+    encoder = from_pretrained(tmp_path / "ckpt" / "workers2" / "ssamba_encoder.pt").eval()
+    probe_set = choose_probe_set(config.probe, config.storage)
+    rows = probe_dataset(config.probe, probe_set, config.data, config.storage, config.model.num_mel_bins).take_all()
+    rows.sort(key=lambda row: row["index"])
+    assert [row["index"] for row in rows] == list(range(len(probe_set.sources)))
+    with torch.no_grad():
+        encoded = encoder(torch.as_tensor(np.stack([row["fbank"] for row in rows])))
+        embedded = clip_embeddings(encoded, encoder.config.grid, config.probe.pooling,
+                                   torch.as_tensor(np.array([row["frames"] for row in rows])))
+    targets = torch.as_tensor(np.stack([row["target"] for row in rows]))
+    alone = score(config.probe, embedded, targets, torch.as_tensor(probe_set.held_out))
+    assert 0.0 < alone["probe_linear_accuracy"] < 1.0 and 0.0 < alone["probe_knn_accuracy"] < 1.0
+    assert gathered == pytest.approx(alone, abs=1e-3)
 
 
 def test_a_probe_set_that_cannot_score_or_is_not_there_exits_2_before_ray(pretrain_features, tmp_path):
