@@ -17,7 +17,6 @@ printed (the target: shuffled ≥ 90 % of ordered).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import statistics
@@ -25,29 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import ExamplesConfig, S3Config
 from pipeline.data import examples_dataset
-from pipeline.featurize import FEATURE_SCHEMA, shard_name
-
-
-def write_features(folder: Path, shards: int, rows: int) -> None:
-    rng = np.random.default_rng(0)
-    (folder / "features").mkdir(parents=True)
-    for shard in range(shards):
-        table = pa.Table.from_pylist([{
-            "uri": f"clip{shard}-{row}.wav", "label": str(row % 4), "split": None, "fold": None, "chunk": 0,
-            "offset_s": 0.0, "duration_s": 10.24, "source_sample_rate": 16_000, "source_channels": 1,
-            "n_frames": 1024, "n_mels": 128,
-            "fbank": rng.normal(-5, 3, (1024, 128)).astype(np.float16).tobytes(),
-        } for row in range(rows)], schema=FEATURE_SCHEMA)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        (folder / "features" / shard_name(shard)).write_bytes(buffer.getvalue())
+from synthetic import write_feature_store
 
 
 def epoch_rate(features: Path, shuffle: bool, buffer: int, batch_size: int) -> float:
@@ -72,7 +53,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)  # never a stray cluster
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as folder:
-        write_features(Path(folder), args.shards, args.rows)
+        write_feature_store(Path(folder), args.shards, args.rows)
         epoch_rate(Path(folder), False, 0, args.batch_size)  # warm-up: workers, imports, page cache
         rates: dict[str, list[float]] = {"ordered": [], "shuffled": []}
         for _ in range(args.repeats):

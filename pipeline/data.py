@@ -5,7 +5,8 @@ Two sources give the same examples:
 * featurize output (the default at scale): Parquet shards, each epoch only cropping, normalising and
   augmenting stored features;
 * on the fly (small data, demos): audio files decoded and featurized inside the pipeline, every
-  epoch again. Files that fail to decode are dropped and counted in the logs.
+  epoch again. Files that are not there or fail to decode are dropped, each with a warning in the logs;
+  a store that keeps failing stops the run naming it (docs/pipeline.md#failing-stores-and-interrupted-shards).
 
 With ``shuffle`` every epoch reads the shards (or files) in a new random order, and the training loops
 mix rows across shards with a local buffer of ``shuffle_buffer`` examples
@@ -22,17 +23,19 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Iterator
 
 import numpy as np
 import ray
 import torch
 
 from pipeline.config import AudioConfig, ExamplesConfig, S3Config
-from pipeline.feature_store import FBANK_COLUMNS, decode_fbank
-from pipeline.reading import SourceReader, featurize_source
+from pipeline.feature_store import FBANK_COLUMNS, decode_cropped, featurize_source
+from pipeline.audio import AudioError
+from pipeline.reading import SourceReader, read_source
 from pipeline.sources import AudioSource, list_sources
 from pipeline.storage import Location, resolve
-from ssamba.features import FbankConfig, add_noise, crop_or_pad, norm_stats, normalize, spec_augment
+from ssamba.features import FbankConfig, add_noise, norm_stats, normalize, spec_augment
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +53,16 @@ def read_parquet(location: Location, **options) -> ray.data.Dataset:
 
 
 def to_examples(batch: dict[str, np.ndarray], config: ExamplesConfig) -> dict[str, np.ndarray]:
-    """Stored raw log-mel rows → fixed-length, normalised, augmented float32 examples."""
-    stats = norm_stats(config.norm)
+    """Stored raw log-mel rows → fixed-length, normalised, augmented float32 examples, a batch at a time:
+    one array for the batch, masks and normalisation applied to all of it (docs/pipeline.md#training-input)."""
+    features = torch.from_numpy(decode_cropped(batch["fbank"], batch["n_frames"], batch["n_mels"], config.target_length))
     augment = config.augment
-    examples = []
-    for data, n_frames, n_mels in zip(batch["fbank"], batch["n_frames"], batch["n_mels"]):
-        features = crop_or_pad(decode_fbank(data, n_frames, n_mels), config.target_length)
-        if augment.freq_mask or augment.time_mask:
-            features = spec_augment(features, augment.freq_mask, augment.time_mask)
-        features = normalize(features, stats)
-        if augment.noise:
-            features = add_noise(features)
-        examples.append(features.numpy())
-    return {"fbank": np.stack(examples), "frames": np.minimum(batch["n_frames"], config.target_length).astype(np.int64),
+    if augment.freq_mask or augment.time_mask:
+        features = spec_augment(features, augment.freq_mask, augment.time_mask)
+    features = normalize(features, norm_stats(config.norm))
+    if augment.noise:
+        features = torch.stack([add_noise(clip) for clip in features])
+    return {"fbank": features.numpy(), "frames": np.minimum(batch["n_frames"], config.target_length).astype(np.int64),
             "label": batch["label"], "uri": batch["uri"]}
 
 
@@ -77,13 +77,23 @@ class _FeaturizeOnTheFly:
         rows = []
         for item in batch["source"]:
             source = AudioSource.from_dict(json.loads(item))
-            try:
+            try:  # a failing store is retried, then stops the run (StorageUnavailable): it is not bad audio
+                data = read_source(self.reader, source.uri)
                 rows += [{**source.to_dict(), **row}
-                         for row in featurize_source(self.reader.read(source.uri), source.uri, self.audio, self.fbank_config)]
-            except Exception as error:
+                         for row in featurize_source(data, source.uri, self.audio, self.fbank_config)]
+            except (AudioError, OSError) as error:  # not there, or not audio: skipped, as featurize quarantines it
                 log.warning("on-the-fly: skipping %s (%s)", source.uri, error)
         columns = ("uri", "label", *FBANK_COLUMNS)
         return {name: [row[name] for row in rows] for name in columns}
+
+
+def training_batches(examples: ray.data.Dataset | ray.data.DataIterator, config: ExamplesConfig, batch_size: int,
+                     device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+    """One pass over training examples as the pretraining loop reads them: full batches, two prefetched,
+    rows mixed across shards in a local buffer of ``config.shuffle_buffer`` (benchmarks/ingest.py
+    measures exactly this)."""
+    return examples.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device, prefetch_batches=2,
+                                       local_shuffle_buffer_size=config.local_shuffle_buffer)
 
 
 def examples_dataset(config: ExamplesConfig, storage: S3Config, audio: AudioConfig = AudioConfig()) -> ray.data.Dataset:

@@ -8,31 +8,48 @@ Output Parquet rows: ``uri, chunk, ok, error``, then ``scene`` (D floats) and/or
 (ms) and ``timestamp_embeddings`` (one D-float list per timestamp). With a ``classifier`` (a
 fine-tuning job's exported ``classifier.pt``) each row also gets its ``top_k`` most probable
 ``labels`` and their ``probabilities``; ``embeddings: none`` then skips the encoder. A file that
-is not there or cannot be decoded gets ``ok = false`` and its reason, never a failed job. A store that
-keeps failing is not the files' fault: the job stops with one line naming the store instead of
-marking good audio failed (re-run with ``--overwrite`` once it is back).
+is not there or cannot be decoded gets ``ok = false`` and its reason, never a failed job.
+
+The output is written shard by shard (``pipeline.shards``): audio files are dealt into shards of
+``shard_size`` before any work (stored features keep their featurize shards), and each shard's rows are
+written, then its completion record. A job stopped partway (an outage, Ctrl-C, a SIGKILL, a lost node)
+is resumed by running it again: it embeds only the shards without a complete record and says how many
+it reused; ``--overwrite`` starts over. A store that keeps failing is not the files' fault: the job
+stops with one line naming the store instead of marking good audio failed.
+
+Output under the destination (readers of the folder, such as ``pandas.read_parquet``, skip the ``_``
+entries)::
+
+    embeddings/part-00000.parquet   the rows above
+    _done/part-00000.json           rows and bytes of the shard's object, written last
+    _plan.parquet                   audio input: which file went to which shard
+    _embed.json                     config (no credentials), settings fingerprint, status
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import sys
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import torch
 
-from pipeline import featurize
+from pipeline import feature_store
 from pipeline.audio import AudioError, decode_audio
-from pipeline.config import EmbedConfig
-from pipeline.data import read_parquet
-from pipeline.feature_store import FBANK_COLUMNS, decode_fbank
+from pipeline.config import EmbedConfig, public_dict
+from pipeline.feature_store import FBANK_COLUMNS, FEATURES, decode_fbank
 from pipeline.launch import Input, connect_ray, optional_input, run_command, source_inputs
 from pipeline.models import load_classifier, load_hear_model
 from pipeline.reading import SourceReader, StorageUnavailable, read_source, stop_on_storage_failure
+from pipeline.shards import DestinationConflict, ShardedDestination, shard_name, storage_errors
 from pipeline.sources import SourceError, list_sources
-from pipeline.storage import resolve
+from pipeline.storage import Location, resolve
 from ssamba import hear
 from ssamba.features import FbankConfig, norm_stats, normalize
 
@@ -46,14 +63,17 @@ OUTPUT_TYPES = {
 }
 
 
+FORMAT_VERSION = 1
+EMBEDDINGS, DONE, RUN_RECORD = "embeddings", "_done", "_embed.json"  # the destination's entries
+
+
 class EmbedError(RuntimeError):
-    """The destination already holds embeddings (and ``--overwrite`` was not given), or stored features
-    are not what the models take."""
+    """Stored features are not what the models take."""
 
 
 class Embedder:
-    """The Ray Data actor: the encoder and/or classifier loaded once per actor, rows of audio URIs or
-    stored fbanks in, embeddings and top-k labels out."""
+    """The encoder and/or classifier, loaded once per actor: rows of audio URIs or stored fbanks in,
+    embeddings and top-k labels out."""
 
     def __init__(self, config: EmbedConfig) -> None:
         self.config = config
@@ -87,19 +107,12 @@ class Embedder:
             return self.classifier.predict_fbank(raw[None])[0].cpu()
         return self.classifier.predict(waveform, self.config.audio.sample_rate)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        out: dict[str, list] = {"uri": [], "chunk": [], "ok": [], "error": []}
-        wanted = self.config.embeddings
-        if wanted in ("scene", "both"):
-            out["scene"] = []
-        if wanted in ("timestamp", "both"):
-            out["timestamps"], out["timestamp_embeddings"] = [], []
-        if self.classifier is not None:
-            out["labels"], out["probabilities"] = [], []
+    def embed(self, rows: list[dict]) -> pa.Table:
+        """The output rows of input rows (``uri`` and, for stored features, ``chunk`` and the fbank columns)."""
+        out: dict[str, list] = {name: [] for name in output_columns(self.config)}
         for row in rows:
             out["uri"].append(str(row["uri"]))
-            out["chunk"].append(int(row.get("chunk", 0)))
+            out["chunk"].append(int(row.get("chunk") or 0))
             embeddings = timestamps = top = None
             try:
                 waveform, raw = self._read(row)
@@ -120,40 +133,136 @@ class Embedder:
             if "labels" in out:
                 out["labels"].append(None if error else [label for label, _ in top])
                 out["probabilities"].append(None if error else [probability for _, probability in top])
-        return pa.Table.from_pydict(out, schema=pa.schema([(name, OUTPUT_TYPES[name]) for name in out]))
+        return pa.Table.from_pydict(out, schema=output_schema(self.config))
 
 
-def run(config: EmbedConfig, overwrite: bool = False) -> int:
-    """Embed everything the config names; returns the number of rows written."""
-    output = resolve(config.output, config.storage)
-    if output.filesystem.get_file_info(pafs.FileSelector(output.path, allow_not_found=True)):
-        if not overwrite:
-            raise EmbedError(f"{output} is not empty; choose another output or pass --overwrite")
-        output.delete_contents()
+def output_columns(config: EmbedConfig) -> list[str]:
+    columns = ["uri", "chunk", "ok", "error"]
+    if config.embeddings in ("scene", "both"):
+        columns.append("scene")
+    if config.embeddings in ("timestamp", "both"):
+        columns += ["timestamps", "timestamp_embeddings"]
+    if config.classifier is not None:
+        columns += ["labels", "probabilities"]
+    return columns
+
+
+def output_schema(config: EmbedConfig) -> pa.Schema:
+    return pa.schema([(name, OUTPUT_TYPES[name]) for name in output_columns(config)])
+
+
+def destination(output: Location) -> ShardedDestination:
+    return ShardedDestination(output, (EMBEDDINGS,), DONE, RUN_RECORD)
+
+
+class ShardEmbedder:
+    """The Ray Data actor: embeds and writes one shard per row of its input batch (``work``: the shard's
+    audio URIs as JSON, or the number of the stored features shard it embeds)."""
+
+    def __init__(self, config: EmbedConfig) -> None:
+        self.config, self.embedder = config, Embedder(config)
+        self.destination = destination(resolve(config.output, config.storage))
+        self.features = resolve(config.features, config.storage).join(FEATURES) if config.features else None
+
+    def _rows(self, work: str) -> list[dict]:
+        if self.features is None:
+            return [{"uri": uri} for uri in json.loads(work)]
+        location = self.features.join(shard_name(int(work)))
+        with storage_errors(location):
+            data = location.read_bytes()
+        return pq.read_table(io.BytesIO(data), columns=["uri", "chunk", *FBANK_COLUMNS]).to_pylist()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows_written = []
+        for shard, work in zip(batch["shard"], batch["work"]):
+            rows, size = self._rows(str(work)), self.config.batch_size
+            table = pa.concat_tables([self.embedder.embed(rows[start:start + size])
+                                      for start in range(0, len(rows), size)] or [output_schema(self.config).empty_table()])
+            with storage_errors(self.destination.output):
+                self.destination.write_shard(int(shard), {EMBEDDINGS: table})
+            rows_written.append(table.num_rows)
+        return {"shard": batch["shard"], "rows": np.array(rows_written)}
+
+
+@dataclass
+class Summary:
+    destination: str
+    rows: int = 0
+    failed: int = 0
+    shards_written: int = 0
+    shards_reused: int = 0
+    rows_reused: int = 0
+
+    def line(self) -> str:
+        failed = f", {self.failed} not embedded (their error column says why)" if self.failed else ""
+        reused = f", {self.rows_reused} rows reused from {self.shards_reused} finished shards" if self.shards_reused else ""
+        return f"embed: {self.rows} rows → {self.destination}{failed} ({self.shards_written} shards written{reused})"
+
+
+def fingerprint(config: EmbedConfig) -> str:
+    """Identifies what the destination holds: every setting that shapes its rows or its shards."""
+    payload = {"format": FORMAT_VERSION, **config.model_dump(
+        mode="json", include={"input", "features", "model", "classifier", "embeddings", "pooling", "top_k", "audio",
+                              "shard_size"})}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _shard_work(config: EmbedConfig, shards: ShardedDestination) -> dict[int, str]:
+    """``{shard: work}`` of everything the destination must hold: audio files dealt into shards (a grown
+    input adds shards), or the complete shards of the stored features."""
+    if config.features is not None:
+        features = feature_store.destination(resolve(config.features, config.storage))
+        with storage_errors(features.output):
+            return {shard: str(shard) for shard in sorted(features.finished_shards())}
+    with storage_errors(resolve(config.input.uri or config.input.manifest, config.storage)):
+        sources = list_sources(config.input, config.storage)
+    plan, _, _ = shards.grow_plan(sources, config.shard_size)
+    return {shard: json.dumps([source.uri for source in members]) for shard, members in plan.items()}
+
+
+def run(config: EmbedConfig, overwrite: bool = False) -> Summary:
+    """Embed everything the config names that the destination does not hold yet; returns its summary."""
     if config.features is not None:
         check_stored_features(config)
-    connect_ray(config.ray)
-    if config.features is not None:
-        features = resolve(config.features, config.storage).join("features")
-        dataset = read_parquet(features, columns=["uri", "chunk", *FBANK_COLUMNS])
-    else:
-        dataset = ray.data.from_items([{"uri": source.uri} for source in list_sources(config.input, config.storage)])
-    workers = config.num_workers or max(1, int(ray.cluster_resources().get("GPU" if config.use_gpu else "CPU", 1)))
-    embedded = dataset.map_batches(
-        Embedder, fn_constructor_kwargs={"config": config}, batch_size=config.batch_size,
-        num_cpus=0 if config.use_gpu else 1, num_gpus=1 if config.use_gpu else 0,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
-    )
-    with stop_on_storage_failure("re-run with --overwrite once it is back"):
-        embedded.write_parquet(output.path, filesystem=output.filesystem)
-    return read_parquet(output, columns=["uri"]).count()
+    output = resolve(config.output, config.storage)
+    shards, settings = destination(output), fingerprint(config)
+    with storage_errors(output):
+        shards.prepare(settings, overwrite, "embeddings")
+        work = _shard_work(config, shards)
+        done = shards.finished_shards() & set(work)
+        pending = [shard for shard in sorted(work) if shard not in done]
+        shards.write_record({"fingerprint": settings, "config": public_dict(config), "shards": len(work),
+                             "status": "running"})
+    print(f"embed: {len(work)} shards → {output} ({len(pending)} to do, {len(done)} already done)", flush=True)
+    if pending:
+        connect_ray(config.ray)
+        workers = config.num_workers or max(1, int(ray.cluster_resources().get("GPU" if config.use_gpu else "CPU", 1)))
+        rows = [{"shard": shard, "work": work[shard]} for shard in pending]
+        with stop_on_storage_failure("the shards not written are done by a re-run once it is back"):
+            ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                ShardEmbedder, fn_constructor_kwargs={"config": config}, batch_size=1,
+                num_cpus=0 if config.use_gpu else 1, num_gpus=1 if config.use_gpu else 0,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(workers, len(rows))),
+            ).materialize()
+    with storage_errors(output):
+        summary = _summarize(output, work, done)
+        shards.write_record({**shards.read_record(), "status": "complete", "summary": asdict(summary)})
+    return summary
+
+
+def _summarize(output: Location, work: dict[int, str], reused: set[int]) -> Summary:
+    location = output.join(EMBEDDINGS)
+    table = pq.read_table(location.path, filesystem=location.filesystem, columns=["ok"])
+    reused_rows = sum(destination(output).shard_rows(shard, EMBEDDINGS) for shard in reused)
+    failed = table.num_rows - sum(table.column("ok").to_pylist())
+    return Summary(str(output), table.num_rows, failed, len(work) - len(reused), len(reused), reused_rows)
 
 
 def check_stored_features(config: EmbedConfig) -> None:
     """Stored fbanks are embedded as they are: the settings the featurize run recorded must be those the
     encoder and the classifier take (checked before any cluster work)."""
     try:
-        stored = featurize.recorded_fbank(config.features, config.storage)
+        stored = feature_store.recorded_fbank(config.features, config.storage)
     except FileNotFoundError as error:
         raise EmbedError(f"features: {error}") from None
     takes = {}
@@ -180,11 +289,9 @@ def inputs(config: EmbedConfig) -> list[Input]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def job(config: EmbedConfig, args) -> str:
-        rows = run(config, overwrite=args.overwrite)
-        return f"embed: {rows} rows → {resolve(config.output, config.storage)}"
-
-    return run_command(__doc__.splitlines()[0], EmbedConfig, job, argv, (SourceError, EmbedError, StorageUnavailable), inputs=inputs,
+    return run_command(__doc__.splitlines()[0], EmbedConfig,
+                       lambda config, args: run(config, overwrite=args.overwrite).line(), argv,
+                       (SourceError, EmbedError, DestinationConflict, StorageUnavailable), inputs=inputs,
                        overwrite_flag=True)
 
 

@@ -2,14 +2,26 @@
 
 One place owns it so that the featurize job, the training input, the embed job and the classifier
 export agree: a row per source (or chunk of long audio) with its provenance and the raw, unnormalised
-Kaldi log-mel fbank as ``STORED_PRECISION`` bytes, ``n_frames × n_mels``, row-major.
+Kaldi log-mel fbank as ``STORED_PRECISION`` bytes, ``n_frames × n_mels``, row-major; the rows sit in
+the shards of a :class:`~pipeline.shards.ShardedDestination` (``features/``, ``quarantine/``, records in
+``done/``) with the run record ``_run.json`` (the featurize settings and, once finished, a summary).
 """
 
 from __future__ import annotations
 
+import json
+
+from typing import Sequence
+
 import numpy as np
 import pyarrow as pa
 import torch
+
+from pipeline.audio import decode_audio, split_long_audio
+from pipeline.config import AudioConfig
+from pipeline.shards import ShardedDestination
+from pipeline.storage import Location, S3Config, resolve
+from ssamba.features import FbankConfig, waveform_to_fbank
 
 STORED_PRECISION = "float16"  # half the bytes of float32; fbank values (about -15..25) keep ~3 decimals
 _STORED_DTYPE = np.dtype(STORED_PRECISION)
@@ -22,6 +34,32 @@ FEATURE_SCHEMA = pa.schema([
 ])
 QUARANTINE_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 FBANK_COLUMNS = ["n_frames", "n_mels", "fbank"]  # what decoding a row needs
+RUN_RECORD = "_run.json"
+FEATURES, QUARANTINE, DONE = "features", "quarantine", "done"  # folders of the destination
+
+
+def destination(output: Location) -> ShardedDestination:
+    """A featurize destination: per shard a features and a quarantine object, then its record in ``done/``."""
+    return ShardedDestination(output, (QUARANTINE, FEATURES), DONE, RUN_RECORD)
+
+
+def recorded_summary(features: str, storage: S3Config) -> dict:
+    """What a finished featurize run recorded about its destination (files, rows, hours, ...); ``{}``
+    for a destination without a finished run."""
+    record = resolve(features, storage).join(RUN_RECORD)
+    return json.loads(record.read_bytes()).get("summary", {}) if record.exists() else {}
+
+
+def recorded_fbank(features: str, storage: S3Config) -> FbankConfig:
+    """The fbank settings a featurize destination's features were computed with, from its run record
+    (written before the first shard); ``FileNotFoundError`` for a folder no featurize run made."""
+    record = resolve(features, storage).join(RUN_RECORD)
+    if not record.exists():
+        raise FileNotFoundError(f"{features} has no {RUN_RECORD}: not a featurize job's destination")
+    settings = json.loads(record.read_bytes())["config"]
+    return FbankConfig(sample_rate=int(settings["audio"]["sample_rate"]), num_mel_bins=int(settings["num_mel_bins"]))
+
+
 
 
 def encode_fbank(features: torch.Tensor) -> dict:
@@ -33,3 +71,33 @@ def encode_fbank(features: torch.Tensor) -> dict:
 def decode_fbank(data: bytes, n_frames: int, n_mels: int) -> torch.Tensor:
     """A stored fbank back as a float32 ``(frames, mels)`` tensor."""
     return torch.from_numpy(np.frombuffer(data, dtype=_STORED_DTYPE).reshape(int(n_frames), int(n_mels)).astype(np.float32))
+
+
+def decode_cropped(data: Sequence[bytes], n_frames: Sequence[int], n_mels: Sequence[int],
+                   target_length: int) -> np.ndarray:
+    """Stored fbanks → one float32 ``(batch, target_length, mels)`` array: each clip's first ``target_length``
+    frames, zero-padded at the end (``ssamba.features.crop_or_pad``). Only the kept frames are converted,
+    each straight into its place: no per-clip tensor, no second copy to stack."""
+    mels = {int(count) for count in n_mels}
+    if len(mels) > 1:
+        raise ValueError(f"one batch of stored fbanks holds several mel-bin counts: {sorted(mels)}")
+    batch = np.zeros((len(data), target_length, mels.pop() if mels else 0), dtype=np.float32)
+    for row, (stored, frames) in enumerate(zip(data, n_frames)):
+        kept = min(int(frames), target_length)
+        batch[row, :kept] = np.frombuffer(stored, dtype=_STORED_DTYPE, count=kept * batch.shape[2]).reshape(kept, -1)
+    return batch
+
+
+def featurize_source(data: bytes, uri: str, audio: AudioConfig, fbank_config: FbankConfig) -> list[dict]:
+    """Feature columns of one source (several rows when long audio is chunked). Raises :class:`AudioError`."""
+    decoded = decode_audio(data, uri, audio.sample_rate, audio.min_seconds)
+    rows = []
+    pieces = split_long_audio(decoded.waveform, decoded.sample_rate, audio.max_seconds, audio.long_audio, audio.min_seconds)
+    for chunk, (offset, piece) in enumerate(pieces):
+        features = waveform_to_fbank(torch.from_numpy(piece), fbank_config)
+        rows.append({
+            "chunk": chunk, "offset_s": offset, "duration_s": len(piece) / decoded.sample_rate,
+            "source_sample_rate": decoded.source_sample_rate, "source_channels": decoded.source_channels,
+            **encode_fbank(features),
+        })
+    return rows

@@ -38,110 +38,30 @@ Output under the destination::
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
-import io
 import json
 import platform
-import random
-import re
 import sys
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
 from pipeline.audio import AudioError
 from pipeline.config import AudioConfig, FeaturizeConfig, public_dict
-from pipeline.feature_store import FEATURE_SCHEMA, QUARANTINE_SCHEMA
+from pipeline.feature_store import FEATURE_SCHEMA, FEATURES, QUARANTINE, QUARANTINE_SCHEMA, destination, featurize_source
 from pipeline.launch import connect_ray, run_command, source_inputs
-from pipeline.reading import SourceReader, StorageUnavailable, featurize_source, read_source, split_uri, stop_on_storage_failure
+from pipeline.reading import SourceReader, StorageUnavailable, read_source, stop_on_storage_failure
+from pipeline.shards import DestinationConflict, storage_errors
 from pipeline.sources import AudioSource, SourceError, list_sources
-from pipeline.storage import PARTIAL_SUFFIX, Location, S3Config, resolve
+from pipeline.storage import Location, S3Config, resolve
 from ssamba.features import FbankConfig
 
 FORMAT_VERSION = 2  # 2: sources dealt into shards in a seeded random order, recorded in the plan
-RUN_RECORD, PLAN = "_run.json", "_plan.parquet"
-FEATURES, QUARANTINE, DONE = "features", "quarantine", "done"  # folders of the destination
-IO_THREADS = 16  # concurrent small requests when checking finished shards
-SHARD_SEED = 0x55A3BA  # fixed: the same input always gives the same shards
-MEMBER_RUN = 64  # consecutive members of one container stay together (one row group read, not 64)
-
-PLAN_SCHEMA = pa.schema([("shard", pa.int32()), ("source", pa.string())])
-
-
-class FeaturizeError(RuntimeError):
-    """The job cannot start (destination conflict) or could not finish."""
-
-
-@contextlib.contextmanager
-def storage_errors(location: Location) -> Iterator[None]:
-    """Storage errors at ``location`` stop the job with one line that names it, not a traceback."""
-    try:
-        yield
-    except OSError as error:
-        raise StorageUnavailable(f"storage unavailable: {location}: {error}") from error
-
-
-def shard_name(shard: int) -> str:
-    return f"part-{shard:05d}.parquet"
-
-
-def record_name(shard: int) -> str:
-    return f"part-{shard:05d}.json"
-
-
-# --------------------------------------------------------------------------------------------------
-# Which source goes to which shard
-# --------------------------------------------------------------------------------------------------
-
-
-def _member_order(source: AudioSource) -> tuple:
-    """Container members in their natural order (Parquet rows by number, tar members by name)."""
-    container, member = split_uri(source.uri)
-    return (container, int(member) if member and member.isdigit() else -1, member or "")
-
-
-def deal_shards(sources: list[AudioSource], shard_size: int, first_shard: int = 0) -> dict[int, list[AudioSource]]:
-    """Sources dealt into shards in a seeded random order of *units*: a loose file, or a run of up to
-    :data:`MEMBER_RUN` consecutive members of one container. Deterministic for a given list."""
-    units: list[list[AudioSource]] = []
-    by_container: dict[str, list[AudioSource]] = {}
-    for source in sorted(sources, key=_member_order):
-        container, member = split_uri(source.uri)
-        if member is None:
-            units.append([source])
-        else:
-            by_container.setdefault(container, []).append(source)
-    for members in by_container.values():
-        units += [members[start : start + MEMBER_RUN] for start in range(0, len(members), MEMBER_RUN)]
-    random.Random(SHARD_SEED).shuffle(units)
-    ordered = [source for unit in units for source in unit]
-    return {first_shard + index: ordered[start : start + shard_size]
-            for index, start in enumerate(range(0, len(ordered), shard_size))}
-
-
-def _read_plan(output: Location) -> dict[int, list[AudioSource]]:
-    location = output.join(PLAN)
-    if not location.exists():
-        return {}
-    plan: dict[int, list[AudioSource]] = {}
-    for row in pq.read_table(io.BytesIO(location.read_bytes())).to_pylist():
-        plan.setdefault(row["shard"], []).append(AudioSource.from_dict(json.loads(row["source"])))
-    return plan
-
-
-def _write_plan(output: Location, plan: dict[int, list[AudioSource]]) -> None:
-    rows = [{"shard": shard, "source": json.dumps(source.to_dict(), sort_keys=True)}
-            for shard, sources in sorted(plan.items()) for source in sources]
-    output.join(PLAN).write_bytes(_parquet_bytes(pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,27 +88,6 @@ def featurize_shard(sources: list[AudioSource], reader: SourceReader, audio: Aud
             pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA))
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    return buffer.getvalue()
-
-
-def _write_record(output: Location, shard: int, record: dict[str, dict[str, int]]) -> None:
-    output.join(DONE, record_name(shard)).write_bytes(json.dumps(record, sort_keys=True).encode())
-
-
-def write_shard(output: Location, shard: int, features: pa.Table, quarantine: pa.Table) -> None:
-    """The shard's quarantine and features objects, then its completion record (``{folder: {rows,
-    bytes}}``). The record comes last, so a shard whose record matches its objects is complete."""
-    record = {}
-    for folder, table in ((QUARANTINE, quarantine), (FEATURES, features)):
-        data = _parquet_bytes(table)
-        output.join(folder, shard_name(shard)).write_bytes(data)
-        record[folder] = {"rows": table.num_rows, "bytes": len(data)}
-    _write_record(output, shard, record)
-
-
 class ShardFeaturizer:
     """The Ray Data actor: featurizes and writes one shard per row of its input batch."""
 
@@ -198,6 +97,7 @@ class ShardFeaturizer:
         self.reader = SourceReader(config.storage)
         self.fbank_config = config.fbank_config()
         self.output = resolve(config.output, config.storage)
+        self.destination = destination(self.output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         files, started, finished = [], [], []
@@ -206,7 +106,7 @@ class ShardFeaturizer:
             sources = [AudioSource.from_dict(item) for item in json.loads(sources_json)]
             features, quarantine = featurize_shard(sources, self.reader, self.config.audio, self.fbank_config)
             with storage_errors(self.output):
-                write_shard(self.output, int(shard), features, quarantine)
+                self.destination.write_shard(int(shard), {QUARANTINE: quarantine, FEATURES: features})
             files.append(len(sources))
             finished.append(time.time())
         return {"shard": batch["shard"], "files": np.array(files), "started": np.array(started),
@@ -272,96 +172,6 @@ def _versions() -> dict[str, str]:
             "libsndfile": soundfile.__libsndfile_version__}
 
 
-def _prepare_destination(output: Location, settings: str, overwrite: bool) -> None:
-    """Resume or grow a destination made with these settings, refuse any other unless ``overwrite``."""
-    record_location = output.join(RUN_RECORD)
-    if overwrite:
-        output.delete_contents()
-        return
-    if record_location.exists():
-        record = json.loads(record_location.read_bytes())
-        if record.get("fingerprint") != settings:
-            raise FeaturizeError(
-                f"{output} holds features of another input location or configuration (fbank, audio or shard "
-                "settings); choose another output or pass --overwrite to replace them"
-            )
-    elif output.filesystem.get_file_info(pafs.FileSelector(output.path, allow_not_found=True)):
-        raise FeaturizeError(f"{output} is not empty and holds no featurize run; pass --overwrite to replace it")
-
-
-def _remove_partials(output: Location) -> None:
-    """Delete the ``*.partial`` files that interrupted local writes left: no reader may take them for
-    data (their shards have no matching record, so they are redone)."""
-    selector = pafs.FileSelector(output.path, recursive=True, allow_not_found=True)
-    for info in output.filesystem.get_file_info(selector):
-        if info.type == pafs.FileType.File and info.base_name.endswith(PARTIAL_SUFFIX):
-            output.filesystem.delete_file(info.path)
-
-
-def _part_sizes(folder: Location, suffix: str) -> dict[int, int]:
-    """``{shard: bytes}`` of the ``part-NNNNN<suffix>`` files in a folder of the destination."""
-    pattern = re.compile(rf"part-(\d+){re.escape(suffix)}")
-    selector = pafs.FileSelector(folder.path, allow_not_found=True)
-    return {int(match.group(1)): info.size for info in folder.filesystem.get_file_info(selector)
-            if (match := pattern.fullmatch(info.base_name))}
-
-
-def _record_matches(output: Location, shard: int, sizes: dict[str, int]) -> bool:
-    try:
-        record = json.loads(output.join(DONE, record_name(shard)).read_bytes())
-        return all(record[folder]["bytes"] == size for folder, size in sizes.items())
-    except (ValueError, KeyError, TypeError):  # not a record we wrote
-        return False
-
-
-def _adopt_shard(output: Location, shard: int, sizes: dict[str, int]) -> bool:
-    """Whether a shard without a record is whole (both Parquet footers read); if so its record is
-    written, so the footers are read once."""
-    record = {}
-    for folder, size in sizes.items():
-        location = output.join(folder, shard_name(shard))
-        try:
-            rows = pq.read_metadata(location.path, filesystem=location.filesystem).num_rows
-        except pa.ArrowInvalid:  # truncated or not Parquet
-            return False
-        record[folder] = {"rows": rows, "bytes": size}
-    _write_record(output, shard, record)
-    return True
-
-
-def _finished_shards(output: Location) -> set[int]:
-    """Shards that are complete: both objects there, with the sizes their completion record gives. A
-    shard without a record (written before records existed, or by a run stopped just before its
-    record) counts when both objects' Parquet footers read. Any other shard is redone."""
-    sizes = {folder: _part_sizes(output.join(folder), ".parquet") for folder in (QUARANTINE, FEATURES)}
-    records = _part_sizes(output.join(DONE), ".json")
-    candidates = sorted(sizes[FEATURES].keys() & sizes[QUARANTINE].keys())
-
-    def complete(shard: int) -> bool:
-        objects = {folder: by_shard[shard] for folder, by_shard in sizes.items()}
-        return _record_matches(output, shard, objects) if shard in records else _adopt_shard(output, shard, objects)
-
-    with ThreadPoolExecutor(IO_THREADS) as pool:  # one small request or two per shard: overlap them
-        return {shard for shard, whole in zip(candidates, pool.map(complete, candidates)) if whole}
-
-
-def recorded_summary(features: str, storage: S3Config) -> dict:
-    """What a finished featurize run recorded about its destination (files, rows, hours, ...); ``{}``
-    for a destination without a finished run."""
-    record = resolve(features, storage).join(RUN_RECORD)
-    return json.loads(record.read_bytes()).get("summary", {}) if record.exists() else {}
-
-
-def recorded_fbank(features: str, storage: S3Config) -> FbankConfig:
-    """The fbank settings a featurize destination's features were computed with, from its run record
-    (written before the first shard); ``FileNotFoundError`` for a folder no featurize run made."""
-    record = resolve(features, storage).join(RUN_RECORD)
-    if not record.exists():
-        raise FileNotFoundError(f"{features} has no {RUN_RECORD}: not a featurize job's destination")
-    settings = json.loads(record.read_bytes())["config"]
-    return FbankConfig(sample_rate=int(settings["audio"]["sample_rate"]), num_mel_bins=int(settings["num_mel_bins"]))
-
-
 def featurize_listed(sources: list[AudioSource], output: str, storage: S3Config, num_mel_bins: int) -> Summary:
     """Featurize a labelled task's sources (fine-tuning, the pretraining probe): their list is written as a
     manifest beside ``output`` and featurized into it; a re-run reuses every finished shard."""
@@ -386,17 +196,6 @@ def summarize(output: Location) -> Summary:
     return summary
 
 
-def _grow_plan(output: Location, sources: list[AudioSource], shard_size: int) -> tuple[dict, list[AudioSource], list[str]]:
-    """The destination's plan with the sources it lacks dealt into new shards: ``(plan, added, missing)``."""
-    plan = _read_plan(output)
-    planned = {source.uri for shards in plan.values() for source in shards}
-    current = {source.uri for source in sources}
-    added = [source for source in sources if source.uri not in planned]
-    missing = sorted(planned - current)
-    plan.update(deal_shards(added, shard_size, first_shard=max(plan, default=-1) + 1))
-    return plan, added, missing
-
-
 def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
     """Featurize everything the config names (or what is new in it); returns the destination's summary."""
     import ray
@@ -404,20 +203,17 @@ def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
     with storage_errors(resolve(config.input.uri or config.input.manifest, config.storage)):
         sources = list_sources(config.input, config.storage)
     output = resolve(config.output, config.storage)
-    settings = fingerprint(config)
+    settings, shards = fingerprint(config), destination(output)
     with storage_errors(output):
-        _prepare_destination(output, settings, overwrite)
-        _remove_partials(output)
-        plan, added, missing = _grow_plan(output, sources, config.shard_size)
-        if added:
-            _write_plan(output, plan)  # before any shard: a resumed run deals nothing twice
-        done = _finished_shards(output)
+        shards.prepare(settings, overwrite, "features")
+        plan, added, missing = shards.grow_plan(sources, config.shard_size)  # before any shard is written
+        done = shards.finished_shards()
         pending = [index for index in sorted(plan) if index not in done]
         started = dt.datetime.now(dt.UTC).isoformat()
         record = {"fingerprint": settings, "config": public_dict(config), "sources": len(sources),
                   "added": len(added), "missing": len(missing), "missing_examples": missing[:100], "shards": len(plan),
                   "versions": _versions(), "started": started, "status": "running"}
-        output.join(RUN_RECORD).write_bytes(json.dumps(record, indent=2).encode())
+        shards.write_record(record)
     print(f"featurize: {len(sources)} sources ({len(added)} new, {len(missing)} missing) in {len(plan)} shards "
           f"→ {output} ({len(pending)} to do, {len(plan) - len(pending)} already done)")
 
@@ -440,14 +236,14 @@ def run(config: FeaturizeConfig, overwrite: bool = False) -> Summary:
             busy = max(r["finished"] for r in done_shards) - min(r["started"] for r in done_shards)
             summary.files_per_second = sum(int(r["files"]) for r in done_shards) / max(busy, 1e-9)
         record.update(status="complete", finished=dt.datetime.now(dt.UTC).isoformat(), summary=summary.to_dict())
-        output.join(RUN_RECORD).write_bytes(json.dumps(record, indent=2).encode())
+        shards.write_record(record)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_command(__doc__.splitlines()[0], FeaturizeConfig,
                        lambda config, args: run(config, overwrite=args.overwrite).table(),
-                       argv, (SourceError, FeaturizeError, StorageUnavailable), inputs=lambda config: source_inputs("input", config.input),
+                       argv, (SourceError, DestinationConflict, StorageUnavailable), inputs=lambda config: source_inputs("input", config.input),
                        overwrite_flag=True)
 
 

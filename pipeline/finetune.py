@@ -31,8 +31,6 @@ import functools
 import io
 import json
 import math
-import tempfile
-from pathlib import Path
 import sys
 from dataclasses import asdict, dataclass
 
@@ -42,14 +40,14 @@ import ray.train
 import torch
 import torch.nn.functional as F
 
-from pipeline import featurize, results, run_lock, run_record
+from pipeline import feature_store, featurize, results, run_record
 from pipeline.config import (
     AugmentConfig, ExamplesConfig, FinetuneJobConfig, FinetuneOptimConfig, flatten, public_dict,
 )
 from pipeline.feature_store import STORED_PRECISION
-from pipeline.launch import Input, connect_ray, mlflow_ui_hint, optional_input, run_command
+from pipeline.launch import Input, mlflow_ui_hint, optional_input, run_command
 from pipeline.data import examples_dataset
-from pipeline.model_card import CARD_FILE, ModelCard
+from pipeline.model_card import Export, ModelCard, publish
 from pipeline.models import CLASSIFIER_FILE, load_encoder_weights
 from pipeline.loop import (
     Clock, all_gather_rows, announce_compute, autocast, base_rates, effective_precision, format_metrics, gradient_sync,
@@ -319,7 +317,7 @@ def classifier_uri(config: FinetuneJobConfig, run_name: str) -> str:
 def classifier_card(config: FinetuneJobConfig, run_name: str, model: AudioClassifier, classes: list[str], epoch: int,
                     scores: dict[str, float], tracker: RunTracker) -> ModelCard:
     """The facts of a split's selected classifier (see ``pipeline.model_card``)."""
-    seen = featurize.recorded_summary(config.features, config.storage)
+    seen = feature_store.recorded_summary(config.features, config.storage)
     return ModelCard(
         kind="classifier", run=run_name, run_id=tracker.run_id, architecture=model.encoder.config.to_dict(),
         parameters=sum(p.numel() for p in model.parameters()),
@@ -340,26 +338,19 @@ def export_classifier(config: FinetuneJobConfig, run_name: str, classes: list[st
     model.load_state_dict(state["model"])
     scores = {name: float(value) for name, value in selected.items() if name.startswith(("val_", "test_"))}
     card = classifier_card(config, run_name, model, classes, int(state["epoch"]), scores, tracker)
-    run_folder = storage_root(config).join(run_name)
-    run_folder.join(CARD_FILE).write_bytes(card.markdown().encode())
-    tracker.log_bytes(card.markdown().encode(), CARD_FILE, "model")
-    buffer = io.BytesIO()
-    save_classifier(buffer, model, classes, feature_settings(config),
+    file = io.BytesIO()
+    save_classifier(file, model, classes, feature_settings(config),
                     activation="sigmoid" if config.loss == "bce" else "softmax",
                     multi_label=metric_name(config) == "mAP",
                     metadata={"run": run_name, "task": config.task, "epoch": int(state["epoch"]),
                               "model_card": card.to_json()})
+    example = torch.zeros(1, config.target_length, encoder.config.grid.num_mel_bins)
+    publish(Export(CLASSIFIER_FILE, file.getvalue(), card, model, example, "classifier",
+                   {"run": run_name, "epoch": str(int(state["epoch"])),
+                    **{name: f"{value:.6g}" for name, value in scores.items()}}),
+            storage_root(config).join(run_name), tracker, config.tracking.register_as)
     uri = classifier_uri(config, run_name)
-    run_folder.join(CLASSIFIER_FILE).write_bytes(buffer.getvalue())
-    tracker.log_bytes(buffer.getvalue(), CLASSIFIER_FILE, "model")
     tracker.set_tags({"classifier_location": uri})
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / CLASSIFIER_FILE
-        path.write_bytes(buffer.getvalue())
-        example = torch.zeros(1, config.target_length, encoder.config.grid.num_mel_bins)
-        tracker.log_model(model, example, "classifier", path, config.tracking.register_as,
-                          {"run": run_name, "epoch": str(int(state["epoch"])),
-                           **{name: f"{value:.6g}" for name, value in scores.items()}})
     return uri
 
 
@@ -447,12 +438,7 @@ def _folds_summary(config: FinetuneJobConfig, data: TaskData, best: dict[str, di
 def run(config: FinetuneJobConfig, accept_config_changes: bool = False) -> dict:
     """Fine-tune as configured (see :func:`train_splits` for the summary). A relaunch whose config changed
     is refused before Ray starts unless the changes are accepted (see ``run_record``)."""
-    storage = storage_root(config)
-    with run_lock.hold(storage.join(config.name), config.name):
-        launch = run_record.check_config(config.name, storage, config, accept_config_changes)
-        connect_ray(config.ray)
-        tracking = run_record.prepare_tracking(config.tracking, config.name, "pipeline.finetune",
-                                             config.scaling.use_gpu, launch)
+    with run_record.named_run(config, "pipeline.finetune", config.scaling.use_gpu, accept_config_changes) as tracking:
         return train_splits(config, prepare(config), tracking=tracking)
 
 

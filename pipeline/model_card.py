@@ -1,14 +1,24 @@
-"""A model card for every exported encoder and classifier: what the model is, what it saw, how it was
-chosen and where it came from, as ``MODEL_CARD.md`` beside the model file (and in MLflow) and as
-JSON inside the file itself (``metadata["model_card"]``), so the facts travel with the weights.
+"""Every exported encoder and classifier, published one way: the model file beside the run's checkpoints,
+as a run artifact and as an MLflow model (:func:`publish`), with its model card: what the model is, what
+it saw, how it was chosen and where it came from, as ``MODEL_CARD.md`` beside the model file (and in
+MLflow) and as JSON inside the file itself (``metadata["model_card"]``), so the facts travel with the
+weights.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib import metadata as package_metadata
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.storage import Location
+    from pipeline.tracking import RunTracker
 
 CARD_FILE = "MODEL_CARD.md"
 PACKAGE = "ssamba-ray"
@@ -56,3 +66,31 @@ class ModelCard:
         if self.labels:
             lines += ["", "## Labels", "", ", ".join(self.labels)]
         return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Export:
+    """One exported model: its file in this project's weights-only format, its card, and the module and
+    example input MLflow logs it with (``name``: the MLflow model's name; ``tags``: its version's tags)."""
+
+    file_name: str
+    data: bytes
+    card: ModelCard
+    module: torch.nn.Module
+    example: torch.Tensor
+    name: str
+    tags: dict[str, str]
+
+
+def publish(export: Export, run_folder: Location, tracker: RunTracker, register_as: str | None) -> None:
+    """The model and its card beside the run's checkpoints (where jobs load it from), both as run artifacts
+    under ``model/``, and the model as an MLflow model registered as ``register_as``."""
+    card = export.card.markdown().encode()
+    run_folder.join(CARD_FILE).write_bytes(card)
+    tracker.log_bytes(card, CARD_FILE, "model")
+    run_folder.join(export.file_name).write_bytes(export.data)
+    tracker.log_bytes(export.data, export.file_name, "model")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / export.file_name
+        path.write_bytes(export.data)
+        tracker.log_model(export.module, export.example, export.name, path, register_as, export.tags)

@@ -23,27 +23,27 @@ evaluate, draw a reconstruction and checkpoint.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
 import torch
 
-from pipeline import featurize, run_lock, run_record
+from pipeline import feature_store, run_record
 from pipeline.config import ConfigError, PretrainJobConfig, flatten, public_dict
-from pipeline.data import examples_dataset
-from pipeline.model_card import CARD_FILE, ModelCard
+from pipeline.data import examples_dataset, training_batches
+from pipeline.reading import StorageUnavailable, stop_on_storage_failure
+from pipeline.model_card import Export, ModelCard, publish
 from pipeline.models import ENCODER_FILE
-from pipeline.launch import Input, connect_ray, examples_inputs, mlflow_ui_hint, run_command
-from pipeline.probing import PROBE_DATASET, ProbeHistory, ProbeSet, choose_probe_set, probe_dataset, probe_scores
+from pipeline.launch import Input, examples_inputs, mlflow_ui_hint, run_command
+from pipeline.probing import PROBE_DATASET, Prober, ProbeHistory, ProbeSet, choose_probe_set, probe_dataset
 from pipeline.loop import (
     Clock, all_reduce_sum, announce_compute, autocast, base_rates, effective_precision, format_metrics, gradient_sync,
     node_count, optimizer_step, rank0_tracker, say, seed_worker, set_learning_rates, unwrap,
@@ -194,13 +194,6 @@ def build(config: PretrainJobConfig, worker: Worker) -> Training:
     return training
 
 
-def _train_batches(worker: Worker, config: PretrainJobConfig):
-    """One pass over this worker's share of the training examples."""
-    return worker.dataset("train").iter_torch_batches(
-        batch_size=config.train.batch_size, drop_last=True, device=worker.device, prefetch_batches=2,
-        local_shuffle_buffer_size=config.data.local_shuffle_buffer)
-
-
 def _evaluate(training: Training, config: PretrainJobConfig, worker: Worker, autocast) -> dict[str, float]:
     """The objective on the validation clips with fixed masks: masked-patch InfoNCE, MSE and accuracy
     at the official validation mask count (``val_masked_*``), or the teacher-student losses (``val_*``)."""
@@ -294,13 +287,13 @@ def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
 
 
-def _probe(training: Training, config: PretrainJobConfig, loop: PretrainLoop, worker: Worker, autocast,
+def _probe(training: Training, config: PretrainJobConfig, prober: Prober, worker: Worker, autocast,
            tracker: RunTracker | None) -> None:
     """Probe the current encoder (every worker), keep the best step's model for ``train.select_by``, log
     the scores, the best so far and the probe's wall time (``probe_seconds``) to MLflow and print them
     (rank 0)."""
     started = time.perf_counter()
-    scores = probe_scores(training.inner.encoder, config.probe, worker, len(loop.probe_classes), autocast)
+    scores = prober.scores(training.inner.encoder, autocast)
     selecting = worker.rank == 0 and config.train.select_by != "last"  # rank 0 saves, and exports, the kept model
     training.probes.observe(scores, training.step, config.train.select_by,
                             (lambda: _cpu_copy(training.inner)) if selecting else None)
@@ -358,7 +351,7 @@ def exported_model(training: Training, config: PretrainJobConfig) -> Exported:
 def encoder_card(tracker: RunTracker, exported: Exported, training: Training, config: PretrainJobConfig) -> ModelCard:
     """The facts of a finished run's encoder (see ``pipeline.model_card``)."""
     encoder = exported.model.encoder
-    seen = featurize.recorded_summary(config.data.features, config.storage) if config.data.features else {}
+    seen = feature_store.recorded_summary(config.data.features, config.storage) if config.data.features else {}
     return ModelCard(
         kind="encoder", run=config.name, run_id=tracker.run_id, architecture=encoder.config.to_dict(),
         parameters=sum(p.numel() for p in encoder.parameters()), objective=exported.model.config.to_dict(),
@@ -377,18 +370,13 @@ def _export_encoder(tracker: RunTracker, training: Training, config: PretrainJob
     inner = exported.model
     grid = inner.encoder.config.grid
     card = encoder_card(tracker, exported, training, config)
-    folder_of_run = run_folder(config)
-    folder_of_run.join(CARD_FILE).write_bytes(card.markdown().encode())
-    tracker.log_bytes(card.markdown().encode(), CARD_FILE, "model")
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / ENCODER_FILE
-        save_checkpoint(path, inner, inner.encoder.config, inner.config,
-                        metadata={"step": exported.step, "run": config.name, "model_card": card.to_json()})
-        folder_of_run.join(ENCODER_FILE).write_bytes(path.read_bytes())
-        tracker.log_file(path, "model")
-        example = torch.zeros(1, grid.target_length, grid.num_mel_bins)
-        tracker.log_model(copy.deepcopy(inner.encoder).cpu(), example, "encoder", path, config.tracking.register_as,
-                          {"step": str(exported.step), "run": config.name})
+    file = io.BytesIO()
+    save_checkpoint(file, inner, inner.encoder.config, inner.config,
+                    metadata={"step": exported.step, "run": config.name, "model_card": card.to_json()})
+    example = torch.zeros(1, grid.target_length, grid.num_mel_bins)
+    publish(Export(ENCODER_FILE, file.getvalue(), card, copy.deepcopy(inner.encoder).cpu(), example, "encoder",
+                   {"step": str(exported.step), "run": config.name}), run_folder(config), tracker,
+            config.tracking.register_as)
     tracker.log_dict(inner.encoder.config.to_dict(), "model/encoder_config.json")
 
 
@@ -406,6 +394,7 @@ def train_loop(train_loop_config: dict) -> None:
     scale = {"world_size": worker.world_size, "nodes": node_count(worker), "grad_accum": accum}
     precision = effective_precision(worker.device, config.train.precision)
     autocast_context = autocast(worker.device, config.train.precision)
+    prober = Prober(config.probe, worker, len(loop.probe_classes)) if config.probe is not None else None
 
     tracker = rank0_tracker(loop, worker, lambda: {
         **flatten(public_dict(config)), "encoder_parameters": sum(p.numel() for p in training.inner.encoder.parameters())},
@@ -421,7 +410,8 @@ def train_loop(train_loop_config: dict) -> None:
     model.train()
     while training.step < max_steps:
         micro = 0
-        for micro, batch in enumerate(_train_batches(worker, config), start=1):
+        batches = training_batches(worker.dataset("train"), config.data, config.train.batch_size, worker.device)
+        for micro, batch in enumerate(batches, start=1):
             # Forward and backward; gradients are averaged across workers on the last micro-batch only.
             sync = micro % accum == 0
             with gradient_sync(model, sync):
@@ -457,7 +447,7 @@ def train_loop(train_loop_config: dict) -> None:
                     tracker.log_metrics(validation, training.step)
             probed = config.probe is not None and due(config.probe.every)
             if probed:
-                _probe(training, config, loop, worker, autocast_context, tracker)
+                _probe(training, config, prober, worker, autocast_context, tracker)
             metrics.update(training.probes.metrics())
             if tracker is not None and due(cadence.figure_every) and hasattr(training.inner, "reconstruct"):
                 _log_reconstruction(tracker, training, batch["fbank"], training.step)
@@ -503,7 +493,7 @@ def check_batch_fits(config: PretrainJobConfig) -> None:
     run that made them), before Ray starts: every epoch would end before its first batch."""
     if config.data.features is None:
         return
-    rows = featurize.recorded_summary(config.data.features, config.storage).get("rows")
+    rows = feature_store.recorded_summary(config.data.features, config.storage).get("rows")
     workers = config.world_sizes[-1]
     if rows is not None and rows < config.train.batch_size * workers:
         raise ConfigError(f"train.batch_size: {config.train.batch_size} per worker x {workers} workers is more than "
@@ -518,17 +508,13 @@ def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | Non
     is refused before Ray starts unless the changes are accepted (see ``run_record``)."""
     check_batch_fits(config)
     probe_set = choose_probe_set(config.probe, config.storage) if config.probe is not None else None
-    with run_lock.hold(run_folder(config), config.name):
-        return _launch(config, storage_root(config), callbacks, parent_run_id, accept_config_changes, probe_set)
+    with run_record.named_run(config, "pipeline.pretrain", config.scaling.use_gpu, accept_config_changes) as tracking:
+        check_cluster(config.scaling)
+        return _launch(config, storage_root(config), callbacks, parent_run_id, tracking, probe_set)
 
 
 def _launch(config: PretrainJobConfig, storage: Location, callbacks: list[ray.train.UserCallback] | None,
-            parent_run_id: str | None, accept_config_changes: bool, probe_set: ProbeSet | None) -> ray.train.Result:
-    launch = run_record.check_config(config.name, storage, config, accept_config_changes)
-    connect_ray(config.ray)
-    check_cluster(config.scaling)
-    tracking = run_record.prepare_tracking(config.tracking, config.name, "pipeline.pretrain",
-                                         config.scaling.use_gpu, launch)
+            parent_run_id: str | None, tracking: run_record.TrackingSetup, probe_set: ProbeSet | None) -> ray.train.Result:
     datasets = {"train": examples_dataset(config.data, config.storage).select_columns(["fbank"])}
     if config.validation is not None:
         datasets["val"] = examples_dataset(config.validation, config.storage).select_columns(["fbank"])
@@ -550,7 +536,8 @@ def _launch(config: PretrainJobConfig, storage: Location, callbacks: list[ray.tr
         whole=(PROBE_DATASET,),
     )
     with run_status(tracker), input_cpus_kept(config.scaling, config.name):
-        return trainer.fit()
+        with stop_on_storage_failure("run it again once the store is back: it resumes from its last checkpoint"):
+            return trainer.fit()
 
 
 def prepare_probe(config: PretrainJobConfig) -> None:
@@ -588,7 +575,7 @@ def summary(config: PretrainJobConfig, result: ray.train.Result) -> str:
 def main(argv: list[str] | None = None) -> int:
     return run_command(__doc__.splitlines()[0], PretrainJobConfig,
                        lambda config, args: summary(config, run(config, accept_config_changes=args.accept_config_changes)),
-                       argv, inputs=inputs, accept_changes_flag=True)
+                       argv, (StorageUnavailable,), inputs=inputs, accept_changes_flag=True)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ fixed, seeded subset of its training and held-out clips, refusing a set that can
 class, no held-out clips) before Ray starts; :func:`probe_dataset` featurizes its audio once (a re-run
 reuses the shards) and makes the Ray Dataset of its examples, which every worker reads whole.
 
-Worker side, every ``probe.every`` steps: :func:`probe_scores` has each worker embed its share of the
-clips (row ``i`` on worker ``i mod world_size``) with the frozen encoder, gathers every embedding on every
+Worker side, every ``probe.every`` steps: a :class:`Prober` has each worker embed its share of the
+clips (row ``i`` on worker ``i mod world_size``, read at the first probe and then kept in memory) with
+the frozen encoder, gathers every embedding on every
 worker in clip order, and scores them there with ``ssamba.probes``: each worker computes the same numbers,
 whatever the number of workers, and no worker waits on a collective the others skip.
 """
@@ -122,23 +123,71 @@ def probe_dataset(config: ProbeConfig, probe_set: ProbeSet, examples: ExamplesCo
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _embed_share(encoder: SSAMBAEncoder, config: ProbeConfig, worker: Worker, num_classes: int,
-                 autocast: Callable[[], ContextManager]) -> torch.Tensor:
-    """This worker's rows ``[index, held_out, target…, embedding…]`` (float32, on the worker's device)."""
-    grid = encoder.config.grid
-    width = 2 + num_classes + embedding_size(grid, encoder.embed_dim, config.pooling)
-    rows = [torch.empty(0, width, device=worker.device)]
-    for batch in worker.dataset(PROBE_DATASET).iter_torch_batches(batch_size=config.batch_size):
-        mine = batch["index"] % worker.world_size == worker.rank
-        if not mine.any():
-            continue
-        with autocast():
-            encoded = encoder(batch["fbank"][mine].to(worker.device))
-        embedded = clip_embeddings(encoded.float(), grid, config.pooling, batch["frames"][mine].to(worker.device))
-        labels = torch.stack([batch["index"][mine].float(), batch["held_out"][mine].float()], dim=1)
-        rows.append(torch.cat([labels.to(worker.device), batch["target"][mine].to(worker.device), embedded], dim=1))
-    return torch.cat(rows)
+@dataclass(frozen=True)
+class ProbeShare:
+    """This worker's clips of the probe set (clip ``i`` when ``i mod world_size == rank``), read through Ray
+    Data once and then held in host memory: every later probe costs only its forward passes, not another
+    read and decode of the probe set while the training input is in flight.
+
+    ``labels`` rows are ``[index, held_out, target…]``; ``fbank`` is the examples as the probe set's Ray
+    Dataset gives them (cropped and normalised, float32)."""
+
+    fbank: torch.Tensor
+    frames: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def read(cls, worker: Worker) -> ProbeShare:
+        fbanks, frames, labels = [], [], []
+        for batch in worker.dataset(PROBE_DATASET).iter_torch_batches(batch_size=256):
+            mine = batch["index"] % worker.world_size == worker.rank
+            fbanks.append(batch["fbank"][mine])
+            frames.append(batch["frames"][mine])
+            labels.append(torch.cat([batch["index"][mine, None].float(), batch["held_out"][mine, None].float(),
+                                     batch["target"][mine]], dim=1))
+        if not labels:  # nothing readable: the probe says so after the gather
+            return cls(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, 0))
+        return cls(torch.cat(fbanks), torch.cat(frames), torch.cat(labels))
+
+
+class Prober:
+    """The probes of one training worker: :meth:`scores` at every probe step, its share read at the first."""
+
+    def __init__(self, config: ProbeConfig, worker: Worker, num_classes: int) -> None:
+        self.config, self.worker, self.num_classes = config, worker, num_classes
+        self._share: ProbeShare | None = None
+
+    @torch.no_grad()
+    def _embed_share(self, encoder: SSAMBAEncoder, autocast: Callable[[], ContextManager]) -> torch.Tensor:
+        """This worker's rows ``[index, held_out, target…, embedding…]`` (float32, on the worker's device)."""
+        if self._share is None:
+            self._share = ProbeShare.read(self.worker)
+        share, device, step = self._share, self.worker.device, self.config.batch_size
+        grid = encoder.config.grid
+        width = 2 + self.num_classes + embedding_size(grid, encoder.embed_dim, self.config.pooling)
+        rows = [torch.empty(0, width, device=device)]
+        for start in range(0, share.labels.shape[0], step):
+            with autocast():
+                encoded = encoder(share.fbank[start:start + step].to(device))
+            embedded = clip_embeddings(encoded.float(), grid, self.config.pooling,
+                                       share.frames[start:start + step].to(device))
+            rows.append(torch.cat([share.labels[start:start + step].to(device), embedded], dim=1))
+        return torch.cat(rows)
+
+    def scores(self, encoder: SSAMBAEncoder, autocast: Callable[[], ContextManager]) -> dict[str, float]:
+        """The probes of the current encoder (frozen, eval mode, no masking), the same on every worker.
+        Every worker must call it at the same step: the gather is a collective."""
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            rows = all_gather_rows(self._embed_share(encoder, autocast))
+        finally:
+            encoder.train(was_training)
+        if rows.shape[0] == 0:
+            raise RuntimeError(f"probe: no clip of {self.config.features} could be read (see its quarantine)")
+        rows = rows[rows[:, 0].argsort()]  # clip order, whichever worker embedded a clip
+        classes = self.num_classes
+        return score(self.config, rows[:, 2 + classes:], rows[:, 2:2 + classes], rows[:, 1] > 0.5)
 
 
 def score(config: ProbeConfig, embeddings: torch.Tensor, targets: torch.Tensor, held_out: torch.Tensor) -> dict[str, float]:
@@ -153,22 +202,6 @@ def score(config: ProbeConfig, embeddings: torch.Tensor, targets: torch.Tensor, 
             predicted = logistic_scores(train, targets[~held_out], test, config.weight_decay, config.multi_label)
         scores[config.metric(method)] = metric(predicted, targets[held_out])
     return scores
-
-
-def probe_scores(encoder: SSAMBAEncoder, config: ProbeConfig, worker: Worker, num_classes: int,
-                 autocast: Callable[[], ContextManager]) -> dict[str, float]:
-    """The probes of the current encoder (frozen, eval mode, no masking), the same on every worker. Every
-    worker must call it at the same step: the gather is a collective."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        rows = all_gather_rows(_embed_share(encoder, config, worker, num_classes, autocast))
-    finally:
-        encoder.train(was_training)
-    if rows.shape[0] == 0:
-        raise RuntimeError(f"probe: no clip of {config.features} could be read (see its quarantine)")
-    rows = rows[rows[:, 0].argsort()]  # clip order, whichever worker embedded a clip
-    return score(config, rows[:, 2 + num_classes:], rows[:, 2:2 + num_classes], rows[:, 1] > 0.5)
 
 
 @dataclass

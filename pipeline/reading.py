@@ -1,4 +1,5 @@
-"""Reading one audio source and turning it into fbank rows: the I/O every data job shares.
+"""Reading one audio source: the I/O every data job shares (``feature_store.featurize_source`` turns what
+it reads into stored fbank rows).
 
 A source is a loose audio file, or one member of a corpus container, named by a URI with a
 fragment after ``#``:
@@ -30,13 +31,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import pyarrow.parquet as pq
-import torch
 
-from pipeline.audio import AudioError, decode_audio, split_long_audio
-from pipeline.config import AudioConfig, S3Config
-from pipeline.feature_store import encode_fbank
+from pipeline.audio import AudioError
+from pipeline.config import S3Config
 from pipeline.storage import Location, is_missing, resolve
-from ssamba.features import FbankConfig, waveform_to_fbank
 
 TAR, PARQUET = ".tar", ".parquet"
 CONTAINER_SUFFIXES = (TAR, PARQUET)
@@ -260,18 +258,3 @@ def stop_on_storage_failure(advice: str) -> Iterator[None]:
         if match is None:
             raise
         raise StorageUnavailable(f"{match.group(1)} ({advice})") from None
-
-
-def featurize_source(data: bytes, uri: str, audio: AudioConfig, fbank_config: FbankConfig) -> list[dict]:
-    """Feature columns of one source (several rows when long audio is chunked). Raises :class:`AudioError`."""
-    decoded = decode_audio(data, uri, audio.sample_rate, audio.min_seconds)
-    rows = []
-    pieces = split_long_audio(decoded.waveform, decoded.sample_rate, audio.max_seconds, audio.long_audio, audio.min_seconds)
-    for chunk, (offset, piece) in enumerate(pieces):
-        features = waveform_to_fbank(torch.from_numpy(piece), fbank_config)
-        rows.append({
-            "chunk": chunk, "offset_s": offset, "duration_s": len(piece) / decoded.sample_rate,
-            "source_sample_rate": decoded.source_sample_rate, "source_channels": decoded.source_channels,
-            **encode_fbank(features),
-        })
-    return rows

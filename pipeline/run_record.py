@@ -1,5 +1,6 @@
-"""What a job's driver settles about a named run before any training: the config the run started
-with, checked on every relaunch, and the run's MLflow side (where its artifacts go, its source).
+"""What a job's driver settles about a named run before any training (:func:`named_run`, the start-up
+every named job shares): the run's lock, the config the run started with, checked on every relaunch,
+Ray, and the run's MLflow side (where its artifacts go, its source).
 
 A named run (pretraining, fine-tuning, a sweep) keeps its config as ``config.json`` beside its
 checkpoints, ``<storage_path>/<name>/config.json``. A relaunch under the same name compares its
@@ -13,6 +14,7 @@ while it has its default: a new field's default keeps the behaviour the run was 
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import posixpath
@@ -20,15 +22,17 @@ import socket
 import subprocess
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from pipeline.config import ConfigError, TrackingConfig, flatten, public_dict
+from pipeline import run_lock
+from pipeline.launch import connect_ray
 from pipeline.run_lock import LOCK_FILE
-from pipeline.storage import Location
+from pipeline.storage import Location, resolve
 from pipeline.tracking import (
     RUN_NAME_TAG, artifact_location, ensure_experiment, refuse_local_store_on_cluster, resolve_tracking_uri,
 )
@@ -237,3 +241,16 @@ def prepare_tracking(tracking: TrackingConfig, name: str, entry_point: str, use_
                   flush=True)
     metrics = tracking.system_metrics is True or (tracking.system_metrics == "auto" and use_gpu)
     return TrackingSetup(source_tags(entry_point), metrics)
+
+
+@contextlib.contextmanager
+def named_run(config: BaseModel, entry_point: str, use_gpu: bool, accept_changes: bool) -> Iterator[TrackingSetup]:
+    """The start of every named job (pretraining, fine-tuning, a sweep), in one order: hold the run's lock
+    (a second launch of the name is refused), check the config against the run record (a relaunch whose
+    config changed is refused unless accepted), join or start Ray, and prepare MLflow tracking. ``config``
+    is a job config with ``name``, ``storage_path``, ``storage``, ``ray`` and ``tracking``."""
+    storage = resolve(config.storage_path, config.storage)
+    with run_lock.hold(storage.join(config.name), config.name):
+        launch = check_config(config.name, storage, config, accept_changes)
+        connect_ray(config.ray)
+        yield prepare_tracking(config.tracking, config.name, entry_point, use_gpu, launch)

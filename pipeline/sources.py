@@ -25,8 +25,8 @@ import pyarrow.fs as pafs
 
 from pipeline.audio import AudioError
 from pipeline.config import InputConfig, S3Config
-from pipeline.reading import CONTAINER_SUFFIXES, TAR, SourceReader
-from pipeline.storage import Location, resolve
+from pipeline.reading import CONTAINER_SUFFIXES, TAR, SourceReader, StorageUnavailable
+from pipeline.storage import Location, is_missing, resolve
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,18 @@ def _container_sources(reader: SourceReader, uri: str, extensions: set[str]) -> 
     """The members of a tar shard or the rows of a Parquet table. A container whose bytes cannot be
     parsed is one source of its own: its members cannot be named, so the featurize job quarantines the
     container as one row, with its reason, and featurizes everything else. A store that fails stops the
-    job here."""
+    job here (:class:`StorageUnavailable`), naming the store."""
     try:
         members = reader.tar_members(uri, extensions) if uri.endswith(TAR) else reader.parquet_members(uri)
         return [AudioSource(member.uri, member.label, labels=member.labels) for member in members]
     except AudioError as error:
         log.warning("cannot list the members of %s (%s): it is quarantined as one source", uri, error)
         return [AudioSource(uri)]
-    except (OSError, ValueError) as error:
+    except OSError as error:
+        if not is_missing(error):
+            raise StorageUnavailable(f"storage unavailable: listing the members of {uri}: {error}") from error
+        raise SourceError(f"cannot list the members of {uri}: {error}") from None
+    except ValueError as error:
         raise SourceError(f"cannot list the members of {uri}: {error}") from None
 
 
@@ -131,7 +135,9 @@ def _read_manifest(manifest: str, storage: S3Config) -> list[AudioSource]:
     location = resolve(manifest, storage)
     try:
         text = location.read_bytes().decode("utf-8")
-    except (OSError, FileNotFoundError) as error:
+    except OSError as error:
+        if not is_missing(error):  # the store is failing, not the manifest: say so (docs/pipeline.md)
+            raise StorageUnavailable(f"storage unavailable: reading input.manifest {location}: {error}") from error
         raise SourceError(f"cannot read input.manifest {location}: {error}") from None
     if location.path.endswith((".jsonl", ".json")):
         rows = []

@@ -39,9 +39,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline import finetune, pretrain, run_lock, run_record
+from pipeline import finetune, pretrain, run_record
 from pipeline.config import ConfigError, public_dict
-from pipeline.launch import Input, connect_ray, mlflow_ui_hint, run_command
+from pipeline.launch import Input, mlflow_ui_hint, run_command
 from pipeline.resources import DATA_CPUS, sweep_concurrency, train_cpus
 from pipeline.sources import SourceError
 from pipeline.storage import Location, resolve
@@ -265,8 +265,9 @@ def run(config: TuneJobConfig, accept_config_changes: bool = False) -> dict:
     The parent run ends FINISHED, FAILED (a trial failed: relaunch to resume) or KILLED. A restore
     whose config changed is refused before Ray starts unless the changes are accepted."""
     storage = resolve(config.storage_path, config.storage)
-    with run_lock.hold(storage.join(config.name), config.name):
-        return _launch(config, storage, accept_config_changes)
+    refuse_unrecorded_sweep(config, storage)
+    with run_record.named_run(config, "pipeline.tune", config.resources.gpu > 0, accept_config_changes) as tracking:
+        return _launch(config, storage, tracking)
 
 
 def refuse_unrecorded_sweep(config: TuneJobConfig, storage: Location) -> None:
@@ -279,15 +280,10 @@ def refuse_unrecorded_sweep(config: TuneJobConfig, storage: Location) -> None:
                           "name, or delete the folder to start the sweep over")
 
 
-def _launch(config: TuneJobConfig, storage: Location, accept_config_changes: bool) -> dict:
-    refuse_unrecorded_sweep(config, storage)
-    launch = run_record.check_config(config.name, storage, config, accept_config_changes)
-    connect_ray(config.ray)
+def _launch(config: TuneJobConfig, storage: Location, tracking: run_record.TrackingSetup) -> dict:
     concurrent = concurrent_trials(config)  # a sweep the cluster cannot hold fails here, before any run is opened
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     metric = sweep_metric(config)
-    tracking = run_record.prepare_tracking(config.tracking, config.name, "pipeline.tune", config.resources.gpu > 0,
-                                         launch)
     parent = RunTracker(tracking_uri, config.tracking.experiment, config.name, tags={"sweep": config.sweep},
                         source_tags=tracking.source_tags)
     if not parent.resumed:

@@ -48,6 +48,8 @@ class EmbedConfig(Strict):
                                      "adds each source's top_k labels and probabilities")
     top_k: int = Field(5, ge=1, description="labels written per source when a classifier is given")
     batch_size: int = Field(8, ge=1, description="files per inference call")
+    shard_size: int = Field(64, ge=1, description="audio files per output shard, the unit a re-run redoes (stored "
+                            "features keep their featurize shards)")
     num_workers: int | None = Field(None, ge=1, description="inference actors; default: as the cluster fits")
     use_gpu: bool = Field(False, description="one GPU per actor")
     ray: RayConfig = RayConfig()

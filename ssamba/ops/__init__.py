@@ -6,7 +6,8 @@ float64, ``numba`` importable); the chunked pure-PyTorch scan, which runs everyw
 reference the others are checked against). :func:`causal_conv1d` uses the ``causal_conv1d`` CUDA
 kernel on CUDA tensors when importable, else the pure-PyTorch version. All paths compute the same
 function. Set ``SSAMBA_PURE_OPS=1`` (or call :func:`force_pure_ops`) to always use the pure-PyTorch
-paths, e.g. to compare them. Each op logs once which path it runs on.
+paths, e.g. to compare them. Each op logs once which path it runs on; a fast path that should run
+but cannot be imported (a GPU without the kernels, no numba) is a warning, once.
 """
 
 from __future__ import annotations
@@ -53,12 +54,14 @@ def _kernels() -> tuple[Callable | None, Callable | None]:
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except Exception as error:
-        log.info("mamba_ssm selective scan kernel unavailable: %s", error)
+        log.warning("the mamba_ssm selective-scan kernel cannot be imported (%s): CUDA tensors take the much slower "
+                    "pure-PyTorch scan; install mamba-ssm for this torch and CUDA (docs/model.md)", error)
         selective_scan_fn = None
     try:
         from causal_conv1d import causal_conv1d_fn
     except Exception as error:
-        log.info("causal_conv1d kernel unavailable: %s", error)
+        log.warning("the causal_conv1d kernel cannot be imported (%s): CUDA tensors take the slower pure-PyTorch "
+                    "convolution; install causal-conv1d for this torch and CUDA (docs/model.md)", error)
         causal_conv1d_fn = None
     return selective_scan_fn, causal_conv1d_fn
 
@@ -69,7 +72,8 @@ def _fused_cpu_scan() -> Callable | None:
     try:
         from ssamba.ops.fused_scan import fused_selective_scan
     except Exception as error:
-        log.info("fused CPU selective scan unavailable: %s", error)
+        log.warning("the fused CPU selective scan cannot be imported (%s): CPU tensors take the slower chunked "
+                    "pure-PyTorch scan; numba is a dependency of this package, reinstall it", error)
         return None
     return fused_selective_scan
 

@@ -18,8 +18,9 @@ import torch
 
 from support.audio_files import bad_file_bytes, encode, expected_fbank, parquet_table, signal
 from conftest import ACCESS_KEY, SECRET_KEY
-from pipeline import featurize
+from pipeline import feature_store, featurize
 from pipeline.config import FeaturizeConfig, load_config
+from pipeline.shards import DestinationConflict, shard_name
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +94,7 @@ def test_webdataset_tar_and_parquet_audio_are_featurized_member_by_member(s3_ser
                                    atol=2e-2, rtol=2e-3)
     assert rows[f"{tar_uri}#a.flac"]["source_channels"] == 2
 
-    record = json.loads(output.join(featurize.RUN_RECORD).read_bytes())
+    record = json.loads(output.join(feature_store.RUN_RECORD).read_bytes())
     assert record["status"] == "complete" and record["sources"] == 9
 
     # A manifest may name members, relative to its own folder. A table with a corrupt row group
@@ -135,7 +136,7 @@ def test_a_grown_input_featurizes_only_its_new_files(s3_server, ray_cluster):
     assert grown.added == 3 and (grown.shards_written, grown.shards_skipped) == (1, 2)
     assert grown.missing == ["s3://growing/audio/clip2.wav"]  # reported; its features are kept
     assert grown.files == 9 and "1 sources of earlier runs are no longer in the input" in grown.table()
-    new_rows = pq.read_table(output.join("features", featurize.shard_name(2)).path,
+    new_rows = pq.read_table(output.join("features", shard_name(2)).path,
                              filesystem=output.filesystem).column("uri").to_pylist()
     assert sorted(new_rows) == [f"s3://growing/audio/clip{index}.wav" for index in range(6, 9)]
     after = {info.path: info.mtime for info in output.filesystem.get_file_info(
@@ -146,9 +147,9 @@ def test_a_grown_input_featurizes_only_its_new_files(s3_server, ray_cluster):
     assert (again.added, again.shards_written, again.shards_skipped) == (0, 0, 3)
 
     # Other settings over the same destination are still refused.
-    with pytest.raises(featurize.FeaturizeError, match="--overwrite"):
+    with pytest.raises(DestinationConflict, match="--overwrite"):
         featurize.run(config.model_copy(update={"num_mel_bins": 64}))
-    with pytest.raises(featurize.FeaturizeError, match="--overwrite"):
+    with pytest.raises(DestinationConflict, match="--overwrite"):
         featurize.run(config.model_copy(update={"shard_size": 5}))
 
 

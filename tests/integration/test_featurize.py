@@ -13,6 +13,7 @@ from support.audio_files import BAD, GOOD, expected_fbank
 from conftest import ACCESS_KEY, SECRET_KEY
 from pipeline import featurize
 from pipeline.config import FeaturizeConfig, load_config
+from pipeline.shards import DestinationConflict
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -69,7 +70,7 @@ def test_featurize_from_s3_quarantines_bad_files_and_resumes(s3_server, ray_clus
 
     # Another configuration into the same destination is refused, unless overwriting.
     other = config.model_copy(update={"shard_size": 5})
-    with pytest.raises(featurize.FeaturizeError, match="--overwrite"):
+    with pytest.raises(DestinationConflict, match="--overwrite"):
         featurize.run(other)
     replaced = featurize.run(other, overwrite=True)
     assert replaced.shards_written == 3 and replaced.rows == len(GOOD)

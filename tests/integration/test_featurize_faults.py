@@ -1,5 +1,6 @@
-"""The featurize and embed commands under faults, each run as its own process with its own local Ray: a
-store that goes away during the job, and a destination left with a truncated shard and a partial file."""
+"""The featurize and embed commands (and pretraining's on-the-fly input) under faults, each run as its own
+process with its own local Ray: a store that goes away during the job, and a destination left with a
+truncated shard and a partial file."""
 
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ def wait_readable(weed: WeedServer, bucket: str, key: str) -> None:
             time.sleep(0.5)
 
 
+@pytest.mark.timeout(600)
 def test_a_store_outage_fails_featurize_and_embed_and_marks_no_audio_bad(tmp_path, job_env):
     audio = write_collection(tmp_path / "audio") / "good"
     names = sorted(path.relative_to(audio).as_posix() for path in audio.rglob("*") if path.is_file())
@@ -78,11 +80,17 @@ def test_a_store_outage_fails_featurize_and_embed_and_marks_no_audio_bad(tmp_pat
         settings = [f"input.manifest={manifest}", f"output={output}", "shard_size=3", "num_workers=2",
                     f"storage.endpoint_url={weed.endpoint}", "storage.max_attempts=2",
                     "storage.connect_timeout_s=1", "storage.request_timeout_s=2"]
+        weed.s3.client().put_object(Bucket="raw", Key="manifest.csv", Body=manifest.read_bytes())
         weed.stop()
 
         listing = featurize_process(job_env, "input.uri=s3://raw/corpus", f"output={tmp_path / 'listed'}", *settings[3:])
         assert listing.returncode == 2, listing.stderr[-3000:]
         assert len(error_lines(listing)) == 1 and weed.endpoint in error_lines(listing)[0]
+        stored_list = featurize_process(job_env, "input.manifest=s3://raw/manifest.csv", f"output={tmp_path / 'listed'}",
+                                        *settings[3:])  # a manifest the failing store holds: not a bad manifest
+        assert stored_list.returncode == 2, stored_list.stderr[-3000:]
+        [message] = error_lines(stored_list)
+        assert message.startswith("error: storage unavailable: reading input.manifest s3://raw/manifest.csv"), message
 
         down = featurize_process(job_env, *settings)
         assert down.returncode == 2, down.stderr[-3000:]
@@ -97,7 +105,18 @@ def test_a_store_outage_fails_featurize_and_embed_and_marks_no_audio_bad(tmp_pat
         assert embed.returncode == 2, embed.stderr[-3000:]
         [message] = error_lines(embed)
         assert message.startswith("error: storage unavailable") and weed.endpoint in message, message
-        assert "--overwrite" in message and not list(embeddings.rglob("*.parquet")), "good audio marked failed"
+        assert "re-run once it is back" in message and not list(embeddings.rglob("part-*")), "good audio marked failed"
+
+        pretrain = subprocess.run(  # on-the-fly training input reads the same way: it stops, naming the store
+            [sys.executable, "-m", "pipeline.pretrain", "--config", "configs/pretrain/local-tiny.yaml", *[
+                arg for setting in (f"data.audio.manifest={manifest}", "data.features=null", "validation=null",
+                                    f"storage_path={tmp_path / 'checkpoints'}", "scaling.max_failures=0",
+                                    f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.batch_size=2",
+                                    "train.max_steps=2", "ray.address=local", "ray.num_cpus=2", *settings[4:])
+                for arg in ("--set", setting)]], env=job_env, cwd=REPO, capture_output=True, text=True, timeout=240)
+        assert pretrain.returncode == 2, pretrain.stdout[-2000:] + pretrain.stderr[-3000:]
+        [message] = error_lines(pretrain)
+        assert message.startswith("error: storage unavailable") and weed.endpoint in message, message
 
         weed.start()
         wait_readable(weed, "raw", f"corpus/{names[0]}")
@@ -107,6 +126,12 @@ def test_a_store_outage_fails_featurize_and_embed_and_marks_no_audio_bad(tmp_pat
         assert sorted(pq.read_table(output / "features").column("uri").to_pylist()) == uris
         quarantined = pq.read_table(output / "quarantine").to_pylist()
         assert [(row["uri"], row["reason"]) for row in quarantined] == [(absent, "unreadable")]
+        resumed = job_process("pipeline.embed", job_env, f"input.manifest={manifest}", f"output={embeddings}",
+                              *settings[3:])  # the same command, once the store is back: no --overwrite
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        rows = pq.read_table(embeddings).to_pylist()
+        assert sorted(row["uri"] for row in rows) == sorted([*uris, absent])
+        assert [row["uri"] for row in rows if not row["ok"]] == [absent]
     finally:
         weed.stop()
 

@@ -226,8 +226,8 @@ def test_embedder_writes_top_k_labels_without_an_encoder(tmp_path):
     config = load_config(EmbedConfig, None, [f"features={tmp_path}", f"output={tmp_path / 'out'}", "embeddings=none",
                                              f"classifier={classifier_path}", "top_k=2"])
     raw = waveform_to_fbank(tone(0.7, 16_000)).half()
-    table = embed.Embedder(config)({"uri": np.array(["a.wav"]), "chunk": np.array([0]), "n_frames": np.array([raw.shape[0]]),
-                                    "n_mels": np.array([raw.shape[1]]), "fbank": np.array([raw.numpy().tobytes()], dtype=object)})
+    table = embed.Embedder(config).embed([{"uri": "a.wav", "chunk": 0, "n_frames": raw.shape[0], "n_mels": raw.shape[1],
+                                           "fbank": raw.numpy().tobytes()}])
     assert table.column_names == ["uri", "chunk", "ok", "error", "labels", "probabilities"]
     expected = load_classifier(classifier_path).predict_fbank(raw.float()[None])[0]
     (row,) = table.to_pylist()

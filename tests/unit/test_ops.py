@@ -230,6 +230,37 @@ def test_pure_ops_environment_variable_forces_the_pure_path():
     assert "fused" not in finished.stderr
 
 
+def broken_package(folder, name: str) -> str:
+    """A ``name`` package under ``folder`` whose import fails, as a wheel built for another torch would."""
+    (folder / name).mkdir()
+    (folder / name / "__init__.py").write_text(f"raise ImportError('{name} is broken on this machine')\n")
+    return str(folder)
+
+
+def test_a_cpu_without_the_fused_scan_warns_once_and_runs_the_chunked_scan(tmp_path):
+    script = (
+        "import torch\nfrom ssamba import ops\nx = torch.randn(1, 3, 5)\n"
+        "for _ in range(2):\n"
+        "    ops.selective_scan(x, x.abs(), -torch.ones(3, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": broken_package(tmp_path, "numba")}
+    finished = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert finished.stderr.count("the fused CPU selective scan cannot be imported (numba is broken") == 1, finished.stderr
+
+
+def test_a_gpu_without_the_kernels_warns_once_naming_each(tmp_path):
+    """No GPU here: CUDA is reported present, and the kernel packages fail to import."""
+    script = ("import torch\ntorch.cuda.is_available = lambda: True\nfrom ssamba import ops\n"
+              "assert not ops.kernels_available() and not ops.kernels_available()\n")
+    folder = broken_package(tmp_path, "mamba_ssm")
+    broken_package(tmp_path, "causal_conv1d")
+    finished = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": folder},
+                              capture_output=True, text=True, check=True)
+    assert finished.stderr.count("the mamba_ssm selective-scan kernel cannot be imported") == 1, finished.stderr
+    assert finished.stderr.count("the causal_conv1d kernel cannot be imported") == 1, finished.stderr
+    assert "install mamba-ssm for this torch and CUDA" in finished.stderr
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and ops.kernels_available()), reason="needs CUDA and mamba-ssm")
 def test_cuda_kernel_comes_before_the_fused_scan(caplog):
     inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in scan_inputs(1, 2, 5, 2, seed=1).items()}

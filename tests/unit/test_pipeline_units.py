@@ -15,6 +15,7 @@ from pipeline.audio import AudioError, decode_audio, split_long_audio
 from pipeline.config import (
     ConfigError, EmbedConfig, FeaturizeConfig, FinetuneJobConfig, InputConfig, PretrainJobConfig, S3Config, flatten, load_config, public_dict,
 )
+from pipeline.shards import deal_shards
 from pipeline.sources import AudioSource, SourceError, list_sources
 from pipeline.storage import DEFAULT_REGION, resolve, s3_region
 from pipeline.config.sweep import TuneJobConfig
@@ -223,17 +224,17 @@ def test_featurize_cli_rejects_invalid_config_before_any_work(capsys):
 def test_shards_are_dealt_in_a_seeded_random_order_keeping_member_runs_together():
     files = [AudioSource(f"/data/class{label}/clip{index:02d}.wav", f"class{label}") for label in range(4) for index in range(32)]
     table = [AudioSource(f"s3://b/t.parquet#{row}") for row in range(100)]
-    shards = featurize.deal_shards(list(reversed(files)) + table, shard_size=32)
-    assert shards == featurize.deal_shards(files + table, shard_size=32)  # the same input, the same shards
+    shards = deal_shards(list(reversed(files)) + table, shard_size=32)
+    assert shards == deal_shards(files + table, shard_size=32)  # the same input, the same shards
     assert sorted(source for shard in shards.values() for source in shard) == sorted(files + table)
     assert list(shards) == list(range(8)) and all(len(shard) == 32 for shard in list(shards.values())[:-1])
-    for shard in featurize.deal_shards(files, shard_size=32).values():  # no shard is one class folder
+    for shard in deal_shards(files, shard_size=32).values():  # no shard is one class folder
         labels = [source.label for source in shard]
         assert max(labels.count(label) for label in set(labels)) <= 0.5 * len(labels)
     order = [int(source.uri.split("#")[1]) for shard in shards.values() for source in shard if "#" in source.uri]
     positions = {row: index for index, row in enumerate(order)}
     assert [positions[row + 1] - positions[row] for row in range(63)] == [1] * 63  # rows 0-63: one run
-    assert featurize.deal_shards(files, 32, first_shard=5).keys() == {5, 6, 7, 8}
+    assert deal_shards(files, 32, first_shard=5).keys() == {5, 6, 7, 8}
 
 
 def test_the_storage_layer_needs_neither_torch_nor_the_job_configs():

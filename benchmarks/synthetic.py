@@ -1,0 +1,45 @@
+"""Synthetic inputs for the training-input benchmarks: a featurize destination in the job's own schema
+and shard names (random fbanks), and 16 kHz WAV clips of noisy tones."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import soundfile
+
+from pipeline.feature_store import FEATURE_SCHEMA
+from pipeline.shards import shard_name
+
+
+def write_feature_store(folder: Path, shards: int, rows: int, frames: tuple[int, int] = (1024, 1024),
+                        mels: int = 128) -> Path:
+    """``shards`` Parquet shards of ``rows`` fbanks each, of ``frames[0]``–``frames[1]`` frames (uniform)."""
+    rng = np.random.default_rng(0)
+    (folder / "features").mkdir(parents=True)
+    for shard in range(shards):
+        lengths = rng.integers(frames[0], frames[1] + 1, rows)
+        table = pa.Table.from_pylist([{
+            "uri": f"clip{shard}-{row}.wav", "label": str(row % 4), "split": None, "fold": None, "chunk": 0,
+            "offset_s": 0.0, "duration_s": length / 100, "source_sample_rate": 16_000, "source_channels": 1,
+            "n_frames": int(length), "n_mels": mels,
+            "fbank": rng.normal(-5, 3, (length, mels)).astype(np.float16).tobytes(),
+        } for row, length in enumerate(lengths)], schema=FEATURE_SCHEMA)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        (folder / "features" / shard_name(shard)).write_bytes(buffer.getvalue())
+    return folder
+
+
+def write_wav_clips(folder: Path, count: int, seconds: float) -> Path:
+    """``count`` mono 16 kHz WAV clips of a tone in noise, each ``seconds`` long."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    folder.mkdir(parents=True)
+    for index in range(count):
+        tone = 0.3 * np.sin(2 * np.pi * (200 + index) * t) + 0.05 * rng.standard_normal(len(t))
+        soundfile.write(folder / f"clip{index:05d}.wav", tone.astype(np.float32), 16_000)
+    return folder

@@ -1,0 +1,49 @@
+"""The stored fbank format read a batch at a time, against the one-clip path it replaces: decode each clip,
+crop or pad it (``ssamba.features.crop_or_pad``), normalise it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ExamplesConfig
+from pipeline.data import to_examples
+from pipeline.feature_store import decode_cropped, decode_fbank, encode_fbank
+from ssamba.features import crop_or_pad, norm_stats, normalize
+
+
+def stored_batch(frame_counts: list[int], mels: int = 16) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(len(frame_counts))
+    rows = [encode_fbank(torch.from_numpy(rng.normal(-4.0, 3.0, (frames, mels)).astype(np.float32)))
+            for frames in frame_counts]
+    return {"fbank": np.array([row["fbank"] for row in rows], dtype=object),
+            "n_frames": np.array([row["n_frames"] for row in rows]), "n_mels": np.array([row["n_mels"] for row in rows]),
+            "label": np.array(["a"] * len(rows), dtype=object), "uri": np.array([f"clip{i}" for i in range(len(rows))])}
+
+
+@pytest.mark.parametrize("target_length", [1, 24, 40, 90])
+def test_a_batch_decodes_to_each_clip_cropped_or_padded(target_length):
+    batch = stored_batch([40, 7, 1, 90, 24])
+    decoded = decode_cropped(batch["fbank"], batch["n_frames"], batch["n_mels"], target_length)
+    assert decoded.dtype == np.float32 and decoded.shape == (5, target_length, 16)
+    for row, (data, frames, mels) in enumerate(zip(batch["fbank"], batch["n_frames"], batch["n_mels"])):
+        expected = crop_or_pad(decode_fbank(data, frames, mels), target_length)
+        np.testing.assert_array_equal(decoded[row], expected.numpy())
+
+
+def test_examples_are_the_normalised_crops_with_their_kept_frame_counts():
+    batch = stored_batch([30, 5, 64])
+    config = ExamplesConfig(features="unused", target_length=32, norm="audioset")
+    examples = to_examples(batch, config)
+    stats = norm_stats("audioset")
+    for row, (data, frames, mels) in enumerate(zip(batch["fbank"], batch["n_frames"], batch["n_mels"])):
+        expected = normalize(crop_or_pad(decode_fbank(data, frames, mels), 32).double(), stats)
+        np.testing.assert_allclose(examples["fbank"][row], expected.numpy(), rtol=1e-6, atol=1e-6)
+    assert examples["frames"].tolist() == [30, 5, 32] and list(examples["uri"]) == ["clip0", "clip1", "clip2"]
+
+
+def test_a_batch_mixing_mel_bin_counts_is_refused():
+    first, second = stored_batch([4], mels=16), stored_batch([4], mels=8)
+    with pytest.raises(ValueError, match=r"several mel-bin counts: \[8, 16\]"):
+        decode_cropped([*first["fbank"], *second["fbank"]], [4, 4], [16, 8], 4)
