@@ -20,8 +20,8 @@ install: $(STAMP)
 test: install            # everything: unit and integration tests (what CI runs, after lint)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=20
 
-test-unit: install       # the fast loop: no services, a couple of minutes
-	$(BIN)/python -m pytest tests/unit
+test-unit: install       # the fast loop: no services, about a minute on 2 cores
+	$(BIN)/python -m pytest -n 2 tests/unit
 
 lint: install
 	$(BIN)/ruff check .

@@ -34,8 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ssamba import fastpath
-from ssamba import AudioClassifier, ClassifierConfig, EncoderConfig, PatchGrid, SSAMBAEncoder, SSASTConfig, SSASTEncoder
+from ssamba import AudioClassifier, ClassifierConfig, EncoderConfig, PatchGrid, SSAMBAEncoder, SSASTConfig, SSASTEncoder, fastpath
 
 MODELS = ("ssamba", "ssamba-ref", "ssast-eager", "ssast-sdpa")
 PAPER_TOKENS = 22_000

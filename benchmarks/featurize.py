@@ -29,7 +29,8 @@ import torch
 
 from pipeline import featurize
 from pipeline.config import FeaturizeConfig, load_config
-from pipeline.sources import list_sources
+from pipeline.data import featurizer
+from pipeline.data.sources import list_sources
 
 
 def write_clips(folder: Path, fmt: str, count: int) -> None:
@@ -51,7 +52,7 @@ def one_process_rate(folder: Path, output: Path) -> float:
     config = job_config(folder, output, 1)
     sources = list_sources(config.input, config.storage)
     shards = [sources[i : i + config.shard_size] for i in range(0, len(sources), config.shard_size)]
-    worker = featurize.ShardFeaturizer(config)  # sets one torch thread, like each actor
+    worker = featurizer.ShardFeaturizer(config)  # sets one torch thread, like each actor
     start = time.perf_counter()
     for index, shard in enumerate(shards):
         worker({"shard": np.array([index]), "sources": np.array([json.dumps([s.to_dict() for s in shard])])})

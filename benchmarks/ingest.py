@@ -6,7 +6,7 @@ Two inputs, each read both ways:
   frames × 128 mels, the job's schema);
 * on the fly: ``--clips`` WAV files of ``--seconds`` seconds, decoded and featurized while reading.
 
-Pipeline: ``pipeline.data.examples_dataset`` read with ``pipeline.data.training_batches``, the pretraining
+Pipeline: ``pipeline.data.examples.examples_dataset`` read with ``pipeline.data.examples.training_batches``, the pretraining
 loop's own call (``iter_torch_batches``, two batches prefetched, the local shuffle buffer), on a local Ray
 started with N CPUs and pinned to N cores, its driver included, for N in ``--cpus``.
 
@@ -37,11 +37,11 @@ import pyarrow.parquet as pq
 import ray
 import soundfile
 import torch
+from synthetic import write_feature_store, write_wav_clips
 
 from pipeline.config import AudioConfig, ExamplesConfig, InputConfig, S3Config
-from pipeline.data import examples_dataset, training_batches
+from pipeline.data.examples import examples_dataset, training_batches
 from ssamba.features import FbankConfig, norm_stats, waveform_to_fbank
-from synthetic import write_feature_store, write_wav_clips
 
 AVAILABLE = sorted(os.sched_getaffinity(0))  # the cores this benchmark may pin itself to
 

@@ -45,7 +45,7 @@ from mlflow.tracking import MlflowClient
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import featurize, pretrain
 from pipeline.config import FeaturizeConfig, PretrainJobConfig
-from pipeline.launch import start_local_ray
+from pipeline.runtime.launch import start_local_ray
 from ssamba import TARGET_NORMS, SSAMBAEncoder, crop_or_pad, load_checkpoint, norm_stats, normalize
 
 TASKS = ("voice", "language")

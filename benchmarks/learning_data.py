@@ -3,9 +3,9 @@
     nice -n 5 .venv/bin/python benchmarks/learning_data.py [--cache outputs/learning/data]
 
 Each package is fetched with ``apt-get download`` and unpacked with ``dpkg -x`` into ``<cache>/root``;
-its sounds are decoded (channel mean, then torchaudio's sinc resampling to 16 kHz, as pipeline.audio
+its sounds are decoded (channel mean, then torchaudio's sinc resampling to 16 kHz, as pipeline.data.audio
 does, with the resampling kernel kept per source rate) into ``<cache>/clips`` as WAV, and manifests
-(CSV ``uri,label,split``, URIs relative to the manifest, as ``pipeline.sources`` reads them) are
+(CSV ``uri,label,split``, URIs relative to the manifest, as ``pipeline.data.sources`` reads them) are
 written beside them:
 
 * ``pool_train.csv`` / ``pool_validation.csv``: the unlabelled pretraining pool. Game dialogue in

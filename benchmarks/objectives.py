@@ -20,8 +20,14 @@ import torch
 from torch import nn
 
 from ssamba import (
-    EncoderConfig, PatchGrid, PretrainConfig, SSAMBAEncoder, SSAMBAPretrainModel, SSAMBATeacherStudentModel,
-    TeacherStudentConfig, tokens_per_clip,
+    EncoderConfig,
+    PatchGrid,
+    PretrainConfig,
+    SSAMBAEncoder,
+    SSAMBAPretrainModel,
+    SSAMBATeacherStudentModel,
+    TeacherStudentConfig,
+    tokens_per_clip,
 )
 
 MASKED_PATCH = PretrainConfig(mask_patches=None, mask_ratio=400 / 512)

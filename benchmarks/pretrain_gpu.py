@@ -26,8 +26,15 @@ from pathlib import Path
 import torch
 
 from ssamba import (
-    EncoderConfig, PretrainConfig, SSAMBAEncoder, SSAMBAPretrainModel, SSAMBATeacherStudentModel, SSASTConfig,
-    SSASTEncoder, TeacherStudentConfig, tokens_per_clip,
+    EncoderConfig,
+    PretrainConfig,
+    SSAMBAEncoder,
+    SSAMBAPretrainModel,
+    SSAMBATeacherStudentModel,
+    SSASTConfig,
+    SSASTEncoder,
+    TeacherStudentConfig,
+    tokens_per_clip,
 )
 
 TEACHER_STUDENT = TeacherStudentConfig()
@@ -118,7 +125,8 @@ def measure(model: str, size: str, batch: int, device: str, bf16: bool, repeats:
 
 def profile(model: str, size: str, batch: int, device: str, bf16: bool, out: Path) -> list[str]:
     """Top CUDA kernels of one step and the GPU's busy fraction of the step's wall time."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     stepper = Stepper(model, size, batch, device, bf16)
     for _ in range(2):

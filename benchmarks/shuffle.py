@@ -1,7 +1,7 @@
 """Training-input throughput with and without shuffling, side by side in one run.
 
 Writes a synthetic featurize destination (``--shards`` Parquet shards of ``--rows`` random 1024 × 128
-fbanks, the job's own schema), then reads full epochs of ``pipeline.data.examples_dataset`` through
+fbanks, the job's own schema), then reads full epochs of ``pipeline.data.examples.examples_dataset`` through
 ``iter_torch_batches`` as the pretraining loop does:
 
 * ordered: ``shuffle: false`` (files in order, no buffer);
@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import ray
+from synthetic import write_feature_store
 
 from pipeline.config import ExamplesConfig, S3Config
-from pipeline.data import examples_dataset
-from synthetic import write_feature_store
+from pipeline.data.examples import examples_dataset
 
 
 def epoch_rate(features: Path, shuffle: bool, buffer: int, batch_size: int) -> float:

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile
 
-from pipeline.feature_store import FEATURE_SCHEMA
-from pipeline.shards import shard_name
+from pipeline.data.feature_store import FEATURE_SCHEMA
+from pipeline.data.shards import shard_name
 
 
 def write_feature_store(folder: Path, shards: int, rows: int, frames: tuple[int, int] = (1024, 1024),

@@ -25,10 +25,10 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import featurize, pretrain
 from pipeline.config import FeaturizeConfig, PretrainJobConfig, load_config
-from pipeline.launch import mlflow_ui_hint
-from pipeline.paths import absolute
-from pipeline.storage import resolve
-from pipeline.tracking import resolve_tracking_uri
+from pipeline.data.paths import absolute
+from pipeline.data.storage import resolve
+from pipeline.runtime.launch import mlflow_ui_hint
+from pipeline.runtime.tracking import resolve_tracking_uri
 
 SAMPLE_RATE = 16_000
 FEATURIZE_PRESET = Path("configs/featurize/local.yaml")

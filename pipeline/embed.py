@@ -10,7 +10,7 @@ fine-tuning job's exported ``classifier.pt``) each row also gets its ``top_k`` m
 ``labels`` and their ``probabilities``; ``embeddings: none`` then skips the encoder. A file that
 is not there or cannot be decoded gets ``ok = false`` and its reason, never a failed job.
 
-The output is written shard by shard (``pipeline.shards``): audio files are dealt into shards of
+The output is written shard by shard (``pipeline.data.shards``): audio files are dealt into shards of
 ``shard_size`` before any work (stored features keep their featurize shards), and each shard's rows are
 written, then its completion record. A job stopped partway (an outage, Ctrl-C, a SIGKILL, a lost node)
 is resumed by running it again: it embeds only the shards without a complete record and says how many
@@ -40,19 +40,18 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from pipeline import feature_store
-from pipeline.audio import AudioError, decode_audio
 from pipeline.config import EmbedConfig, public_dict
-from pipeline.feature_store import FBANK_COLUMNS, FEATURES, decode_fbank
-from pipeline.launch import Input, connect_ray, optional_input, run_command, source_inputs
-from pipeline.models import load_classifier, load_hear_model
-from pipeline.reading import SourceReader, StorageUnavailable, read_source, stop_on_storage_failure
-from pipeline.shards import DestinationConflict, ShardedDestination, shard_name, storage_errors
-from pipeline.sources import SourceError, list_sources
-from pipeline.storage import Location, resolve
+from pipeline.data import feature_store
+from pipeline.data.audio import AudioError, decode_audio
+from pipeline.data.feature_store import FBANK_COLUMNS, FEATURES, decode_fbank
+from pipeline.data.reading import SourceReader, StorageUnavailable, read_source, stop_on_storage_failure
+from pipeline.data.shards import DestinationConflict, ShardedDestination, shard_name, storage_errors
+from pipeline.data.sources import SourceError, list_sources
+from pipeline.data.storage import Location, resolve
+from pipeline.models.loaders import load_classifier, load_hear_model
+from pipeline.runtime.launch import Input, connect_ray, optional_input, run_command, source_inputs
 from ssamba import hear
 from ssamba.features import FbankConfig, norm_stats, normalize
-
 
 # Explicit types: a batch whose files all failed must not make a column null-typed.
 OUTPUT_TYPES = {

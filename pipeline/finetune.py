@@ -2,7 +2,7 @@
 
     python -m pipeline.finetune --config configs/finetune/<task>.yaml [--set model.checkpoint=s3://...]
 
-1. The task's layout is read and checked (``pipeline.tasks``); its audio goes through the featurize
+1. The task's layout is read and checked (``pipeline.data.layouts``); its audio goes through the featurize
    stage once (``features``; a re-run reuses the shards). Clips a task lists without audio (AudioSet
    downloads) are skipped and counted in the summary's ``missing_audio``.
 2. Splits: tasks with folds (ESC-50) run one training per test fold, named ``<name>-fold<k>``, and
@@ -16,7 +16,7 @@
    epoch's checkpoint kept by :func:`validation_metric`. Rank 0 prints a line per epoch (train loss,
    the metrics, elapsed time, ETA); each split's MLflow run ends FINISHED, FAILED or KILLED.
 4. From the selected epoch's checkpoint the driver logs the run's summary metrics, per-class scores
-   and confusion matrix (``pipeline.results``) and exports the model as ``classifier.pt`` beside the
+   and confusion matrix (``pipeline.models.results``) and exports the model as ``classifier.pt`` beside the
    checkpoints and in MLflow (``ssamba.load_classifier``). Several folds nest under a parent MLflow run
    named ``name`` that gets the folds' mean and std.
 
@@ -40,28 +40,53 @@ import ray.train
 import torch
 import torch.nn.functional as F
 
-from pipeline import feature_store, featurize, results, run_record
 from pipeline.config import (
-    AugmentConfig, ExamplesConfig, FinetuneJobConfig, FinetuneOptimConfig, flatten, public_dict,
+    AugmentConfig,
+    ExamplesConfig,
+    FinetuneJobConfig,
+    FinetuneOptimConfig,
+    flatten,
+    public_dict,
 )
-from pipeline.feature_store import STORED_PRECISION
-from pipeline.launch import Input, mlflow_ui_hint, optional_input, run_command
-from pipeline.data import examples_dataset
-from pipeline.model_card import Export, ModelCard, publish
-from pipeline.models import CLASSIFIER_FILE, load_encoder_weights
-from pipeline.loop import (
-    Clock, all_gather_rows, announce_compute, autocast, base_rates, effective_precision, format_metrics, gradient_sync,
-    optimizer_step, rank0_tracker, say, seed_worker, set_learning_rates, unwrap,
+from pipeline.data import feature_store, featurizer
+from pipeline.data.examples import examples_dataset
+from pipeline.data.feature_store import STORED_PRECISION
+from pipeline.data.layouts import TaskData, read_task
+from pipeline.data.sources import AudioSource, SourceError
+from pipeline.data.storage import Location, resolve
+from pipeline.models import results
+from pipeline.models.loaders import CLASSIFIER_FILE, load_encoder_weights
+from pipeline.models.model_card import Export, ModelCard, publish
+from pipeline.runtime import run_record
+from pipeline.runtime.launch import Input, mlflow_ui_hint, optional_input, run_command
+from pipeline.runtime.resources import check_cluster
+from pipeline.runtime.run_record import TrackingSetup
+from pipeline.runtime.tracking import RunTracker, resolve_tracking_uri, run_status
+from pipeline.training.loop import (
+    Clock,
+    all_gather_rows,
+    announce_compute,
+    autocast,
+    base_rates,
+    effective_precision,
+    format_metrics,
+    gradient_sync,
+    optimizer_step,
+    rank0_tracker,
+    say,
+    seed_worker,
+    set_learning_rates,
+    unwrap,
 )
-from pipeline.resources import check_cluster
-from pipeline.run_record import TrackingSetup
-from pipeline.sources import AudioSource, SourceError
-from pipeline.storage import Location, resolve
-from pipeline.tasks import TaskData, read_task
-from pipeline.tracking import RunTracker, resolve_tracking_uri, run_status
-from pipeline.trainer import LoopConfig, TrainWorker, TuneTrial, Worker, load_state, torch_trainer
+from pipeline.training.trainer import LoopConfig, TrainWorker, TuneTrial, Worker, load_state, torch_trainer
 from ssamba import (
-    AudioClassifier, ClassifierConfig, EncoderConfig, FbankConfig, FeatureSettings, PatchGrid, SSAMBAEncoder,
+    AudioClassifier,
+    ClassifierConfig,
+    EncoderConfig,
+    FbankConfig,
+    FeatureSettings,
+    PatchGrid,
+    SSAMBAEncoder,
     save_classifier,
 )
 from ssamba.features import mix_batch, norm_stats
@@ -85,7 +110,7 @@ def validation_metric(config: FinetuneJobConfig) -> str:
 def prepare(config: FinetuneJobConfig) -> TaskData:
     """Read the task and featurize its audio (resuming whatever an earlier run wrote)."""
     data = read_task(config.task, config.data_root, config.storage)
-    featurize.featurize_listed(data.sources, config.features, config.storage, FbankConfig().num_mel_bins)
+    featurizer.featurize_listed(data.sources, config.features, config.storage, FbankConfig().num_mel_bins)
     return data
 
 
@@ -316,7 +341,7 @@ def classifier_uri(config: FinetuneJobConfig, run_name: str) -> str:
 
 def classifier_card(config: FinetuneJobConfig, run_name: str, model: AudioClassifier, classes: list[str], epoch: int,
                     scores: dict[str, float], tracker: RunTracker) -> ModelCard:
-    """The facts of a split's selected classifier (see ``pipeline.model_card``)."""
+    """The facts of a split's selected classifier (see ``pipeline.models.model_card``)."""
     seen = feature_store.recorded_summary(config.features, config.storage)
     return ModelCard(
         kind="classifier", run=run_name, run_id=tracker.run_id, architecture=model.encoder.config.to_dict(),
@@ -362,7 +387,7 @@ def selected_epoch(result: ray.train.Result, selector: str) -> tuple[ray.train.C
 def train_once(config: FinetuneJobConfig, classes: list[str], split: Split,
                parent_run_id: str | None = None, tracking: TrackingSetup | None = None) -> dict[str, float]:
     """One split on Ray Train, named ``<name><suffix>`` (a relaunch resumes it), then the selected
-    epoch's report (``pipeline.results``) and exported classifier; returns the selected epoch's
+    epoch's report (``pipeline.models.results``) and exported classifier; returns the selected epoch's
     reported metrics. Its MLflow run ends FINISHED, FAILED or KILLED."""
     run_name = config.name + split.suffix
     check_cluster(config.scaling)

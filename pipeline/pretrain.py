@@ -36,22 +36,36 @@ import ray
 import ray.train
 import torch
 
-from pipeline import feature_store, run_record
 from pipeline.config import ConfigError, PretrainJobConfig, flatten, public_dict
-from pipeline.data import examples_dataset, training_batches
-from pipeline.reading import StorageUnavailable, stop_on_storage_failure
-from pipeline.model_card import Export, ModelCard, publish
-from pipeline.models import ENCODER_FILE
-from pipeline.launch import Input, examples_inputs, mlflow_ui_hint, run_command
-from pipeline.probing import PROBE_DATASET, Prober, ProbeHistory, ProbeSet, choose_probe_set, probe_dataset
-from pipeline.loop import (
-    Clock, all_reduce_sum, announce_compute, autocast, base_rates, effective_precision, format_metrics, gradient_sync,
-    node_count, optimizer_step, rank0_tracker, say, seed_worker, set_learning_rates, unwrap,
+from pipeline.data import feature_store
+from pipeline.data.examples import examples_dataset, training_batches
+from pipeline.data.reading import StorageUnavailable, stop_on_storage_failure
+from pipeline.data.storage import Location, resolve
+from pipeline.models.loaders import ENCODER_FILE
+from pipeline.models.model_card import Export, ModelCard, publish
+from pipeline.runtime import run_record
+from pipeline.runtime.launch import Input, examples_inputs, mlflow_ui_hint, run_command
+from pipeline.runtime.resources import check_cluster, input_cpus_kept
+from pipeline.runtime.tracking import RunTracker, resolve_tracking_uri, run_status
+from pipeline.training.loop import (
+    Clock,
+    all_reduce_sum,
+    announce_compute,
+    autocast,
+    base_rates,
+    effective_precision,
+    format_metrics,
+    gradient_sync,
+    node_count,
+    optimizer_step,
+    rank0_tracker,
+    say,
+    seed_worker,
+    set_learning_rates,
+    unwrap,
 )
-from pipeline.resources import check_cluster, input_cpus_kept
-from pipeline.storage import Location, resolve
-from pipeline.tracking import RunTracker, resolve_tracking_uri, run_status
-from pipeline.trainer import LoopConfig, TrainWorker, Worker, torch_trainer
+from pipeline.training.probing import PROBE_DATASET, ProbeHistory, Prober, ProbeSet, choose_probe_set, probe_dataset
+from pipeline.training.trainer import LoopConfig, TrainWorker, Worker, torch_trainer
 from ssamba import FbankConfig, SSAMBAEncoder, SSAMBAPretrainModel, SSAMBATeacherStudentModel, save_checkpoint
 from ssamba import tokens_per_clip as ssamba_tokens_per_clip
 
@@ -349,7 +363,7 @@ def exported_model(training: Training, config: PretrainJobConfig) -> Exported:
 
 
 def encoder_card(tracker: RunTracker, exported: Exported, training: Training, config: PretrainJobConfig) -> ModelCard:
-    """The facts of a finished run's encoder (see ``pipeline.model_card``)."""
+    """The facts of a finished run's encoder (see ``pipeline.models.model_card``)."""
     encoder = exported.model.encoder
     seen = feature_store.recorded_summary(config.data.features, config.storage) if config.data.features else {}
     return ModelCard(

@@ -28,8 +28,8 @@ import sys
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from pipeline.paths import without_userinfo
-from pipeline.tracking import RUN_NAME_TAG, resolve_tracking_uri
+from pipeline.data.paths import without_userinfo
+from pipeline.runtime.tracking import RUN_NAME_TAG, resolve_tracking_uri
 
 LOCATION_TAGS = ("checkpoint_location", "classifier_location")
 RUN_COLUMNS = ["run", "status"]

@@ -36,18 +36,19 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import BasicVariantGenerator
+from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline import finetune, pretrain, run_record
+from pipeline import finetune, pretrain
 from pipeline.config import ConfigError, public_dict
-from pipeline.launch import Input, mlflow_ui_hint, run_command
-from pipeline.resources import DATA_CPUS, sweep_concurrency, train_cpus
-from pipeline.sources import SourceError
-from pipeline.storage import Location, resolve
 from pipeline.config.sweep import TuneJobConfig, with_values
-from pipeline.tasks import TaskData
-from pipeline.tracking import RunOutcome, RunTracker, resolve_tracking_uri, run_status
+from pipeline.data.layouts import TaskData
+from pipeline.data.sources import SourceError
+from pipeline.data.storage import Location, resolve
+from pipeline.runtime import run_record
+from pipeline.runtime.launch import Input, mlflow_ui_hint, run_command
+from pipeline.runtime.resources import DATA_CPUS, sweep_concurrency, train_cpus
+from pipeline.runtime.tracking import RunOutcome, RunTracker, resolve_tracking_uri, run_status
 
 SAVED_SWEEP = "tuner.pkl"  # where Ray Tune saves a sweep for Tuner.restore
 # Fields of a trial's own results that describe the trial rather than the model.
@@ -147,14 +148,23 @@ def _trial_folder(trial) -> str:
     return trial.trial_id
 
 
+def search_algorithm(config: TuneJobConfig, concurrent: int) -> tuple[Searcher | BasicVariantGenerator, int | None]:
+    """What proposes the trials, and the concurrency Tune must bound around it: Tune bounds it around a
+    searcher (Optuna); the random/grid generator bounds it itself (None)."""
+    if config.search.algorithm == "optuna":
+        return OptunaSearch(seed=config.search.seed), concurrent
+    return BasicVariantGenerator(random_state=config.search.seed, max_concurrent=concurrent), None
+
+
+def param_space(config: TuneJobConfig) -> dict:
+    """Tune's search space: each swept field's domain."""
+    return {field: dimension.domain() for field, dimension in config.search.space.items()}
+
+
 def _new_tuner(config: TuneJobConfig, trainable, storage_path: str, filesystem, concurrent: int) -> tune.Tuner:
     search = config.search
     metric = sweep_metric(config)
-    # Tune bounds concurrency around a searcher (Optuna); the random/grid generator bounds it itself.
-    if search.algorithm == "optuna":
-        algorithm, concurrency = OptunaSearch(seed=search.seed), concurrent
-    else:
-        algorithm, concurrency = BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrent), None
+    algorithm, concurrency = search_algorithm(config, concurrent)
     if search.scheduler == "asha":  # rungs in epochs (fine-tuning) or optimizer steps (pretraining)
         steps = config.probes_in_loop
         scheduler = ASHAScheduler(time_attr="step" if steps else "training_iteration",
@@ -167,7 +177,7 @@ def _new_tuner(config: TuneJobConfig, trainable, storage_path: str, filesystem, 
     ranked_by_tune = config.sweep == "finetune" or config.probes_in_loop
     return tune.Tuner(
         trainable,
-        param_space={field: dimension.domain() for field, dimension in search.space.items()},
+        param_space=param_space(config),
         tune_config=tune.TuneConfig(
             metric=metric if ranked_by_tune else None, mode=config.mode if ranked_by_tune else None,
             search_alg=algorithm, scheduler=scheduler, num_samples=search.num_samples,

@@ -37,7 +37,7 @@ def local_path(path: str) -> str:
         return path[len("file://"):]
     if "://" in path:
         raise ValueError(f"{path!r}: ssamba reads local files and file objects; for URIs use "
-                         "pipeline.models (load_checkpoint, load_classifier, load_hear_model)")
+                         "pipeline.models.loaders (load_checkpoint, load_classifier, load_hear_model)")
     return path
 
 

@@ -7,7 +7,7 @@ per-class binary cross-entropy; multi-label or not). It is a plain dict of tenso
 values, so it loads with ``torch.load(weights_only=True)``.
 
 ``load_classifier`` reads a local path, a file object or bytes; URIs (``s3://...``) are the
-pipeline's business (``pipeline.models.load_classifier``), since this package never imports boto3.
+pipeline's business (``pipeline.models.loaders.load_classifier``), since this package never imports boto3.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def save_classifier(destination: str | os.PathLike | BinaryIO, model: AudioClass
 
 def load_classifier(source: Source) -> Classifier:
     """A classifier from a local path, a file object or bytes (never executes pickled code); for
-    ``s3://`` and other URIs use ``pipeline.models.load_classifier``."""
+    ``s3://`` and other URIs use ``pipeline.models.loaders.load_classifier``."""
     payload = read_payload(source)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError("not an SSAMBA classifier file (a fine-tuning job exports one as classifier.pt)")

@@ -81,7 +81,7 @@ def _encoder_for_hear(config: EncoderConfig, state: dict[str, torch.Tensor]) -> 
 
 def load_model(model_file_path: Source = "", windows_per_batch: int = 8, pooling: str = DEFAULT_POOLING) -> HEARModel:
     """Load an encoder from one of our checkpoints or an official SSAMBA ``.pth``: a local path, a file
-    object or bytes (for ``s3://`` and other URIs, ``pipeline.models.load_hear_model``); ``pooling``:
+    object or bytes (for ``s3://`` and other URIs, ``pipeline.models.loaders.load_hear_model``); ``pooling``:
     one of :data:`POOLINGS` (see the module's docstring).
 
     With no path, a randomly initialised SSAMBA-tiny (fixed seed): a baseline, not a trained model."""

@@ -3,7 +3,7 @@
 Official checkpoints are looked up by name in a local cache folder (``$SSAMBA_HOME``, else
 ``~/.cache/ssamba``) and never downloaded: this package makes no network access, so a missing file
 is an error that says where to put it. URIs (``s3://``, ``models:/``...) are the pipeline's business
-(``pipeline.models.from_pretrained``), since this package never imports boto3, MLflow or Ray.
+(``pipeline.models.loaders.from_pretrained``), since this package never imports boto3, MLflow or Ray.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _resolve(name_or_path: Source) -> Source:
         return str(path)
     if is_uri(name_or_path) and not name_or_path.startswith("file://"):
         raise ValueError(f"{name_or_path!r}: ssamba reads local files and preset names only; for URIs use "
-                         "pipeline.models.from_pretrained, which reads them and returns the same encoder")
+                         "pipeline.models.loaders.from_pretrained, which reads them and returns the same encoder")
     if not os.path.exists(name_or_path.removeprefix("file://")):
         raise FileNotFoundError(f"{name_or_path!r} is neither a file nor a preset name ({', '.join(PRESETS)})")
     return name_or_path

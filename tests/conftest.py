@@ -188,7 +188,7 @@ def ray_cluster(s3_server):
     """One local Ray cluster for the session, started after the S3 variables are exported."""
     import ray
 
-    from pipeline.launch import start_local_ray
+    from pipeline.runtime.launch import start_local_ray
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths must stay short

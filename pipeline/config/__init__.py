@@ -1,4 +1,4 @@
-"""Typed job configs, validated once at the edge (``pipeline.launch``), before any Ray work.
+"""Typed job configs, validated once at the edge (``pipeline.runtime.launch``), before any Ray work.
 
 ``base`` holds the machinery (strict sections, places, YAML + ``--set`` overrides, what is safe to
 print), ``sections`` what several jobs share, and one module per job its own schema: ``jobs``
@@ -6,22 +6,47 @@ print), ``sections`` what several jobs share, and one module per job its own sch
 """
 
 from pipeline.config.base import (
-    ConfigError, Place, Strict, apply_overrides, error_lines, flatten, load_config, one_of, public_dict, read_yaml,
+    ConfigError,
+    Place,
+    Strict,
+    apply_overrides,
+    error_lines,
+    flatten,
+    load_config,
+    one_of,
+    public_dict,
+    read_yaml,
 )
 from pipeline.config.finetune import (
-    FinetuneAugmentConfig, FinetuneFaultInjectionConfig, FinetuneJobConfig, FinetuneModelConfig, FinetuneOptimConfig,
+    FinetuneAugmentConfig,
+    FinetuneFaultInjectionConfig,
+    FinetuneJobConfig,
+    FinetuneModelConfig,
+    FinetuneOptimConfig,
     FinetuneTrackingConfig,
 )
 from pipeline.config.jobs import EmbedConfig, FeaturizeConfig
 from pipeline.config.pretrain import (
-    ElasticScalingSection, FaultInjectionConfig, MaskingConfig, ModelConfig, OptimConfig, PretrainJobConfig, ProbeConfig,
+    ElasticScalingSection,
+    FaultInjectionConfig,
+    MaskingConfig,
+    ModelConfig,
+    OptimConfig,
+    PretrainJobConfig,
+    ProbeConfig,
     TrainLoopConfig,
 )
 from pipeline.config.sections import (
-    AUDIO_EXTENSIONS, AudioConfig, AugmentConfig, ExamplesConfig, InputConfig, RayConfig, ScalingSection,
+    AUDIO_EXTENSIONS,
+    AudioConfig,
+    AugmentConfig,
+    ExamplesConfig,
+    InputConfig,
+    RayConfig,
+    ScalingSection,
     TrackingConfig,
 )
-from pipeline.storage import S3Config
+from pipeline.data.storage import S3Config
 
 __all__ = [
     "AUDIO_EXTENSIONS", "AudioConfig", "AugmentConfig", "ConfigError", "ElasticScalingSection", "EmbedConfig",

@@ -14,9 +14,8 @@ from typing import Annotated, Any, Iterable, Literal, TypeVar
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, ValidationError
 
-from pipeline.fields import is_secret, set_fields, typed_value
-from pipeline.paths import absolute, without_userinfo
-
+from pipeline.config.fields import is_secret, set_fields, typed_value
+from pipeline.data.paths import absolute, without_userinfo
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 TEST_ONLY = {"test_only": True}  # a field's json_schema_extra: left out of --help (fault injection for the tests)
@@ -31,7 +30,7 @@ class ConfigError(ValueError):
 
 
 def _absolute_if_local(value: str) -> str:
-    """Local paths become absolute where the config is read (the driver; see ``pipeline.paths``): Ray
+    """Local paths become absolute where the config is read (the driver; see ``pipeline.data.paths``): Ray
     Train workers and Tune trials run in other working directories. URIs (``s3://``, ``file://``,
     MLflow's ``models:/``) and ``""`` stay as given."""
     return value if not value or "://" in value or value.startswith("models:/") else absolute(value).as_posix()

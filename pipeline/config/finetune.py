@@ -9,9 +9,14 @@ from pydantic import Field
 from pipeline.config.base import TEST_ONLY, Place, Strict, one_of
 from pipeline.config.sections import ENCODER_DEFAULTS as _ENCODER
 from pipeline.config.sections import (
-    TASK_DESCRIPTION, AugmentConfig, RayConfig, ScalingSection, TaskName, TrackingConfig,
+    TASK_DESCRIPTION,
+    AugmentConfig,
+    RayConfig,
+    ScalingSection,
+    TaskName,
+    TrackingConfig,
 )
-from pipeline.storage import S3Config
+from pipeline.data.storage import S3Config
 from ssamba import EMBED_DIMS, NORM_PRESETS
 
 

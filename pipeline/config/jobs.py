@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from pipeline.config.base import Place, Strict, _require_exactly_one, one_of
 from pipeline.config.sections import AudioConfig, InputConfig, RayConfig
-from pipeline.storage import S3Config
+from pipeline.data.storage import S3Config
 from ssamba import FbankConfig, hear
 
 

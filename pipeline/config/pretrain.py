@@ -10,15 +10,27 @@ from pydantic import Field, model_validator
 from pipeline.config.base import TEST_ONLY, Place, Strict, one_of
 from pipeline.config.sections import ENCODER_DEFAULTS as _ENCODER
 from pipeline.config.sections import (
-    MULTI_LABEL_TASKS, TASK_DESCRIPTION, ExamplesConfig, RayConfig, ScalingSection, TaskName, TrackingConfig,
+    MULTI_LABEL_TASKS,
+    TASK_DESCRIPTION,
+    ExamplesConfig,
+    RayConfig,
+    ScalingSection,
+    TaskName,
+    TrackingConfig,
 )
-from pipeline.storage import S3Config
+from pipeline.data.storage import S3Config
 from ssamba import (
-    EMBED_DIMS, VALIDATION_MASK_COUNT, EncoderConfig, Norm, PatchGrid, PretrainConfig, TargetNorm, TeacherStudentConfig,
+    EMBED_DIMS,
+    VALIDATION_MASK_COUNT,
+    EncoderConfig,
+    Norm,
+    PatchGrid,
+    PretrainConfig,
+    TargetNorm,
+    TeacherStudentConfig,
     Topology,
 )
 from ssamba.probes import DEFAULT_POOLING, POOLINGS
-
 
 _MASKING = PretrainConfig()
 

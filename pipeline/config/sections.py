@@ -15,7 +15,7 @@ ENCODER_DEFAULTS = EncoderConfig()  # the model library's defaults: configs star
 
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "opus", "mp3", "m4a", "aac", "wma")
 
-# The labelled dataset layouts ``pipeline.tasks`` reads (fine-tuning, and the pretraining probe).
+# The labelled dataset layouts ``pipeline.data.layouts`` reads (fine-tuning, and the pretraining probe).
 TaskName = Literal["esc50", "speechcommands_v1", "speechcommands_v2", "audioset20k", "manifest", "folders"]
 TASK_DESCRIPTION = ("the labelled dataset and its splits (manifest: your own, from a CSV or JSONL; folders: one "
                     "folder per class)")

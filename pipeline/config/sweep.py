@@ -15,10 +15,19 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from ray import tune
 
 from pipeline.config import (
-    ConfigError, FinetuneJobConfig, Place, PretrainJobConfig, RayConfig, S3Config, Strict, TrackingConfig, error_lines,
-    flatten, read_yaml,
+    ConfigError,
+    FinetuneJobConfig,
+    Place,
+    PretrainJobConfig,
+    RayConfig,
+    S3Config,
+    Strict,
+    TrackingConfig,
+    error_lines,
+    flatten,
+    read_yaml,
 )
-from pipeline.fields import set_fields
+from pipeline.config.fields import set_fields
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 _KINDS = ("grid", "choice", "uniform", "loguniform", "randint")

@@ -12,15 +12,18 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from support.audio_files import bad_file_bytes, encode, expected_fbank, parquet_table, signal
 from conftest import ACCESS_KEY, SECRET_KEY
-from pipeline import feature_store, featurize
+from pipeline import featurize
+from pipeline.data import feature_store
 from pipeline.config import FeaturizeConfig, load_config
-from pipeline.shards import DestinationConflict, shard_name
+from pipeline.data.storage import resolve
+from pipeline.data.shards import DestinationConflict, shard_name
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]
@@ -79,7 +82,7 @@ def test_webdataset_tar_and_parquet_audio_are_featurized_member_by_member(s3_ser
     assert (summary.files, summary.rows) == (5, 5)
     assert summary.quarantined == {"not_audio": 1, "truncated": 1, "empty": 1, "non_finite": 1}
     assert summary.added == 9 and summary.shards_written == 3
-    output = featurize.resolve(config.output, config.storage)
+    output = resolve(config.output, config.storage)
     rows = {row["uri"]: row for row in stored(output, "features")}
     assert {uri: row["label"] for uri, row in rows.items()} == {
         f"{tar_uri}#a.flac": "dog", f"{tar_uri}#sub/b.wav": "cat",
@@ -108,10 +111,10 @@ def test_webdataset_tar_and_parquet_audio_are_featurized_member_by_member(s3_ser
                        "output=s3://corpora/from-manifest")
     summary = featurize.run(listed)
     assert (summary.files, summary.quarantined) == (2, {"non_finite": 1, "corrupt": 1})
-    features = stored(featurize.resolve(listed.output, listed.storage), "features")
+    features = stored(resolve(listed.output, listed.storage), "features")
     assert sorted((row["uri"], row["label"]) for row in features) == [
         ("s3://corpora/mixed/damaged.parquet#0", None), (f"{tar_uri}#sub/b.wav", "owl")]
-    [corrupt] = [row for row in stored(featurize.resolve(listed.output, listed.storage), "quarantine")
+    [corrupt] = [row for row in stored(resolve(listed.output, listed.storage), "quarantine")
                  if row["reason"] == "corrupt"]
     assert corrupt["uri"] == "s3://corpora/mixed/damaged.parquet#2" and "row group 1" in corrupt["detail"]
 
@@ -124,9 +127,9 @@ def test_a_grown_input_featurizes_only_its_new_files(s3_server, ray_cluster):
     config = s3_config(s3_server, "input.uri=s3://growing/audio", "output=s3://growing/features", "shard_size=4")
     first = featurize.run(config)
     assert (first.added, first.shards_written, first.files) == (6, 2, 6)
-    output = featurize.resolve(config.output, config.storage)
+    output = resolve(config.output, config.storage)
     before = {info.path: info.mtime for info in output.filesystem.get_file_info(
-        featurize.pafs.FileSelector(output.join("features").path))}
+        pafs.FileSelector(output.join("features").path))}
 
     for index in range(6, 9):
         client.put_object(Bucket="growing", Key=f"audio/clip{index}.wav", Body=wav(0.2, index))
@@ -140,7 +143,7 @@ def test_a_grown_input_featurizes_only_its_new_files(s3_server, ray_cluster):
                              filesystem=output.filesystem).column("uri").to_pylist()
     assert sorted(new_rows) == [f"s3://growing/audio/clip{index}.wav" for index in range(6, 9)]
     after = {info.path: info.mtime for info in output.filesystem.get_file_info(
-        featurize.pafs.FileSelector(output.join("features").path))}
+        pafs.FileSelector(output.join("features").path))}
     assert {path: after[path] for path in before} == before  # the earlier shards were not rewritten
 
     again = featurize.run(config)  # nothing new: nothing to do

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from support.audio_files import GOOD, write_class_folders
 from pipeline import featurize, finetune
 from pipeline.config import ExamplesConfig, FeaturizeConfig, FinetuneJobConfig, InputConfig, S3Config, load_config
-from pipeline.data import examples_dataset
-from pipeline.sources import AudioSource, list_sources
+from pipeline.data.examples import examples_dataset
+from pipeline.data.sources import AudioSource, list_sources
 from ssamba.features import crop_or_pad, norm_stats, normalize
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("data")]  # one module fixture
@@ -32,7 +33,7 @@ def test_examples_from_features_are_cropped_padded_and_normalised(feature_store)
     _, output = feature_store
     rows = examples_dataset(ExamplesConfig(features=str(output), target_length=64, shuffle=False), S3Config()).take_all()
     assert len(rows) == len(GOOD)
-    stored = featurize.pq.read_table(f"{output}/features").to_pylist()
+    stored = pq.read_table(f"{output}/features").to_pylist()
     stats = norm_stats("audioset")
     for source in stored:
         raw = torch.from_numpy(np.frombuffer(source["fbank"], np.float16).reshape(source["n_frames"], 128).astype(np.float32))

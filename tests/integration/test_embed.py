@@ -20,10 +20,10 @@ import torch
 
 from support.audio_files import BAD, GOOD
 from pipeline import embed
-from pipeline.audio import decode_audio
+from pipeline.data.audio import decode_audio
 from pipeline.config import EmbedConfig, load_config
-from pipeline.shards import DestinationConflict
-from pipeline.storage import resolve
+from pipeline.data.shards import DestinationConflict
+from pipeline.data.storage import resolve
 from ssamba import (
     AudioClassifier, ClassifierConfig, EncoderConfig, FbankConfig, FeatureSettings, PatchGrid, SSAMBAEncoder, hear,
     load_classifier, save_checkpoint, save_classifier,
@@ -123,20 +123,21 @@ def test_embed_refuses_stored_features_the_encoder_does_not_take(pretrain_featur
     assert "Traceback" not in done.stderr and "ray:" not in done.stdout and not (tmp_path / "emb").exists()
 
 
-def test_embed_killed_after_its_first_shard_resumes_without_overwrite(tmp_path):
+def test_embed_killed_after_its_first_shard_resumes_without_overwrite(small_encoder, tmp_path):
     """``python -m pipeline.embed`` SIGKILLed (its Ray with it) once its first shard is written, a stray
     partial object beside the shards; run again without ``--overwrite``: one row per file, none twice,
     the finished shards reused and said so."""
     audio = tmp_path / "audio"
     audio.mkdir()
     rng = np.random.default_rng(0)
-    for index in range(48):
-        t = np.arange(10 * 16_000) / 16_000
+    for index in range(96):
+        t = np.arange(5 * 16_000) / 16_000
         samples = 0.3 * np.sin(2 * np.pi * (200 + 7 * index) * t) + 0.05 * rng.standard_normal(len(t))
         soundfile.write(audio / f"clip{index:02d}.wav", samples.astype(np.float32), 16_000)
     output = tmp_path / "embeddings"
     command = [sys.executable, "-m", "pipeline.embed", *[arg for setting in (
-        f"input.uri={audio}", f"output={output}", "shard_size=4", "num_workers=1", "ray.address=local",
+        f"input.uri={audio}", f"output={output}", f"model={small_encoder}", "shard_size=8", "num_workers=1",
+        "ray.address=local",
         "ray.num_cpus=2") for arg in ("--set", setting)]]
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -156,9 +157,9 @@ def test_embed_killed_after_its_first_shard_resumes_without_overwrite(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     table = pq.read_table(output)
     uris = table.column("uri").to_pylist()
-    assert len(uris) == 48 and set(uris) == {str(path) for path in audio.iterdir()} and all(table.column("ok").to_pylist())
+    assert len(uris) == 96 and set(uris) == {str(path) for path in audio.iterdir()} and all(table.column("ok").to_pylist())
     said = re.search(r"(\d+) shards written, (\d+) rows reused from (\d+) finished shards", again.stdout)
     assert said is not None, again.stdout
     written, rows_reused, reused = (int(number) for number in said.groups())
-    assert written + reused == 12 and reused >= finished and rows_reused == 4 * reused
+    assert written + reused == 12 and reused >= finished and rows_reused == 8 * reused
     assert not list(output.rglob("*.partial"))

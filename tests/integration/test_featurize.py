@@ -13,7 +13,8 @@ from support.audio_files import BAD, GOOD, expected_fbank
 from conftest import ACCESS_KEY, SECRET_KEY
 from pipeline import featurize
 from pipeline.config import FeaturizeConfig, load_config
-from pipeline.shards import DestinationConflict
+from pipeline.data.storage import resolve
+from pipeline.data.shards import DestinationConflict
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -23,7 +24,7 @@ def read_output(output, name: str):
 
 
 def check_output(config: FeaturizeConfig, files: dict[str, bytes], uri_of) -> None:
-    output = featurize.resolve(config.output, config.storage)
+    output = resolve(config.output, config.storage)
     features = read_output(output, "features")
     quarantine = read_output(output, "quarantine")
     assert sorted(row["uri"] for row in features) == sorted(uri_of(name) for name in GOOD)
@@ -93,7 +94,7 @@ def test_featurize_local_folder_and_manifest_with_chunking(ray_cluster, collecti
     ])
     summary = featurize.run(config)
     assert summary.files == 2 and summary.rows == 4 and summary.quarantined == {"not_audio": 1}
-    rows = read_output(featurize.resolve(config.output), "features")
+    rows = read_output(resolve(config.output), "features")
     long_rows = sorted((r for r in rows if r["uri"].endswith("long_16k.wav")), key=lambda r: r["chunk"])
     assert [(r["chunk"], r["offset_s"], r["label"], r["split"], r["fold"]) for r in long_rows] == [
         (0, 0.0, "rain", "test", 2), (1, 1.0, "rain", "test", 2), (2, 2.0, "rain", "test", 2)]

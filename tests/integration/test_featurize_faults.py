@@ -90,7 +90,8 @@ def test_a_store_outage_fails_featurize_and_embed_and_marks_no_audio_bad(tmp_pat
                                         *settings[3:])  # a manifest the failing store holds: not a bad manifest
         assert stored_list.returncode == 2, stored_list.stderr[-3000:]
         [message] = error_lines(stored_list)
-        assert message.startswith("error: storage unavailable: reading input.manifest s3://raw/manifest.csv"), message
+        assert message.startswith("error: storage unavailable: input.manifest: cannot reach s3://raw/manifest.csv"), message
+        assert weed.endpoint in message
 
         down = featurize_process(job_env, *settings)
         assert down.returncode == 2, down.stderr[-3000:]

@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import finetune
 from pipeline.config import ConfigError, ExamplesConfig, FinetuneJobConfig, load_config
-from pipeline.data import to_examples
-from pipeline.sources import SourceError
-from pipeline.tasks import read_task
+from pipeline.data.examples import to_examples
+from pipeline.data.sources import SourceError
+from pipeline.data.layouts import read_task
 from ssamba import AudioClassifier, load_classifier
 from support.task_layouts import audioset, esc50, speech_commands
 
@@ -93,12 +93,12 @@ def test_linear_probe_on_esc50_folds(ray_cluster, small_encoder, tmp_path, monke
     assert correct / len(data.fold(1)) == pytest.approx(summary["folds"]["fold1"])
 
     # Each fold's classifier is an MLflow model of its run and a version of the registered name,
-    # tagged with the metric that selected it; pipeline.models reads it from a models:/ URI.
+    # tagged with the metric that selected it; pipeline.models.loaders reads it from a models:/ URI.
     versions = {v.run_id: v for v in client.search_model_versions("name = 'esc50-probe'")}
     assert set(versions) == {run.info.run_id for run in folds}
     assert float(versions[run.info.run_id].tags["val_accuracy"]) == pytest.approx(run.data.metrics["best_val_accuracy"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking.tracking_uri)
-    from pipeline.models import load_classifier as load_by_uri
+    from pipeline.models.loaders import load_classifier as load_by_uri
 
     by_uri = load_by_uri(f"models:/esc50-probe/{versions[run.info.run_id].version}")
     waveform, rate = soundfile.read(data.fold(1)[0].uri, dtype="float32")

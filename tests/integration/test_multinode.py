@@ -24,7 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import free_ports
-from pipeline.storage import resolve
+from pipeline.data.storage import resolve
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("multinode")]  # one cluster fixture
 

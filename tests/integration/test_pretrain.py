@@ -18,9 +18,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import free_ports
-from pipeline import models, pretrain
+from pipeline import pretrain
+from pipeline.models import loaders as models
 from pipeline.config import ConfigError, PretrainJobConfig, load_config
-from pipeline.tracking import RunTracker
+from pipeline.runtime.tracking import RunTracker
 from ssamba import load_checkpoint
 
 pytestmark = pytest.mark.timeout(600)

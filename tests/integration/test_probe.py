@@ -19,7 +19,7 @@ import torch
 
 from pipeline import pretrain
 from pipeline.config import PretrainJobConfig, load_config
-from pipeline.probing import choose_probe_set, probe_dataset, score
+from pipeline.training.probing import choose_probe_set, probe_dataset, score
 from ssamba import from_pretrained, load_checkpoint
 from ssamba.probes import clip_embeddings
 from support.audio_files import random_label_manifest, write_pitch_folders

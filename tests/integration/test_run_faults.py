@@ -10,8 +10,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import run_lock
-from pipeline.storage import resolve
+from pipeline.runtime import run_lock
+from pipeline.data.storage import resolve
 from test_commands import gcs_address, output_of, run_job
 
 pytestmark = pytest.mark.timeout(600)

@@ -135,15 +135,20 @@ def write_pitch_folders(root: Path, per_class: dict[str, int], seconds: float = 
     return root
 
 
-def random_label_manifest(root: Path, destination: Path) -> Path:
-    """The pitch clips under labels that have nothing to do with them: probe scores far from 0 and 1, which
-    any lost, duplicated or misordered clip would move."""
+def pitch_manifest(root: Path, destination: Path, true_labels: bool = True) -> Path:
+    """The pitch clips as a manifest, labelled by their pitch folder or (``true_labels=False``) by labels
+    that have nothing to do with them: probe scores far from 0 and 1, which any lost, duplicated or
+    misordered clip would move."""
     rows = []
     for index, path in enumerate(sorted(root.rglob("*.wav"))):
         split = "validation" if "/validation/" in str(path) else "train"
-        rows.append({"uri": str(path), "label": "abc"[index % 3], "split": split})
+        rows.append({"uri": str(path), "label": path.parent.name if true_labels else "abc"[index % 3], "split": split})
     with destination.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, ["uri", "label", "split"])
         writer.writeheader()
         writer.writerows(rows)
     return destination
+
+
+def random_label_manifest(root: Path, destination: Path) -> Path:
+    return pitch_manifest(root, destination, true_labels=False)

@@ -1,4 +1,4 @@
-"""Exported classifiers (ssamba.classifier, pipeline.models) and the selected-epoch report (pipeline.results)."""
+"""Exported classifiers (ssamba.classifier, pipeline.models.loaders) and the selected-epoch report (pipeline.models.results)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torchaudio
 from sklearn.metrics import confusion_matrix as sklearn_confusion
 from sklearn.metrics import precision_recall_fscore_support
 
-from pipeline import embed, models, results
+from pipeline import embed
+
+from pipeline.models import loaders as models, results
 from pipeline.config import ConfigError, EmbedConfig, load_config
 from ssamba import (
     AudioClassifier, ClassifierConfig, EncoderConfig, FbankConfig, FeatureSettings, PatchGrid, SSAMBAEncoder,
@@ -74,7 +76,7 @@ def test_multi_label_classifier_uses_sigmoid_and_cls_pooling_survives():
 def test_predict_resamples_and_mixes_to_mono_like_the_pipeline():
     classifier = load_classifier(exported(trained_model()))
     at_44k = tone(0.8, 44_100)
-    resampled = torchaudio.functional.resample(at_44k, 44_100, 16_000)  # what pipeline.audio.decode_audio does
+    resampled = torchaudio.functional.resample(at_44k, 44_100, 16_000)  # what pipeline.data.audio.decode_audio does
     torch.testing.assert_close(classifier.predict(at_44k, 44_100), classifier.predict(resampled, 16_000), rtol=0, atol=0)
     assert not torch.allclose(classifier.predict(at_44k, 44_100), classifier.predict(at_44k, 16_000))
     stereo = torch.stack([resampled, resampled])
@@ -155,7 +157,7 @@ def test_batch_and_window_prediction_refuse_bad_inputs():
 
 
 def test_loaders_refuse_uris_and_other_files_with_a_pointer(tmp_path):
-    with pytest.raises(ValueError, match="pipeline.models"):
+    with pytest.raises(ValueError, match="pipeline.models.loaders"):
         load_classifier("s3://bucket/classifier.pt")
     model = trained_model()
     buffer = io.BytesIO()

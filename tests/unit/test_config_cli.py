@@ -14,8 +14,8 @@ from pydantic import BaseModel
 from pipeline.config import (
     ConfigError, EmbedConfig, FeaturizeConfig, FinetuneJobConfig, PretrainJobConfig, load_config, public_dict,
 )
-from pipeline.launch import run_command
-from pipeline.fields import _leaf_types, is_test_only, _section_model, field_at, set_fields, typed_value
+from pipeline.runtime.launch import run_command
+from pipeline.config.fields import _leaf_types, is_test_only, _section_model, field_at, set_fields, typed_value
 from pipeline.config.sweep import TuneJobConfig, with_values
 from ssamba import EMBED_DIMS, NORM_PRESETS, NORMS, EncoderConfig
 

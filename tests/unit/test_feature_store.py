@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline.config import ExamplesConfig
-from pipeline.data import to_examples
-from pipeline.feature_store import decode_cropped, decode_fbank, encode_fbank
+from pipeline.data.examples import to_examples
+from pipeline.data.feature_store import decode_cropped, decode_fbank, encode_fbank
 from ssamba.features import crop_or_pad, norm_stats, normalize
 
 

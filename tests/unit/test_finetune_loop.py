@@ -7,7 +7,7 @@ import torch
 
 from pipeline import finetune
 from pipeline.config import FinetuneJobConfig, load_config
-from pipeline.loop import optimizer_step
+from pipeline.training.loop import optimizer_step
 from ssamba import AudioClassifier, ClassifierConfig, EncoderConfig, PatchGrid, SSAMBAEncoder
 from ssamba.features import crop_or_pad, norm_stats, normalize, waveform_to_fbank
 

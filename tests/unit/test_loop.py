@@ -13,9 +13,9 @@ import torch
 
 from pipeline.config import FinetuneJobConfig, PretrainJobConfig, load_config
 from pipeline.finetune import StepDecay
-from pipeline.loop import Clock, base_rates, set_learning_rates
+from pipeline.training.loop import Clock, base_rates, set_learning_rates
 from pipeline.pretrain import accumulation_steps, step_metrics
-from pipeline.tracking import RunTracker, run_status
+from pipeline.runtime.tracking import RunTracker, run_status
 from ssamba import PretrainOutput, TeacherStudentOutput, ops
 
 
@@ -89,7 +89,7 @@ def test_attached_tracker_logs_params_once(tmp_path):
 
 def test_clock_estimates_the_rest_from_this_launch(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr("pipeline.loop.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("pipeline.training.loop.time.perf_counter", lambda: now[0])
     clock = Clock(start=20, total=120)  # a resumed launch: 20 steps were done before
     now[0] = 110.0  # 10 s for 10 steps
     assert clock.timing(30) == "elapsed 0:00:10 | ETA 0:01:30"

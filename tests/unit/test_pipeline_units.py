@@ -11,13 +11,13 @@ import torch
 
 from support.audio_files import BAD, GOOD, write_collection
 from pipeline import featurize
-from pipeline.audio import AudioError, decode_audio, split_long_audio
+from pipeline.data.audio import AudioError, decode_audio, split_long_audio
 from pipeline.config import (
     ConfigError, EmbedConfig, FeaturizeConfig, FinetuneJobConfig, InputConfig, PretrainJobConfig, S3Config, flatten, load_config, public_dict,
 )
-from pipeline.shards import deal_shards
-from pipeline.sources import AudioSource, SourceError, list_sources
-from pipeline.storage import DEFAULT_REGION, resolve, s3_region
+from pipeline.data.shards import deal_shards
+from pipeline.data.sources import AudioSource, SourceError, list_sources
+from pipeline.data.storage import DEFAULT_REGION, resolve, s3_region
 from pipeline.config.sweep import TuneJobConfig
 
 
@@ -241,14 +241,14 @@ def test_the_storage_layer_needs_neither_torch_nor_the_job_configs():
     import subprocess
     import sys
 
-    probe = "import sys, pipeline.storage; print(sorted(m for m in ('torch', 'ssamba', 'pipeline.config') if m in sys.modules))"
+    probe = "import sys, pipeline.data.storage; print(sorted(m for m in ('torch', 'ssamba', 'pipeline.config') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 
 
 def test_stored_fbank_round_trip_keeps_float16_precision():
-    from pipeline.feature_store import STORED_PRECISION, decode_fbank, encode_fbank
+    from pipeline.data.feature_store import STORED_PRECISION, decode_fbank, encode_fbank
 
     reference = torch.linspace(-15.0, 25.0, 7 * 128, dtype=torch.float64).reshape(7, 128)
     stored = encode_fbank(reference.float())
@@ -259,7 +259,7 @@ def test_stored_fbank_round_trip_keeps_float16_precision():
 
 
 def test_a_model_card_renders_every_fact_and_round_trips_as_json():
-    from pipeline.model_card import ModelCard
+    from pipeline.models.model_card import ModelCard
 
     card = ModelCard(kind="classifier", run="esc-fold1", run_id="abc123", architecture={"embed_dim": 64},
                      parameters=12345, objective={"task": "esc50"}, data={"features": "s3://f", "rows": 10},

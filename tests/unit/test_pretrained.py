@@ -1,5 +1,5 @@
 """``ssamba.from_pretrained`` (files, preset names in the local cache, URIs refused) and
-``pipeline.models.from_pretrained`` (any URI the pipeline reaches)."""
+``pipeline.models.loaders.from_pretrained`` (any URI the pipeline reaches)."""
 
 import io
 from types import SimpleNamespace
@@ -8,8 +8,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import models
-from pipeline.mlflow_models import log_torch_model
+from pipeline.models import loaders as models
+from pipeline.models.mlflow_models import log_torch_model
 from ssamba import (
     AudioClassifier, ClassifierConfig, EncoderConfig, FbankConfig, FeatureSettings, PatchGrid, PretrainConfig, SSAMBAEncoder,
     SSAMBAPretrainModel, from_pretrained, norm_stats, save_checkpoint, save_classifier,
@@ -87,7 +87,7 @@ def test_missing_preset_says_where_to_put_the_file(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("uri", ["s3://bucket/ssamba_encoder.pt", "models:/encoder/3", "gs://bucket/model.pth"])
 def test_uris_point_to_the_pipeline(uri):
-    with pytest.raises(ValueError, match="pipeline.models.from_pretrained"):
+    with pytest.raises(ValueError, match="pipeline.models.loaders.from_pretrained"):
         from_pretrained(uri)
 
 

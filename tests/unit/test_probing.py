@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, PretrainJobConfig, ProbeConfig, load_config
-from pipeline.probing import ProbeHistory, choose_probe_set
-from pipeline.storage import S3Config
+from pipeline.training.probing import ProbeHistory, choose_probe_set
+from pipeline.data.storage import S3Config
 from support.audio_files import write_pitch_folders
 
 PRESET = "configs/pretrain/local-tiny.yaml"

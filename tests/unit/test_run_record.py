@@ -14,13 +14,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError, ElasticScalingSection, PretrainJobConfig, ScalingSection, load_config
-from pipeline.resources import ClusterTooSmall, check_data_cpus, sweep_concurrency
-from pipeline.run_record import (
+from pipeline.runtime.resources import ClusterTooSmall, check_data_cpus, sweep_concurrency
+from pipeline.runtime.run_record import (
     CONFIG_FILE, Change, ConfigChangedError, Launch, check_config, config_changes, may_change_on_resume, plain,
     record_accepted_changes, source_tags,
 )
-from pipeline.storage import resolve
-from pipeline.tracking import (
+from pipeline.data.storage import resolve
+from pipeline.runtime.tracking import (
     RunTracker, TrackingSetupError, artifact_location, refuse_local_store_on_cluster, resolve_tracking_uri,
 )
 

@@ -8,7 +8,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from pipeline import runs
-from pipeline.tracking import RUN_NAME_TAG
+from pipeline.runtime.tracking import RUN_NAME_TAG
 
 
 def test_list_shows_the_trials_of_a_sweep_with_their_differing_params(tmp_path, capsys):

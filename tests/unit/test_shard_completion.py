@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import feature_store
-from pipeline.shards import DestinationConflict
-from pipeline.storage import resolve
+from pipeline.data import feature_store
+from pipeline.data.shards import DestinationConflict
+from pipeline.data.storage import resolve
 
 
 def tables(rows: int) -> dict[str, pa.Table]:

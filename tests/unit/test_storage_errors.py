@@ -10,12 +10,12 @@ import pyarrow.fs as pafs
 import pytest
 
 from support.audio_files import parquet_table
-from pipeline import featurize
-from pipeline.audio import AudioError
+from pipeline.data.audio import AudioError
+from pipeline.data import featurizer
 from pipeline.config import AudioConfig, S3Config
-from pipeline.reading import SourceReader, StorageUnavailable, read_source
-from pipeline.sources import AudioSource
-from pipeline.storage import is_missing
+from pipeline.data.reading import SourceReader, StorageUnavailable, read_source
+from pipeline.data.sources import AudioSource
+from pipeline.data.storage import is_missing
 from ssamba.features import FbankConfig
 
 MISSING = [
@@ -92,11 +92,11 @@ def test_read_source_retries_a_failing_store_then_names_it():
 
 def test_a_missing_file_is_quarantined_but_a_failing_store_fails_the_shard(tmp_path):
     audio, fbank = AudioConfig(), FbankConfig()
-    features, quarantine = featurize.featurize_shard([AudioSource(str(tmp_path / "absent.wav"))],
+    features, quarantine = featurizer.featurize_shard([AudioSource(str(tmp_path / "absent.wav"))],
                                                      SourceReader(S3Config()), audio, fbank)
     assert features.num_rows == 0 and quarantine.column("reason").to_pylist() == ["unreadable"]
     with pytest.raises(StorageUnavailable):
-        featurize.featurize_shard([AudioSource("s3://raw/a.wav")], unreachable_reader(), audio, fbank)
+        featurizer.featurize_shard([AudioSource("s3://raw/a.wav")], unreachable_reader(), audio, fbank)
 
 
 def test_a_corrupt_parquet_row_group_is_bad_data_but_an_unreachable_table_is_the_store(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import S3Config
-from pipeline.tasks import LayoutError, read_task
+from pipeline.data.layouts import LayoutError, read_task
 from support.task_layouts import AUDIOSET_CLASSES, audioset, esc50, speech_commands, tone
 
 

@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.reading import StorageUnavailable, split_uri
-from pipeline.sources import AudioSource
-from pipeline.storage import PARTIAL_SUFFIX, Location
+from pipeline.data.reading import StorageUnavailable, split_uri
+from pipeline.data.sources import AudioSource
+from pipeline.data.storage import PARTIAL_SUFFIX, Location
 
 PLAN = "_plan.parquet"
 PLAN_SCHEMA = pa.schema([("shard", pa.int32()), ("source", pa.string())])

@@ -32,9 +32,9 @@ from typing import TypeVar
 
 import pyarrow.parquet as pq
 
-from pipeline.audio import AudioError
 from pipeline.config import S3Config
-from pipeline.storage import Location, is_missing, resolve
+from pipeline.data.audio import AudioError
+from pipeline.data.storage import Location, is_missing, resolve
 
 TAR, PARQUET = ".tar", ".parquet"
 CONTAINER_SUFFIXES = (TAR, PARQUET)

@@ -4,7 +4,7 @@ the console lines that show a run's progress.
 
 Each loop (``pipeline.pretrain.train_loop``, ``pipeline.finetune.fit``) reads top to bottom in
 named steps and calls these helpers; where it runs (a Ray Train worker or a Tune trial) is hidden
-behind :class:`pipeline.trainer.Worker`.
+behind :class:`pipeline.training.trainer.Worker`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.tracking import RunTracker
-from pipeline.trainer import LoopConfig, Worker
+from pipeline.runtime.tracking import RunTracker
+from pipeline.training.trainer import LoopConfig, Worker
 from ssamba import ops
 
 log = logging.getLogger(__name__)

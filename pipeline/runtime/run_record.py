@@ -29,12 +29,16 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from pipeline.config import ConfigError, TrackingConfig, flatten, public_dict
-from pipeline import run_lock
-from pipeline.launch import connect_ray
-from pipeline.run_lock import LOCK_FILE
-from pipeline.storage import Location, resolve
-from pipeline.tracking import (
-    RUN_NAME_TAG, artifact_location, ensure_experiment, refuse_local_store_on_cluster, resolve_tracking_uri,
+from pipeline.data.storage import Location, resolve
+from pipeline.runtime import run_lock
+from pipeline.runtime.launch import connect_ray
+from pipeline.runtime.run_lock import LOCK_FILE
+from pipeline.runtime.tracking import (
+    RUN_NAME_TAG,
+    artifact_location,
+    ensure_experiment,
+    refuse_local_store_on_cluster,
+    resolve_tracking_uri,
 )
 
 CONFIG_FILE = "config.json"

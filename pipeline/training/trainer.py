@@ -25,8 +25,8 @@ import ray.tune
 import torch
 
 from pipeline.config import ScalingSection
-from pipeline.console import quiet_libraries
-from pipeline.storage import Location
+from pipeline.data.storage import Location
+from pipeline.runtime.console import quiet_libraries
 
 STATE_FILE = "state.pt"
 _LOOP_KEY = "loop"

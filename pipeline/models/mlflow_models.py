@@ -3,7 +3,7 @@
 
 MLflow's PyTorch flavour stores the module pickled (``torch.export`` cannot trace the CPU scan), so
 loading it needs this project installed and runs code from the store. The project's own weights-only file travels inside the model
-(``extra_files``), and :func:`download_project_file` is how ``pipeline.models`` reads a ``models:/``
+(``extra_files``), and :func:`download_project_file` is how ``pipeline.models.loaders`` reads a ``models:/``
 URI: with ``torch.load(weights_only=True)``, never unpickling the module.
 """
 

@@ -30,11 +30,11 @@ import ray
 import torch
 
 from pipeline.config import AudioConfig, ExamplesConfig, S3Config
-from pipeline.feature_store import FBANK_COLUMNS, decode_cropped, featurize_source
-from pipeline.audio import AudioError
-from pipeline.reading import SourceReader, read_source
-from pipeline.sources import AudioSource, list_sources
-from pipeline.storage import Location, resolve
+from pipeline.data.audio import AudioError
+from pipeline.data.feature_store import FBANK_COLUMNS, decode_cropped, featurize_source
+from pipeline.data.reading import SourceReader, read_source
+from pipeline.data.sources import AudioSource, list_sources
+from pipeline.data.storage import Location, resolve
 from ssamba.features import FbankConfig, add_noise, norm_stats, normalize, spec_augment
 
 log = logging.getLogger(__name__)

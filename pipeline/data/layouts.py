@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from pipeline.config import AUDIO_EXTENSIONS, InputConfig, S3Config
-from pipeline.sources import AudioSource, SourceError, list_sources, uri_for
-from pipeline.storage import Location, resolve
+from pipeline.data.sources import AudioSource, SourceError, list_sources, uri_for
+from pipeline.data.storage import Location, resolve
 
 SPEECH_COMMANDS_WORDS = {"speechcommands_v1": 30, "speechcommands_v2": 35}
 BACKGROUND_NOISE = "_background_noise_"

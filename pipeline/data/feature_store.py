@@ -3,24 +3,23 @@
 One place owns it so that the featurize job, the training input, the embed job and the classifier
 export agree: a row per source (or chunk of long audio) with its provenance and the raw, unnormalised
 Kaldi log-mel fbank as ``STORED_PRECISION`` bytes, ``n_frames × n_mels``, row-major; the rows sit in
-the shards of a :class:`~pipeline.shards.ShardedDestination` (``features/``, ``quarantine/``, records in
+the shards of a :class:`~pipeline.data.shards.ShardedDestination` (``features/``, ``quarantine/``, records in
 ``done/``) with the run record ``_run.json`` (the featurize settings and, once finished, a summary).
 """
 
 from __future__ import annotations
 
 import json
-
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.audio import decode_audio, split_long_audio
 from pipeline.config import AudioConfig
-from pipeline.shards import ShardedDestination
-from pipeline.storage import Location, S3Config, resolve
+from pipeline.data.audio import decode_audio, split_long_audio
+from pipeline.data.shards import ShardedDestination
+from pipeline.data.storage import Location, S3Config, resolve
 from ssamba.features import FbankConfig, waveform_to_fbank
 
 STORED_PRECISION = "float16"  # half the bytes of float32; fbank values (about -15..25) keep ~3 decimals

@@ -20,10 +20,9 @@ from typing import Callable, Mapping
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
-
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from pipeline.paths import without_userinfo
+from pipeline.data.paths import without_userinfo
 
 DEFAULT_REGION = "us-east-1"  # custom endpoints only
 PARTIAL_SUFFIX = ".partial"  # a local write in progress (see Location.write_bytes)

@@ -23,14 +23,18 @@ from typing import Callable, TypeVar
 import yaml
 from pydantic import BaseModel
 
-from pipeline.console import quiet_libraries
 from pipeline.config import ConfigError, ExamplesConfig, InputConfig, RayConfig, S3Config, load_config, public_dict
-from pipeline.fields import describe_fields
-from pipeline.mlflow_models import MODELS_SCHEME
-from pipeline.paths import RelativePathError, base_directory, without_userinfo
-from pipeline.run_lock import RunLocked
+from pipeline.config.fields import describe_fields
+from pipeline.data.paths import RelativePathError, base_directory, without_userinfo
+from pipeline.models.mlflow_models import MODELS_SCHEME
+from pipeline.runtime.console import quiet_libraries
+from pipeline.runtime.run_lock import RunLocked
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class InputUnreachable(ConfigError):
+    """The store holding an input does not answer (exit 2 before Ray, naming the store)."""
 
 
 class MissingInput(ConfigError):
@@ -67,10 +71,11 @@ def optional_input(field: str, uri: str | None) -> list[Input]:
 
 
 def check_inputs(inputs: list[Input], storage: S3Config) -> None:
-    """Raise :class:`MissingInput` listing every input that does not exist (no Ray, nothing written)."""
-    from pipeline.storage import resolve
+    """Raise :class:`MissingInput` listing every input that does not exist, or :class:`InputUnreachable`
+    naming the stores that do not answer (no Ray, nothing written)."""
+    from pipeline.data.storage import resolve
 
-    missing = []
+    missing, unreachable = [], []
     for item in inputs:
         if item.uri.startswith(MODELS_SCHEME):  # MLflow resolves it when the job loads it
             continue
@@ -79,12 +84,14 @@ def check_inputs(inputs: list[Input], storage: S3Config) -> None:
             location = location.join("features")
         try:
             present = location.exists()
-        except OSError as error:
-            missing.append(f"{item.field}: cannot reach {item.uri}: {error}")
+        except OSError as error:  # the store fails, not the input: say which
+            unreachable.append(f"{item.field}: cannot reach {location}: {error}")
             continue
         if not present:
             hint = " (run python -m pipeline.featurize to make it)" if item.kind == "features" else ""
             missing.append(f"{item.field}: {item.uri} does not exist{hint}")
+    if unreachable:
+        raise InputUnreachable("storage unavailable: " + "\n  ".join(unreachable))
     if missing:
         raise MissingInput("missing input:\n  " + "\n  ".join(missing))
 

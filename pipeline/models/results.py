@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.tracking import RunTracker
+from pipeline.runtime.tracking import RunTracker
 from ssamba.metrics import average_precision, confusion_matrix, per_class_scores
+
 
 def selected_summary(metric: str, selected: dict[str, float]) -> dict[str, float]:
     """The summary metrics of a run from the reported metrics of its selected epoch."""

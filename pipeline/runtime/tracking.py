@@ -30,7 +30,7 @@ from typing import Any, Iterator
 from mlflow.entities import Experiment, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
-from pipeline.paths import absolute
+from pipeline.data.paths import absolute
 
 RUN_NAME_TAG = "ray_run_name"
 MODEL_TRAINING_EXPERIMENT = {"mlflow.experimentKind": "custom_model_development"}
@@ -175,8 +175,8 @@ class RunTracker:
 
     def log_model(self, model, example, name: str, project_file: Path, register_as: str | None,
                   tags: dict[str, str]) -> str:
-        """``model`` as an MLflow model of this run, registered as ``register_as`` (see ``pipeline.mlflow_models``)."""
-        from pipeline.mlflow_models import log_torch_model
+        """``model`` as an MLflow model of this run, registered as ``register_as`` (see ``pipeline.models.mlflow_models``)."""
+        from pipeline.models.mlflow_models import log_torch_model
 
         return log_torch_model(self.tracking_uri, self.run_id, model, example, name, project_file, register_as, tags)
 

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from pipeline.storage import Location
+from pipeline.data.storage import Location
 
 LOCK_FILE = "_launch.json"
 HEARTBEAT_S = 20.0

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.storage import Location
-    from pipeline.tracking import RunTracker
+    from pipeline.data.storage import Location
+    from pipeline.runtime.tracking import RunTracker
 
 CARD_FILE = "MODEL_CARD.md"
 PACKAGE = "ssamba-ray"

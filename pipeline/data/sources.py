@@ -2,7 +2,7 @@
 
 Under a prefix, audio files are sources, and so is every audio member of a WebDataset ``.tar`` shard
 and every row of a ``.parquet`` audio table (``shard.tar#key.flac``, ``table.parquet#17``; see
-``pipeline.reading``), labelled by the shard's ``.cls``/``.json`` members or the table's ``label``
+``pipeline.data.reading``), labelled by the shard's ``.cls``/``.json`` members or the table's ``label``
 column. Manifest rows may name such member URIs too.
 
 A manifest is CSV (header row) or JSON Lines with a ``uri`` per row and optional ``label``,
@@ -23,10 +23,10 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from pipeline.audio import AudioError
 from pipeline.config import InputConfig, S3Config
-from pipeline.reading import CONTAINER_SUFFIXES, TAR, SourceReader, StorageUnavailable
-from pipeline.storage import Location, is_missing, resolve
+from pipeline.data.audio import AudioError
+from pipeline.data.reading import CONTAINER_SUFFIXES, TAR, SourceReader, StorageUnavailable
+from pipeline.data.storage import Location, is_missing, resolve
 
 log = logging.getLogger(__name__)
 

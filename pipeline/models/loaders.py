@@ -1,10 +1,10 @@
 """Models by URI: the ``ssamba`` loaders (which read local files and file objects only, having no
-S3 client) for anything :func:`pipeline.storage.resolve` reaches: ``s3://`` (custom endpoints via
+S3 client) for anything :func:`pipeline.data.storage.resolve` reaches: ``s3://`` (custom endpoints via
 ``storage``), ``file://`` and local paths; and for MLflow models, ``models:/NAME/VERSION`` or
 ``models:/<model id>`` (from the store of ``MLFLOW_TRACKING_URI``; the project's weights-only file
 inside the model is read, never the pickled module).
 
-    from pipeline.models import load_classifier
+    from pipeline.models.loaders import load_classifier
     classifier = load_classifier("s3://bucket/runs/esc50-fold1/classifier.pt")
     classifier = load_classifier("models:/esc50-probe/3")
     encoder = from_pretrained("s3://bucket/runs/tiny/ssamba_encoder.pt")   # or a path, or "ssamba-tiny-400"
@@ -17,15 +17,14 @@ import io
 import torch
 
 from pipeline.config import S3Config
-from pipeline.mlflow_models import MODELS_SCHEME, download_project_file, project_file_names
-from pipeline.storage import resolve
+from pipeline.data.storage import resolve
+from pipeline.models.mlflow_models import MODELS_SCHEME, download_project_file, project_file_names
 from ssamba import Checkpoint, Classifier, EncoderConfig, SSAMBAEncoder, hear
 from ssamba import load_checkpoint as _load_checkpoint
 from ssamba import load_classifier as _load_classifier
 from ssamba.checkpoint import load_encoder_weights as _load_encoder_weights
 from ssamba.pretrained import from_pretrained as _from_pretrained
 from ssamba.pretrained import is_uri
-
 
 ENCODER_FILE = "ssamba_encoder.pt"  # a pretraining run's encoder, beside its checkpoints and in its MLflow model
 CLASSIFIER_FILE = "classifier.pt"  # a fine-tuning run's selected model, likewise

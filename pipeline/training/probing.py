@@ -23,13 +23,13 @@ import numpy as np
 import ray
 import torch
 
-from pipeline import featurize
 from pipeline.config import ConfigError, ExamplesConfig, ProbeConfig, S3Config
-from pipeline.data import examples_dataset
-from pipeline.loop import all_gather_rows
-from pipeline.sources import AudioSource, SourceError
-from pipeline.tasks import TaskData, read_task
-from pipeline.trainer import Worker
+from pipeline.data import featurizer
+from pipeline.data.examples import examples_dataset
+from pipeline.data.layouts import TaskData, read_task
+from pipeline.data.sources import AudioSource, SourceError
+from pipeline.training.loop import all_gather_rows
+from pipeline.training.trainer import Worker
 from ssamba import SSAMBAEncoder
 from ssamba.metrics import accuracy, mean_average_precision
 from ssamba.probes import clip_embeddings, embedding_size, knn_scores, logistic_scores
@@ -109,7 +109,7 @@ def probe_dataset(config: ProbeConfig, probe_set: ProbeSet, examples: ExamplesCo
                   num_mel_bins: int) -> ray.data.Dataset:
     """Featurize the probe set's audio (reusing finished shards) and return its examples, cropped and
     normalised as the training examples are, not augmented."""
-    featurize.featurize_listed(list(probe_set.sources), config.features, storage, num_mel_bins)
+    featurizer.featurize_listed(list(probe_set.sources), config.features, storage, num_mel_bins)
     settings = ExamplesConfig(features=config.features, target_length=examples.target_length, norm=examples.norm,
                               shuffle=False)
     position = {uri: index for index, uri in enumerate(probe_set.uris)}
