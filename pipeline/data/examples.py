@@ -6,7 +6,8 @@ Two sources give the same examples:
   augmenting stored features;
 * on the fly (small data, demos): audio files decoded and featurized inside the pipeline, every
   epoch again. Files that are not there or fail to decode are dropped, each with a warning in the logs;
-  a store that keeps failing stops the run naming it (docs/pipeline.md#failing-stores-and-interrupted-shards).
+  a store that keeps failing is retried, then raises ``StorageUnavailable`` in the pipeline instead of
+  having its files dropped as bad audio.
 
 With ``shuffle`` every epoch reads the shards (or files) in a new random order, and the training loops
 mix rows across shards with a local buffer of ``shuffle_buffer`` examples
