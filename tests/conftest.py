@@ -19,6 +19,10 @@ from pathlib import Path
 
 import pytest
 
+# No MLflow usage reporting from tests (nothing leaves the machine), and no telemetry thread setting and
+# unsetting its session variable while a test edits the environment (it raced monkeypatch: a KeyError).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 ACCESS_KEY = "test-access-key"
 
 
