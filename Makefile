@@ -20,7 +20,7 @@ install: $(STAMP)
 test: install            # everything: unit and integration tests (what CI runs, after lint)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=20
 
-test-unit: install       # the fast loop: no services, about a minute on 2 cores
+test-unit: install       # the fast loop: every service-free test, under two minutes on 2 cores
 	$(BIN)/python -m pytest -n 2 tests/unit
 
 lint: install

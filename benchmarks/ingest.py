@@ -177,9 +177,6 @@ def main() -> None:
                 settings = argparse.Namespace(**{**vars(args), "warmup": args.fly_warmup, "timed": args.fly_timed})
             _, plain_examples = plain_rate(plain, settings)
             for cpus in args.cpus:
-                if name == "on-the-fly" and cpus < 2:  # its actor pool holds a CPU: the examples step needs another
-                    print(f"{name:<11} {cpus:>4} {'needs 2':>14}", flush=True)
-                    continue
                 first, examples = pipeline_rate(config, cpus, settings)
                 print(f"{name:<11} {cpus:>4} {examples:>14.1f} {plain_examples:>11.1f} "
                       f"{examples / plain_examples:>6.2f} {first:>14.1f}", flush=True)

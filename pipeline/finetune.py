@@ -49,7 +49,7 @@ from pipeline.config import (
     public_dict,
 )
 from pipeline.data import feature_store, featurizer
-from pipeline.data.examples import examples_dataset
+from pipeline.data.examples import examples_dataset, labelled_rows
 from pipeline.data.feature_store import STORED_PRECISION
 from pipeline.data.layouts import TaskData, read_task
 from pipeline.data.sources import AudioSource, SourceError
@@ -62,6 +62,7 @@ from pipeline.runtime.launch import Input, mlflow_ui_hint, optional_input, run_c
 from pipeline.runtime.resources import check_cluster
 from pipeline.runtime.run_record import TrackingSetup
 from pipeline.runtime.tracking import RunTracker, resolve_tracking_uri, run_status
+from pipeline.training import faults
 from pipeline.training.loop import (
     Clock,
     all_gather_rows,
@@ -127,14 +128,8 @@ def build_classifier(config: FinetuneJobConfig, num_classes: int) -> AudioClassi
 
 def _with_targets(batch: dict[str, np.ndarray], positives: dict[str, list[int]],
                   num_classes: int) -> dict[str, np.ndarray]:
-    """Keep the rows of one subset, each with its float multi-hot target (one-hot for single-label tasks).
-
-    Targets come from the task's sources by URI, not from the stored features, so a featurize run
-    serves any labelling of the same audio."""
-    keep = np.array([uri in positives for uri in batch["uri"]], dtype=bool)
-    target = np.zeros((int(keep.sum()), num_classes), dtype=np.float32)
-    for row, uri in enumerate(batch["uri"][keep]):
-        target[row, positives[uri]] = 1.0
+    """Keep the rows of one subset, each with its multi-hot target."""
+    keep, target = labelled_rows(batch, positives, num_classes)
     return {"fbank": batch["fbank"][keep], "target": target}
 
 
@@ -265,8 +260,7 @@ def fit(loop: FinetuneLoop, worker: Worker) -> None:
                          config.batch_size * config.grad_accum * worker.world_size)
     clock = Clock(trained_epochs, config.epochs)
     for epoch in range(trained_epochs + 1, config.epochs + 1):  # epochs count from 1 everywhere
-        if config.testing.fail_at_epoch == epoch and not restored:
-            raise RuntimeError(f"injected failure at epoch {epoch} (testing.fail_at_epoch)")
+        faults.before_epoch(config.testing, epoch, restored)
         set_learning_rates(optimizer, rates, schedule.factor(epoch))
         train_loss = _train_epoch(model, optimizer, loop, worker, epoch)
         split_scores, outputs = _scores(model, loop, worker)

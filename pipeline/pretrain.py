@@ -47,6 +47,7 @@ from pipeline.runtime import run_record
 from pipeline.runtime.launch import Input, examples_inputs, mlflow_ui_hint, run_command
 from pipeline.runtime.resources import check_cluster, input_cpus_kept
 from pipeline.runtime.tracking import RunTracker, resolve_tracking_uri, run_status
+from pipeline.training import faults
 from pipeline.training.loop import (
     Clock,
     all_reduce_sum,
@@ -323,23 +324,6 @@ def _probe(training: Training, config: PretrainJobConfig, prober: Prober, worker
         f"{seconds:.1f} s")
 
 
-def _inject_failure(config: PretrainJobConfig, training: Training, worker: Worker) -> None:
-    if config.testing.fail_at_step == training.step and not training.restored and worker.rank == worker.world_size - 1:
-        raise RuntimeError(f"injected failure at step {training.step} (testing.fail_at_step)")
-
-
-def _hold(config: PretrainJobConfig, training: Training, worker: Worker) -> None:
-    """``testing.hold_at_step``: the first attempt waits here until Ray Train replaces its worker group
-    (an elastic resize or a restart after a lost node ends this process), so that a test can change
-    the cluster at a known step."""
-    if config.testing.hold_at_step != training.step or training.restored:
-        return
-    if worker.rank == 0:
-        say(f"holding at step {training.step} until the worker group is replaced (testing.hold_at_step)")
-    time.sleep(config.testing.hold_s)
-    raise RuntimeError(f"testing.hold_at_step: the worker group was not replaced within {config.testing.hold_s:g} s")
-
-
 @dataclass(frozen=True)
 class Exported:
     """The model a run exports, the step it comes from and why it was chosen."""
@@ -443,7 +427,6 @@ def train_loop(train_loop_config: dict) -> None:
             if config.objective.teacher_student:  # the teacher follows the student, on every rank alike
                 training.inner.update_teacher(training.step)
             training.step += 1
-            _inject_failure(config, training, worker)
 
             # Cadences: log, evaluate, figure, checkpoint.
             if tracker is not None and (training.step % cadence.log_every == 0 or training.step == 1):
@@ -469,7 +452,7 @@ def train_loop(train_loop_config: dict) -> None:
             if due(cadence.checkpoint_every) or probed:
                 worker.report(metrics, (lambda: training.state(config)) if due(cadence.checkpoint_every) else None,
                               f"step-{training.step:08d}")
-            _hold(config, training, worker)
+            faults.after_step(config.testing, training.step, training.restored, worker)
             if training.step >= max_steps:
                 break
         if micro == 0:  # an epoch without one full batch would repeat forever

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import ray
@@ -67,25 +67,40 @@ def to_examples(batch: dict[str, np.ndarray], config: ExamplesConfig) -> dict[st
             "label": batch["label"], "uri": batch["uri"]}
 
 
-class _FeaturizeOnTheFly:
-    """Decode + fbank inside the training input pipeline (one actor per CPU)."""
+def labelled_rows(batch: dict[str, np.ndarray], targets: dict[str, Sequence[int]],
+                  num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``batch`` whose URI has targets (a boolean mask) and their float multi-hot targets
+    (one-hot for single-label tasks). Labels come by URI, not from the stored features, so one
+    featurize run serves any labelling of the same audio."""
+    keep = np.array([uri in targets for uri in batch["uri"]], dtype=bool)
+    target = np.zeros((int(keep.sum()), num_classes), dtype=np.float32)
+    for row, uri in enumerate(batch["uri"][keep]):
+        target[row, list(targets[uri])] = 1.0
+    return keep, target
 
-    def __init__(self, storage: S3Config, audio: AudioConfig) -> None:
-        torch.set_num_threads(1)
-        self.reader, self.audio, self.fbank_config = SourceReader(storage), audio, FbankConfig(sample_rate=audio.sample_rate)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows = []
-        for item in batch["source"]:
-            source = AudioSource.from_dict(json.loads(item))
-            try:  # a failing store is retried, then stops the run (StorageUnavailable): it is not bad audio
-                data = read_source(self.reader, source.uri)
-                rows += [{**source.to_dict(), **row}
-                         for row in featurize_source(data, source.uri, self.audio, self.fbank_config)]
-            except (AudioError, OSError) as error:  # not there, or not audio: skipped, as featurize quarantines it
-                log.warning("on-the-fly: skipping %s (%s)", source.uri, error)
-        columns = ("uri", "label", *FBANK_COLUMNS)
-        return {name: [row[name] for row in rows] for name in columns}
+_readers: dict[str, SourceReader] = {}  # one per store settings and worker process, reused across batches
+
+
+def featurize_on_the_fly(batch: dict[str, np.ndarray], storage: S3Config, audio: AudioConfig) -> dict[str, list]:
+    """Decode + fbank inside the training input pipeline. A task, not an actor: it holds its CPU only
+    while it runs, so the file shuffle and featurizing share whatever CPUs the input has (an actor
+    pool kept them, and on a two-CPU machine the shuffle waited for a CPU forever)."""
+    torch.set_num_threads(1)
+    key = storage.model_dump_json()
+    if key not in _readers:
+        _readers[key] = SourceReader(storage)
+    reader, fbank_config = _readers[key], FbankConfig(sample_rate=audio.sample_rate)
+    rows = []
+    for item in batch["source"]:
+        source = AudioSource.from_dict(json.loads(item))
+        try:  # a failing store is retried, then stops the run (StorageUnavailable): it is not bad audio
+            data = read_source(reader, source.uri)
+            rows += [{**source.to_dict(), **row} for row in featurize_source(data, source.uri, audio, fbank_config)]
+        except (AudioError, OSError) as error:  # not there, or not audio: skipped, as featurize quarantines it
+            log.warning("on-the-fly: skipping %s (%s)", source.uri, error)
+    columns = ("uri", "label", *FBANK_COLUMNS)
+    return {name: [row[name] for row in rows] for name in columns}
 
 
 def training_batches(examples: ray.data.Dataset | ray.data.DataIterator, config: ExamplesConfig, batch_size: int,
@@ -108,9 +123,6 @@ def examples_dataset(config: ExamplesConfig, storage: S3Config, audio: AudioConf
         dataset = ray.data.from_items([{"source": json.dumps(source.to_dict())} for source in sources])
         if config.shuffle:
             dataset = dataset.random_shuffle()  # file order; the rows are tiny until featurized
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        dataset = dataset.map_batches(
-            _FeaturizeOnTheFly, fn_constructor_kwargs={"storage": storage, "audio": audio},
-            batch_size=8, num_cpus=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
-        )
+        dataset = dataset.map_batches(featurize_on_the_fly, fn_kwargs={"storage": storage, "audio": audio},
+                                      batch_size=8, num_cpus=1)
     return dataset.map_batches(to_examples, fn_kwargs={"config": config}, batch_size=32)

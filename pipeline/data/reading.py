@@ -248,13 +248,16 @@ def read_source(reader: SourceReader, uri: str, attempts: int = READ_ATTEMPTS, b
 
 @contextlib.contextmanager
 def stop_on_storage_failure(advice: str) -> Iterator[None]:
-    """Around a Ray Data execution: the :class:`StorageUnavailable` an actor raised, with ``advice``
+    """Around a Ray Data execution: the :class:`StorageUnavailable` a task raised, with ``advice``
     appended, instead of Ray's wrapper. Ray Data re-raises a UDF's exception as a
-    ``UserCodeException`` that keeps only its traceback text, so it is recognised by its name there."""
+    ``UserCodeException`` that keeps only its traceback text, so it is recognised by its name there;
+    Ray Train's ``WorkerGroupError`` shows only the tail of each worker's error, so each worker's
+    whole error is searched."""
     try:
         yield
     except Exception as error:
-        match = re.search(rf"\b{StorageUnavailable.__name__}: (.+)", str(error))
-        if match is None:
+        texts = [str(error), *(str(failure) for failure in getattr(error, "worker_failures", {}).values())]
+        matches = [match for text in texts if (match := re.search(rf"\b{StorageUnavailable.__name__}: (.+)", text))]
+        if not matches:
             raise
-        raise StorageUnavailable(f"{match.group(1)} ({advice})") from None
+        raise StorageUnavailable(f"{matches[0].group(1)} ({advice})") from None

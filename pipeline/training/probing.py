@@ -25,7 +25,7 @@ import torch
 
 from pipeline.config import ConfigError, ExamplesConfig, ProbeConfig, S3Config
 from pipeline.data import featurizer
-from pipeline.data.examples import examples_dataset
+from pipeline.data.examples import examples_dataset, labelled_rows
 from pipeline.data.layouts import TaskData, read_task
 from pipeline.data.sources import AudioSource, SourceError
 from pipeline.training.loop import all_gather_rows
@@ -93,14 +93,11 @@ def choose_probe_set(config: ProbeConfig, storage: S3Config) -> ProbeSet:
                     tuple(flag for _, flag in clips))
 
 
-def _probe_rows(batch: dict[str, np.ndarray], position: dict[str, int], targets: tuple[tuple[int, ...], ...],
+def _probe_rows(batch: dict[str, np.ndarray], position: dict[str, int], targets: dict[str, tuple[int, ...]],
                 held_out: tuple[bool, ...], num_classes: int) -> dict[str, np.ndarray]:
     """Keep the probe set's rows, each with its place in the set, its multi-hot target and its split."""
-    keep = [i for i, uri in enumerate(batch["uri"]) if uri in position]
-    indices = np.array([position[batch["uri"][i]] for i in keep], dtype=np.int64)
-    target = np.zeros((len(keep), num_classes), dtype=np.float32)
-    for row, clip in enumerate(indices):
-        target[row, list(targets[clip])] = 1.0
+    keep, target = labelled_rows(batch, targets, num_classes)
+    indices = np.array([position[uri] for uri in batch["uri"][keep]], dtype=np.int64)
     return {"fbank": batch["fbank"][keep], "frames": batch["frames"][keep], "index": indices,
             "held_out": np.array([held_out[clip] for clip in indices], dtype=bool), "target": target}
 
@@ -114,7 +111,8 @@ def probe_dataset(config: ProbeConfig, probe_set: ProbeSet, examples: ExamplesCo
                               shuffle=False)
     position = {uri: index for index, uri in enumerate(probe_set.uris)}
     return examples_dataset(settings, storage).map_batches(
-        _probe_rows, fn_kwargs={"position": position, "targets": probe_set.targets, "held_out": probe_set.held_out,
+        _probe_rows, fn_kwargs={"position": position, "targets": dict(zip(probe_set.uris, probe_set.targets)),
+                                "held_out": probe_set.held_out,
                                 "num_classes": len(probe_set.classes)})
 
 

@@ -1,5 +1,6 @@
-"""The featurize and embed commands under faults, each run as its own process with its own local Ray: a
-store that goes away during the job, and a destination left with a truncated shard and a partial file."""
+"""The featurize and embed commands (and pretraining's on-the-fly input) under faults, each run as its own
+process with its own local Ray: a store that goes away during the job, and a destination left with a
+truncated shard and a partial file."""
 
 from __future__ import annotations
 
@@ -106,6 +107,18 @@ def test_a_store_outage_fails_featurize_and_embed_and_marks_no_audio_bad(tmp_pat
         [message] = error_lines(embed)
         assert message.startswith("error: storage unavailable") and weed.endpoint in message, message
         assert "re-run once it is back" in message and not list(embeddings.rglob("part-*")), "good audio marked failed"
+
+        pretrain = subprocess.run(  # on-the-fly training input reads the same way: it stops, naming the store
+            [sys.executable, "-m", "pipeline.pretrain", "--config", "configs/pretrain/local-tiny.yaml", *[
+                arg for setting in (f"data.audio.manifest={manifest}", "data.features=null", "validation=null",
+                                    f"storage_path={tmp_path / 'checkpoints'}", "scaling.max_failures=0",
+                                    f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.batch_size=2",
+                                    "train.max_steps=2", "ray.address=local", "ray.num_cpus=2", *settings[4:])
+                for arg in ("--set", setting)]], env=job_env, cwd=REPO, capture_output=True, text=True, timeout=240)
+        assert pretrain.returncode == 2, pretrain.stdout[-2000:] + pretrain.stderr[-3000:]
+        [message] = error_lines(pretrain)
+        assert message.startswith("error: storage unavailable") and weed.endpoint in message, message
+        assert "resumes from its last checkpoint" in message, message
 
         weed.start()
         wait_readable(weed, "raw", f"corpus/{names[0]}")

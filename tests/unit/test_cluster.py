@@ -12,10 +12,10 @@ import jsonschema
 import ray
 import yaml
 
+from support import REPO
 from pipeline.config import EmbedConfig, FeaturizeConfig, FinetuneJobConfig, PretrainJobConfig, load_config
 from pipeline.config.sweep import TuneJobConfig
 
-REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 
 # Field names of the KubeRay v1 CRDs (ray-operator/apis/ray/v1: raycluster_types.go, rayjob_types.go).

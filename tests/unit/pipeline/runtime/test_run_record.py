@@ -1,6 +1,6 @@
-"""A named run's record and launch checks: config comparison on relaunch, accepted changes on the
-MLflow run, artifact locations, source tags, and the CPUs the input pipeline keeps. Real files and a
-real SQLite MLflow store; no Ray (the relaunch refusal must come before Ray starts)."""
+"""A named run's record: config comparison on relaunch, which fields may change on resume, accepted
+changes on the MLflow run, source tags. Real files and a real SQLite MLflow store; no Ray (the relaunch
+refusal must come before Ray starts)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,28 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import ConfigError, ElasticScalingSection, PretrainJobConfig, ScalingSection, load_config
-from pipeline.runtime.resources import ClusterTooSmall, check_data_cpus, sweep_concurrency
-from pipeline.runtime.run_record import (
-    CONFIG_FILE, Change, ConfigChangedError, Launch, check_config, config_changes, may_change_on_resume, plain,
-    record_accepted_changes, source_tags,
-)
+from support import REPO
+from pipeline.config import ConfigError, PretrainJobConfig, load_config
 from pipeline.data.storage import resolve
+from pipeline.runtime.run_record import (
+    CONFIG_FILE,
+    Change,
+    ConfigChangedError,
+    Launch,
+    check_config,
+    config_changes,
+    may_change_on_resume,
+    plain,
+    record_accepted_changes,
+    source_tags,
+)
 from pipeline.runtime.tracking import (
-    RunTracker, TrackingSetupError, artifact_location, refuse_local_store_on_cluster, resolve_tracking_uri,
+    RunTracker,
+    resolve_tracking_uri,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+
+
 PRESET = "configs/pretrain/local-tiny.yaml"
 
 
@@ -134,69 +144,12 @@ def test_a_changed_lr_exits_non_zero_before_ray_starts(tmp_path):
     assert "ray" not in done.stderr.replace("--accept-config-changes", "").lower().replace("lr-run", "")
 
 
-def test_artifact_location_is_beside_the_store_or_the_servers_or_configured(tmp_path):
-    store = resolve_tracking_uri(f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}")
-    assert artifact_location(store, None) == (tmp_path / "db" / "mlartifacts").as_uri()
-    assert artifact_location(store, "s3://bucket/mlflow") == "s3://bucket/mlflow"
-    assert artifact_location("http://mlflow.mlflow.svc:5000", None) is None  # the server's artifact proxy
-    with pytest.raises(TrackingSetupError, match="tracking.artifact_location"):
-        artifact_location("postgresql://db/mlflow", None)
-    assert load_config(PretrainJobConfig, REPO / PRESET, ["tracking.artifact_location=rel/art"]).tracking.artifact_location \
-        == (Path.cwd() / "rel" / "art").as_posix()
-
-
-def test_a_local_store_is_refused_on_a_cluster_of_several_machines():
-    refuse_local_store_on_cluster("sqlite:////data/mlflow.db", hosts=1)
-    refuse_local_store_on_cluster("http://mlflow:5000", hosts=3)
-    with pytest.raises(TrackingSetupError, match=r"spans 2 machines.*mlflow server.*cluster/README.md"):
-        refuse_local_store_on_cluster("sqlite:////data/mlflow.db", hosts=2)
-
-
 def test_source_tags_name_the_entry_point_user_host_and_commit():
     tags = source_tags("pipeline.pretrain")
     assert tags["mlflow.source.name"] == "pipeline.pretrain" and tags["host"]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     if Path.cwd() == REPO:
         assert tags["mlflow.source.git.commit"] == commit
-
-
-def test_workers_leave_cpus_for_the_input_pipeline():
-    def scaling(workers: int, cpus: float = 1) -> ScalingSection:
-        return ScalingSection(num_workers=workers, cpus_per_worker=cpus)
-
-    check_data_cpus(4, scaling(3))          # one CPU left for Ray Data
-    check_data_cpus(4, scaling(0))          # local mode reserves nothing
-    check_data_cpus(2, scaling(4))          # too small for the workers: Ray Train waits for nodes
-    with pytest.raises(ClusterTooSmall) as error:
-        check_data_cpus(4, scaling(4))
-    message = str(error.value)
-    assert "4 Train workers x 1 CPUs = 4 of the cluster's 4 CPUs leave 0" in message
-    assert "scaling.num_workers (at most 3 here)" in message and "scaling.cpus_per_worker" in message
-    with pytest.raises(ClusterTooSmall, match="at most 1 here"):
-        check_data_cpus(15.5, scaling(2, 7.5))  # 0.5 CPU left
-
-
-def test_sweeps_run_as_many_trials_as_hold_their_workers_and_input_pipelines():
-    field = "search.max_concurrent_trials"
-    assert sweep_concurrency(2, 1.0, 2, field) == 1     # a mask trial: its Train worker, plus its Ray Data
-    assert sweep_concurrency(4, 1.0, 2, field) == 2
-    assert sweep_concurrency(8, 1.0, None, field) == 4  # unbounded: what fits
-    assert sweep_concurrency(8, 1.0, 1, field) == 1
-    with pytest.raises(ClusterTooSmall, match="search.max_concurrent_trials: one trial needs 3 CPUs"):
-        sweep_concurrency(2, 2.0, None, field)
-
-
-def test_an_elastic_run_is_checked_at_its_minimum():
-    """Its growth is held back at run time (``input_cpus_kept``, tested in tests/integration)."""
-    def elastic(low: int, high: int, cpus: float = 1) -> ElasticScalingSection:
-        return ElasticScalingSection(num_workers=(low, high), cpus_per_worker=cpus)
-
-    check_data_cpus(2, elastic(1, 2))       # one worker, one CPU left for Ray Data
-    check_data_cpus(4, elastic(1, 8))
-    check_data_cpus(3, elastic(1, 2, 2))
-    check_data_cpus(1, elastic(2, 4))       # too small for min: Ray Train waits for nodes
-    with pytest.raises(ClusterTooSmall, match=r"2 Train workers .* scaling.num_workers \(its min\) \(at most 1"):
-        check_data_cpus(2, elastic(2, 4))
 
 
 def test_a_resumed_run_may_change_its_scaling_but_not_its_global_batch(tmp_path):

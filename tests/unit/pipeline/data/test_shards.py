@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import feature_store
-from pipeline.data.shards import DestinationConflict
+from pipeline.data.shards import DestinationConflict, deal_shards
+from pipeline.data.sources import AudioSource
 from pipeline.data.storage import resolve
 
 
@@ -82,3 +83,19 @@ def test_a_destination_of_other_settings_or_of_no_run_is_refused_unless_overwrit
         output.prepare("these settings", overwrite=False, made_of="features")
     output.prepare("other settings", overwrite=True, made_of="features")
     assert not list(tmp_path.iterdir())
+
+
+def test_shards_are_dealt_in_a_seeded_random_order_keeping_member_runs_together():
+    files = [AudioSource(f"/data/class{label}/clip{index:02d}.wav", f"class{label}") for label in range(4) for index in range(32)]
+    table = [AudioSource(f"s3://b/t.parquet#{row}") for row in range(100)]
+    shards = deal_shards(list(reversed(files)) + table, shard_size=32)
+    assert shards == deal_shards(files + table, shard_size=32)  # the same input, the same shards
+    assert sorted(source for shard in shards.values() for source in shard) == sorted(files + table)
+    assert list(shards) == list(range(8)) and all(len(shard) == 32 for shard in list(shards.values())[:-1])
+    for shard in deal_shards(files, shard_size=32).values():  # no shard is one class folder
+        labels = [source.label for source in shard]
+        assert max(labels.count(label) for label in set(labels)) <= 0.5 * len(labels)
+    order = [int(source.uri.split("#")[1]) for shard in shards.values() for source in shard if "#" in source.uri]
+    positions = {row: index for index, row in enumerate(order)}
+    assert [positions[row + 1] - positions[row] for row in range(63)] == [1] * 63  # rows 0-63: one run
+    assert deal_shards(files, 32, first_shard=5).keys() == {5, 6, 7, 8}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib
 import json
-from pathlib import Path
 
 import pytest
 import ray
 import yaml
 from pydantic import BaseModel
 
+from support import REPO
 from pipeline.config import (
     ConfigError, EmbedConfig, FeaturizeConfig, FinetuneJobConfig, PretrainJobConfig, load_config, public_dict,
 )
@@ -19,7 +19,6 @@ from pipeline.config.fields import _leaf_types, is_test_only, _section_model, fi
 from pipeline.config.sweep import TuneJobConfig, with_values
 from ssamba import EMBED_DIMS, NORM_PRESETS, NORMS, EncoderConfig
 
-REPO = Path(__file__).resolve().parents[2]
 LOCAL_TINY = str(REPO / "configs/pretrain/local-tiny.yaml")
 ENTRY_POINTS = {"featurize": FeaturizeConfig, "pretrain": PretrainJobConfig, "finetune": FinetuneJobConfig,
                 "embed": EmbedConfig, "tune": TuneJobConfig}

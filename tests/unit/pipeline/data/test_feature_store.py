@@ -47,3 +47,14 @@ def test_a_batch_mixing_mel_bin_counts_is_refused():
     first, second = stored_batch([4], mels=16), stored_batch([4], mels=8)
     with pytest.raises(ValueError, match=r"several mel-bin counts: \[8, 16\]"):
         decode_cropped([*first["fbank"], *second["fbank"]], [4, 4], [16, 8], 4)
+
+
+def test_stored_fbank_round_trip_keeps_float16_precision():
+    from pipeline.data.feature_store import STORED_PRECISION, decode_fbank, encode_fbank
+
+    reference = torch.linspace(-15.0, 25.0, 7 * 128, dtype=torch.float64).reshape(7, 128)
+    stored = encode_fbank(reference.float())
+    assert (stored["n_frames"], stored["n_mels"], len(stored["fbank"])) == (7, 128, 7 * 128 * 2)
+    restored = decode_fbank(stored["fbank"], stored["n_frames"], stored["n_mels"])
+    assert restored.dtype == torch.float32 and STORED_PRECISION == "float16"
+    assert (restored.double() - reference).abs().max() <= 25.0 * 2**-11  # half an ulp of float16 at 25
