@@ -18,7 +18,7 @@ Steady state only: the first ``--warmup`` batches are not timed, then ``--timed`
 larger than both together plus any prefetch and shuffle buffer. The time to the first batch is printed
 too. Each row: examples/s of the pipeline on N CPUs, of the plain loop on one core, and their ratio.
 
-    python benchmarks/ingest.py [--cpus 1 2] [--inputs stored on-the-fly] [--shards 16] [--rows 384] [--clips 800]
+    python benchmarks/ingest.py [--cpus 1 2] [--inputs stored on-the-fly] [--shards 16] [--rows 384] [--clips 1600]
 """
 
 from __future__ import annotations
@@ -125,7 +125,11 @@ def pipeline_rate(config: ExamplesConfig, cpus: int, args: argparse.Namespace) -
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         dataset = examples_dataset(config, S3Config(), AudioConfig()).select_columns(["fbank"])
-        return timed(training_batches(dataset, config, args.batch_size), args.warmup, args.timed)
+        batches = iter(training_batches(dataset, config.local_shuffle_buffer, args.batch_size))
+        try:
+            return timed(batches, args.warmup, args.timed)
+        finally:
+            batches.close()  # stop its prefetch threads before Ray goes: one left running ends the process
     finally:
         ray.shutdown()
         os.sched_setaffinity(0, AVAILABLE)
@@ -149,14 +153,14 @@ def main() -> None:
     parser.add_argument("--inputs", nargs="+", choices=("stored", "on-the-fly"), default=["stored", "on-the-fly"])
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--rows", type=int, default=384, help="fbanks per shard")
-    parser.add_argument("--clips", type=int, default=800, help="WAV files for the on-the-fly input")
+    parser.add_argument("--clips", type=int, default=1600, help="WAV files for the on-the-fly input")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each WAV file")
     parser.add_argument("--target-length", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=20, help="stored: batches read before the clock starts")
     parser.add_argument("--timed", type=int, default=150, help="stored: batches timed")
-    parser.add_argument("--fly-warmup", type=int, default=3, help="on the fly: batches read before the clock starts")
-    parser.add_argument("--fly-timed", type=int, default=10, help="on the fly: batches timed")
+    parser.add_argument("--fly-warmup", type=int, default=20, help="on the fly: batches read before the clock starts")
+    parser.add_argument("--fly-timed", type=int, default=20, help="on the fly: batches timed")
     args = parser.parse_args()
 
     print(f"machine: {platform.machine()}, {len(AVAILABLE)} cores available; batch {args.batch_size}, "

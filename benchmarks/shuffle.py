@@ -2,7 +2,7 @@
 
 Writes a synthetic featurize destination (``--shards`` Parquet shards of ``--rows`` random 1024 × 128
 fbanks, the job's own schema), then reads full epochs of ``pipeline.data.examples.examples_dataset`` through
-``iter_torch_batches`` as the pretraining loop does:
+``training_batches`` as the pretraining loop does:
 
 * ordered: ``shuffle: false`` (files in order, no buffer);
 * shuffled: ``shuffle: true`` (a new file order every epoch) and a local shuffle buffer of
@@ -28,15 +28,14 @@ import ray
 from synthetic import write_feature_store
 
 from pipeline.config import ExamplesConfig, S3Config
-from pipeline.data.examples import examples_dataset
+from pipeline.data.examples import examples_dataset, training_batches
 
 
 def epoch_rate(features: Path, shuffle: bool, buffer: int, batch_size: int) -> float:
     config = ExamplesConfig(features=str(features), shuffle=shuffle, shuffle_buffer=buffer)
     dataset = examples_dataset(config, S3Config()).select_columns(["fbank"])
     start, count = time.perf_counter(), 0
-    for batch in dataset.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2,
-                                            local_shuffle_buffer_size=config.local_shuffle_buffer):
+    for batch in training_batches(dataset, config.local_shuffle_buffer, batch_size):
         count += batch["fbank"].shape[0]
     return count / (time.perf_counter() - start)
 

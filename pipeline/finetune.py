@@ -49,7 +49,7 @@ from pipeline.config import (
     public_dict,
 )
 from pipeline.data import feature_store, featurizer
-from pipeline.data.examples import examples_dataset, labelled_rows
+from pipeline.data.examples import examples_dataset, labelled_rows, training_batches
 from pipeline.data.feature_store import STORED_PRECISION
 from pipeline.data.layouts import TaskData, read_task
 from pipeline.data.sources import AudioSource, SourceError
@@ -186,8 +186,8 @@ def _build(loop: FinetuneLoop, worker: Worker) -> tuple[torch.nn.Module, torch.o
 
 def _train_batches(worker: Worker, config: FinetuneJobConfig):
     """One pass over this worker's share of the training examples, the last batch partial."""
-    return worker.dataset("train").iter_torch_batches(batch_size=config.batch_size, device=worker.device,
-                                                      local_shuffle_buffer_size=config.shuffle_buffer or None)
+    return training_batches(worker.dataset("train"), config.shuffle_buffer or None, config.batch_size, worker.device,
+                            drop_last=False)
 
 
 def _train_epoch(model, optimizer, loop: FinetuneLoop, worker: Worker, epoch: int) -> float:

@@ -408,7 +408,8 @@ def train_loop(train_loop_config: dict) -> None:
     model.train()
     while training.step < max_steps:
         micro = 0
-        batches = training_batches(worker.dataset("train"), config.data, config.train.batch_size, worker.device)
+        batches = training_batches(worker.dataset("train"), config.data.local_shuffle_buffer, config.train.batch_size,
+                                   worker.device)
         for micro, batch in enumerate(batches, start=1):
             # Forward and backward; gradients are averaged across workers on the last micro-batch only.
             sync = micro % accum == 0

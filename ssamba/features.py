@@ -178,8 +178,12 @@ def norm_stats(preset: str) -> NormStats:
         raise ValueError(f"unknown normalisation preset {preset!r}; choose from {sorted(NORM_PRESETS)}") from None
 
 
-def normalize(features: torch.Tensor, stats: NormStats) -> torch.Tensor:
-    """``(x − mean) / (2·std)``: the official loader divides by twice the std."""
+def normalize(features: torch.Tensor, stats: NormStats, in_place: bool = False) -> torch.Tensor:
+    """``(x − mean) / (2·std)``: the official loader divides by twice the std. ``in_place`` overwrites
+    ``features`` (same values, bit for bit): a training input normalising a fresh batch of half-megabyte
+    examples spent two thirds of its time allocating and filling the two new tensors."""
+    if in_place:
+        return features.sub_(stats.mean).div_(2.0 * stats.std)
     return (features - stats.mean) / (2.0 * stats.std)
 
 

@@ -76,7 +76,7 @@ class ExamplesConfig(Strict):
 
     @property
     def local_shuffle_buffer(self) -> int | None:
-        """``iter_torch_batches(local_shuffle_buffer_size=...)`` of this input (None: keep the order)."""
+        """The rows of this input's local shuffle buffer in training (None: keep the order)."""
         return self.shuffle_buffer if self.shuffle and self.shuffle_buffer else None
 
 

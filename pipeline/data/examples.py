@@ -10,14 +10,14 @@ Two sources give the same examples:
   having its files dropped as bad audio.
 
 With ``shuffle`` every epoch reads the shards (or files) in a new random order, and the training loops
-mix rows across shards with a local buffer of ``shuffle_buffer`` examples
-(``iter_torch_batches(local_shuffle_buffer_size=config.local_shuffle_buffer)``); featurize already deals
-sources into shards at random, so a batch is a sample of the whole corpus, not of one folder.
+mix rows across shards with a local buffer of ``shuffle_buffer`` examples (:func:`training_batches`);
+featurize already deals sources into shards at random, so a batch is a sample of the whole corpus, not
+of one folder.
 Validation and test inputs use ``shuffle: false`` and keep their order.
 
 Either way rows come out as ``{"fbank": float32 (target_length, mel), "frames": int (before padding),
 "label": str | None, "uri": str}``,
-ready for ``ray.train.get_dataset_shard(...).iter_torch_batches``.
+read in training by :func:`training_batches`.
 """
 
 from __future__ import annotations
@@ -48,8 +48,16 @@ def read_parquet(location: Location, **options) -> ray.data.Dataset:
     CPU-seconds and several seconds of each small run on a laptop, for feature stores of a few large
     shards whose footers the first reader reads itself. The reader is taken from the calling
     process's ``DataContext`` when the dataset is made, so it is chosen here, where the pipeline
-    makes every Parquet dataset, rather than once per job: Tune trials are processes of their own."""
-    ray.data.DataContext.get_current().use_datasource_v2 = False
+    makes every Parquet dataset, rather than once per job: Tune trials are processes of their own.
+
+    Reads are not split below one block per file (``read_op_min_num_blocks``): to reach its default 200
+    read blocks Ray splits the output of a store with fewer files, and a split read is never fused with
+    the step after it, so every example crossed the object store twice, as stored float16 rows and
+    again as float32 examples. Unsplit, one task reads a shard and makes its examples
+    (benchmarks/ingest.py: about 1.5 times the examples per second on 2 CPUs)."""
+    context = ray.data.DataContext.get_current()
+    context.use_datasource_v2 = False
+    context.read_op_min_num_blocks = 1
     return ray.data.read_parquet(location.path, filesystem=location.filesystem, **options)
 
 
@@ -60,7 +68,7 @@ def to_examples(batch: dict[str, np.ndarray], config: ExamplesConfig) -> dict[st
     augment = config.augment
     if augment.freq_mask or augment.time_mask:
         features = spec_augment(features, augment.freq_mask, augment.time_mask)
-    features = normalize(features, norm_stats(config.norm))
+    features = normalize(features, norm_stats(config.norm), in_place=True)  # the batch is this function's own
     if augment.noise:
         features = torch.stack([add_noise(clip) for clip in features])
     return {"fbank": features.numpy(), "frames": np.minimum(batch["n_frames"], config.target_length).astype(np.int64),
@@ -77,6 +85,17 @@ def labelled_rows(batch: dict[str, np.ndarray], targets: dict[str, Sequence[int]
     for row, uri in enumerate(batch["uri"][keep]):
         target[row, list(targets[uri])] = 1.0
     return keep, target
+
+
+EXAMPLES_PER_BLOCK = 32  # 16 MB of float32 at 1,024 × 128: the examples step's output blocks
+
+
+def _examples_in_blocks(batch: dict[str, np.ndarray], config: ExamplesConfig) -> Iterator[dict[str, np.ndarray]]:
+    """:func:`to_examples` of a whole read block, ``EXAMPLES_PER_BLOCK`` rows at a time. The examples step
+    takes whole blocks (a fixed ``batch_size`` would keep Ray from fusing it with the Parquet read) and
+    converts them piece by piece, so it never holds a whole block of float32 examples at once."""
+    for start in range(0, len(batch["n_frames"]), EXAMPLES_PER_BLOCK):
+        yield to_examples({name: column[start:start + EXAMPLES_PER_BLOCK] for name, column in batch.items()}, config)
 
 
 _readers: dict[str, SourceReader] = {}  # one per store settings and worker process, reused across batches
@@ -103,13 +122,13 @@ def featurize_on_the_fly(batch: dict[str, np.ndarray], storage: S3Config, audio:
     return {name: [row[name] for row in rows] for name in columns}
 
 
-def training_batches(examples: ray.data.Dataset | ray.data.DataIterator, config: ExamplesConfig, batch_size: int,
-                     device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
-    """One pass over training examples as the pretraining loop reads them: full batches, two prefetched,
-    rows mixed across shards in a local buffer of ``config.shuffle_buffer`` (benchmarks/ingest.py
-    measures exactly this)."""
-    return examples.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device, prefetch_batches=2,
-                                       local_shuffle_buffer_size=config.local_shuffle_buffer)
+def training_batches(examples: ray.data.Dataset | ray.data.DataIterator, buffer_rows: int | None, batch_size: int,
+                     device: torch.device | str = "cpu", drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """One pass over training examples as the training loops read them: torch batches on ``device``, two
+    prefetched, rows mixed across shards in a local buffer of ``buffer_rows`` examples (None: kept in
+    order). benchmarks/ingest.py measures exactly this."""
+    return examples.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, device=device, prefetch_batches=2,
+                                       local_shuffle_buffer_size=buffer_rows or None)
 
 
 def examples_dataset(config: ExamplesConfig, storage: S3Config, audio: AudioConfig = AudioConfig()) -> ray.data.Dataset:
@@ -125,4 +144,4 @@ def examples_dataset(config: ExamplesConfig, storage: S3Config, audio: AudioConf
             dataset = dataset.random_shuffle()  # file order; the rows are tiny until featurized
         dataset = dataset.map_batches(featurize_on_the_fly, fn_kwargs={"storage": storage, "audio": audio},
                                       batch_size=8, num_cpus=1)
-    return dataset.map_batches(to_examples, fn_kwargs={"config": config}, batch_size=32)
+    return dataset.map_batches(_examples_in_blocks, fn_kwargs={"config": config}, batch_size=None)

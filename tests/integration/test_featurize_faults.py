@@ -1,6 +1,7 @@
 """The featurize and embed commands (and pretraining's on-the-fly input) under faults, each run as its own
-process with its own local Ray: a store that goes away during the job, and a destination left with a
-truncated shard and a partial file."""
+process: a store that goes away during the job, and a destination left with a truncated shard and a
+partial file. The jobs join the session's Ray cluster; on-the-fly pretraining starts its own on 2 CPUs,
+the size at which its input once waited forever for a CPU."""
 
 from __future__ import annotations
 
@@ -25,14 +26,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def job_env():
-    """The environment of a featurize process: no RAY_ADDRESS and a private Ray temp dir holding no
-    `ray start` record, so it starts its own local Ray; the store's keys as AWS variables, never on the
+def job_env(ray_cluster):
+    """The environment of a job process: it joins the session's Ray cluster (``RAY_ADDRESS``) as a job
+    submitted to a running cluster does, its Ray temp dir private (a job that starts its own Ray, with
+    ``ray.address=local``, keeps its sockets there); the store's keys as AWS variables, never on the
     command line."""
     ray_tmp = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # unix socket paths must stay short
-    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_") and key != "RAY_ADDRESS"}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
     env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, RAY_TMPDIR=ray_tmp,
-               RAY_USAGE_STATS_ENABLED="0")
+               RAY_USAGE_STATS_ENABLED="0", RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     yield env
     shutil.rmtree(ray_tmp, ignore_errors=True)
 

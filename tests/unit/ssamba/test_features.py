@@ -77,6 +77,14 @@ def test_normalize_uses_twice_the_std():
         F.norm_stats("librispeech")
 
 
+def test_normalize_in_place_gives_the_same_bits_in_the_tensor_it_was_given():
+    stats = F.norm_stats("audioset")
+    features = torch.randn(3, 40, 128, dtype=torch.float64).float() * 5 - 4
+    expected = F.normalize(features, stats)
+    result = F.normalize(features, stats, in_place=True)
+    assert result.data_ptr() == features.data_ptr() and torch.equal(result, expected)
+
+
 def test_spec_augment_masks_one_band_per_axis_with_zeros():
     features = torch.full((4, 100, 128), 5.0)
     out = F.spec_augment(features, freq_mask=48, time_mask=30, generator=torch.Generator().manual_seed(1))

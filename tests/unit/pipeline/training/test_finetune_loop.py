@@ -25,8 +25,9 @@ class InMemoryWorker:
     def dataset(self, name: str) -> InMemoryWorker:
         return self
 
-    def iter_torch_batches(self, batch_size: int, device, local_shuffle_buffer_size=None):
-        for start in range(0, len(self.features), batch_size):
+    def iter_torch_batches(self, batch_size: int, device, drop_last=False, prefetch_batches=1,
+                           local_shuffle_buffer_size=None):
+        for start in range(0, len(self.features) - (batch_size - 1 if drop_last else 0), batch_size):
             yield {"fbank": self.features[start:start + batch_size], "target": self.targets[start:start + batch_size]}
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
