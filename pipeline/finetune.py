@@ -186,7 +186,7 @@ def _build(loop: FinetuneLoop, worker: Worker) -> tuple[torch.nn.Module, torch.o
 
 def _train_batches(worker: Worker, config: FinetuneJobConfig):
     """One pass over this worker's share of the training examples, the last batch partial."""
-    return training_batches(worker.dataset("train"), config.shuffle_buffer or None, config.batch_size, worker.device,
+    return training_batches(worker.dataset("train"), config.shuffle_buffer, config.batch_size, worker.device,
                             drop_last=False)
 
 

@@ -93,7 +93,8 @@ EXAMPLES_PER_BLOCK = 32  # 16 MB of float32 at 1,024 × 128: the examples step's
 def _examples_in_blocks(batch: dict[str, np.ndarray], config: ExamplesConfig) -> Iterator[dict[str, np.ndarray]]:
     """:func:`to_examples` of a whole read block, ``EXAMPLES_PER_BLOCK`` rows at a time. The examples step
     takes whole blocks (a fixed ``batch_size`` would keep Ray from fusing it with the Parquet read) and
-    converts them piece by piece, so it never holds a whole block of float32 examples at once."""
+    converts them a piece at a time; Ray gathers the pieces into output blocks of up to its target
+    block size."""
     for start in range(0, len(batch["n_frames"]), EXAMPLES_PER_BLOCK):
         yield to_examples({name: column[start:start + EXAMPLES_PER_BLOCK] for name, column in batch.items()}, config)
 
@@ -125,8 +126,8 @@ def featurize_on_the_fly(batch: dict[str, np.ndarray], storage: S3Config, audio:
 def training_batches(examples: ray.data.Dataset | ray.data.DataIterator, buffer_rows: int | None, batch_size: int,
                      device: torch.device | str = "cpu", drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """One pass over training examples as the training loops read them: torch batches on ``device``, two
-    prefetched, rows mixed across shards in a local buffer of ``buffer_rows`` examples (None: kept in
-    order). benchmarks/ingest.py measures exactly this."""
+    prefetched, rows mixed across shards in a local buffer of ``buffer_rows`` examples (None or 0: kept
+    in order). benchmarks/ingest.py measures exactly this."""
     return examples.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, device=device, prefetch_batches=2,
                                        local_shuffle_buffer_size=buffer_rows or None)
 
