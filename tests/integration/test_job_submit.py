@@ -30,6 +30,24 @@ def signal_group(process: subprocess.Popen, signum: int) -> None:
         os.killpg(process.pid, signum)
 
 
+def wait_for_job_agent(address: str, deadline: float) -> None:
+    """The job server answers before the head's dashboard agent, which runs the jobs, has registered:
+    a submission then fails with "No available agent to submit job, please try again later" (seen on a
+    loaded 2-core machine). A no-op job submitted until one is accepted waits for the agent, as a user
+    would retry."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    while True:
+        try:
+            client.submit_job(entrypoint="true")
+            return
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 @pytest.fixture
 def head_node(s3_server):
     """A separate Ray head with its dashboard (the job server) on free ports, started like a user would.
@@ -64,6 +82,7 @@ def head_node(s3_server):
                 signal_group(head, signal.SIGKILL)
                 pytest.fail("the Ray head node did not start")
             time.sleep(1)
+    wait_for_job_agent(address, deadline)
     yield address, env
     signal_group(head, signal.SIGTERM)  # the dashboard and agents stop at once ...
     time.sleep(3)
