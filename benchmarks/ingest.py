@@ -3,7 +3,8 @@
 Two inputs, each read both ways:
 
 * stored features: a synthetic featurize destination (``--shards`` × ``--rows`` fbanks of 400–1,500
-  frames × 128 mels, the job's schema);
+  frames × 128 mels, the job's schema and Parquet settings); ``stored-zstd``: the same with the fbanks
+  zstd-compressed, as the featurize job wrote them before it stored them raw;
 * on the fly: ``--clips`` WAV files of ``--seconds`` seconds, decoded and featurized while reading.
 
 Pipeline: ``pipeline.data.examples.examples_dataset`` read with ``pipeline.data.examples.training_batches``, the pretraining
@@ -18,7 +19,7 @@ Steady state only: the first ``--warmup`` batches are not timed, then ``--timed`
 larger than both together plus any prefetch and shuffle buffer. The time to the first batch is printed
 too. Each row: examples/s of the pipeline on N CPUs, of the plain loop on one core, and their ratio.
 
-    python benchmarks/ingest.py [--cpus 1 2] [--inputs stored on-the-fly] [--shards 16] [--rows 384] [--clips 1600]
+    python benchmarks/ingest.py [--cpus 1 2] [--inputs stored stored-zstd on-the-fly] [--shards 16] [--rows 384] [--clips 1600]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from synthetic import write_feature_store, write_wav_clips
 
 from pipeline.config import AudioConfig, ExamplesConfig, InputConfig, S3Config
 from pipeline.data.examples import examples_dataset, training_batches
+from pipeline.data.feature_store import RAW_COLUMNS
 from ssamba.features import FbankConfig, norm_stats, waveform_to_fbank
 
 AVAILABLE = sorted(os.sched_getaffinity(0))  # the cores this benchmark may pin itself to
@@ -124,7 +126,7 @@ def pipeline_rate(config: ExamplesConfig, cpus: int, args: argparse.Namespace) -
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)  # never a stray cluster
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        dataset = examples_dataset(config, S3Config(), AudioConfig()).select_columns(["fbank"])
+        dataset = examples_dataset(config, S3Config(), AudioConfig(), columns=["fbank"])
         batches = iter(training_batches(dataset, config.local_shuffle_buffer, args.batch_size))
         try:
             return timed(batches, args.warmup, args.timed)
@@ -150,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpus", type=int, nargs="+", default=sorted({1, 2, len(AVAILABLE)}),
                         help="CPU counts to give the pipeline (default 1, 2 and all)")
-    parser.add_argument("--inputs", nargs="+", choices=("stored", "on-the-fly"), default=["stored", "on-the-fly"])
+    parser.add_argument("--inputs", nargs="+", choices=("stored", "stored-zstd", "on-the-fly"), default=["stored", "on-the-fly"])
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--rows", type=int, default=384, help="fbanks per shard")
     parser.add_argument("--clips", type=int, default=1600, help="WAV files for the on-the-fly input")
@@ -169,8 +171,9 @@ def main() -> None:
     print(f"{'input':<11} {'CPUs':>4} {'pipeline ex/s':>14} {'plain ex/s':>11} {'ratio':>6} {'first batch s':>14}")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.inputs:
-            if name == "stored":
-                store = write_feature_store(Path(folder) / "store", args.shards, args.rows, frames=(400, 1500))
+            if name.startswith("stored"):
+                store = write_feature_store(Path(folder) / name, args.shards, args.rows, frames=(400, 1500),
+                                            raw_columns=() if name == "stored-zstd" else RAW_COLUMNS)
                 config = ExamplesConfig(features=str(store), target_length=args.target_length)
                 plain = plain_stored(store, config, args.batch_size)
                 settings = args

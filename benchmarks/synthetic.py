@@ -3,21 +3,20 @@ and shard names (random fbanks), and 16 kHz WAV clips of noisy tones."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import soundfile
 
-from pipeline.data.feature_store import FEATURE_SCHEMA
-from pipeline.data.shards import shard_name
+from pipeline.data.feature_store import FEATURE_SCHEMA, RAW_COLUMNS
+from pipeline.data.shards import parquet_bytes, shard_name
 
 
 def write_feature_store(folder: Path, shards: int, rows: int, frames: tuple[int, int] = (1024, 1024),
-                        mels: int = 128) -> Path:
-    """``shards`` Parquet shards of ``rows`` fbanks each, of ``frames[0]``–``frames[1]`` frames (uniform)."""
+                        mels: int = 128, raw_columns: tuple[str, ...] = RAW_COLUMNS) -> Path:
+    """``shards`` Parquet shards of ``rows`` fbanks each, of ``frames[0]``–``frames[1]`` frames (uniform),
+    written as the featurize job writes them (``raw_columns=()``: every column compressed, as before)."""
     rng = np.random.default_rng(0)
     (folder / "features").mkdir(parents=True)
     for shard in range(shards):
@@ -28,9 +27,7 @@ def write_feature_store(folder: Path, shards: int, rows: int, frames: tuple[int,
             "n_frames": int(length), "n_mels": mels,
             "fbank": rng.normal(-5, 3, (length, mels)).astype(np.float16).tobytes(),
         } for row, length in enumerate(lengths)], schema=FEATURE_SCHEMA)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        (folder / "features" / shard_name(shard)).write_bytes(buffer.getvalue())
+        (folder / "features" / shard_name(shard)).write_bytes(parquet_bytes(table, raw_columns))
     return folder
 
 

@@ -513,9 +513,9 @@ def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | Non
 
 def _launch(config: PretrainJobConfig, storage: Location, callbacks: list[ray.train.UserCallback] | None,
             parent_run_id: str | None, tracking: run_record.TrackingSetup, probe_set: ProbeSet | None) -> ray.train.Result:
-    datasets = {"train": examples_dataset(config.data, config.storage).select_columns(["fbank"])}
+    datasets = {"train": examples_dataset(config.data, config.storage, columns=["fbank"])}
     if config.validation is not None:
-        datasets["val"] = examples_dataset(config.validation, config.storage).select_columns(["fbank"])
+        datasets["val"] = examples_dataset(config.validation, config.storage, columns=["fbank"])
     if probe_set is not None:
         datasets[PROBE_DATASET] = probe_dataset(config.probe, probe_set, config.data, config.storage,
                                                 config.model.num_mel_bins)

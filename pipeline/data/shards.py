@@ -20,7 +20,7 @@ import json
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -58,9 +58,15 @@ def record_name(shard: int) -> str:
     return f"part-{shard:05d}.json"
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table, raw_columns: Sequence[str] = ()) -> bytes:
+    """``table`` as one Parquet object, zstd-compressed, except ``raw_columns``: those are stored as they
+    are, without compression or dictionary, for dense numbers that compress poorly and are read often
+    (the feature store's fbanks: see :data:`pipeline.data.feature_store.RAW_COLUMNS`)."""
+    raw = set(raw_columns) & set(table.column_names)
+    compression = {name: "none" if name in raw else "zstd" for name in table.column_names}
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    pq.write_table(table, buffer, compression=compression,
+                   use_dictionary=[name for name in table.column_names if name not in raw])
     return buffer.getvalue()
 
 
@@ -101,10 +107,13 @@ def deal_shards(sources: list[AudioSource], shard_size: int, first_shard: int = 
 
 class ShardedDestination:
     """``output/<folder>/part-NNNNN.parquet`` for each data folder, ``output/<records>/part-NNNNN.json``
-    for the completion records, ``output/_plan.parquet`` and the job's run record ``output/<run_record>``."""
+    for the completion records, ``output/_plan.parquet`` and the job's run record ``output/<run_record>``;
+    ``raw_columns`` are written uncompressed (see :func:`parquet_bytes`)."""
 
-    def __init__(self, output: Location, folders: tuple[str, ...], records: str, run_record: str) -> None:
+    def __init__(self, output: Location, folders: tuple[str, ...], records: str, run_record: str,
+                 raw_columns: tuple[str, ...] = ()) -> None:
         self.output, self.folders, self.records, self.run_record = output, folders, records, run_record
+        self.raw_columns = raw_columns
 
     def prepare(self, fingerprint: str, overwrite: bool, made_of: str) -> None:
         """Resume or grow a destination made with these settings; refuse any other unless ``overwrite``
@@ -163,7 +172,7 @@ class ShardedDestination:
         record comes last, so a shard whose record matches its objects is complete."""
         record = {}
         for folder, table in tables.items():
-            data = parquet_bytes(table)
+            data = parquet_bytes(table, self.raw_columns)
             self.output.join(folder, shard_name(shard)).write_bytes(data)
             record[folder] = {"rows": table.num_rows, "bytes": len(data)}
         self._write_shard_record(shard, record)

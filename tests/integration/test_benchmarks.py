@@ -62,12 +62,13 @@ def test_shuffle_prints_shuffled_over_ordered(tmp_path):
 
 
 @pytest.mark.xdist_group("benchmarks-ray")
-def test_ingest_prints_the_pipeline_beside_the_plain_loop_for_both_inputs(tmp_path):
-    out = benchmark("ingest.py", "--cpus", "1", "--shards", "2", "--rows", "16", "--clips", "16", "--seconds", "1",
+def test_ingest_prints_the_pipeline_beside_the_plain_loop_for_each_input(tmp_path):
+    out = benchmark("ingest.py", "--cpus", "1", "--inputs", "stored", "stored-zstd", "on-the-fly", "--shards", "2", "--rows", "16", "--clips", "16", "--seconds", "1",
                     "--target-length", "64", "--batch-size", "4", "--warmup", "1", "--timed", "2",
                     "--fly-warmup", "1", "--fly-timed", "1", cwd=tmp_path)
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["stored"], ["on-the-fly"])}
-    assert set(rows) == {"stored", "on-the-fly"}
+    inputs = {"stored", "stored-zstd", "on-the-fly"}
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] and line.split()[0] in inputs}
+    assert set(rows) == inputs
     for cpus, pipeline, plain, ratio, _ in rows.values():
         assert cpus == "1" and float(pipeline) > 0  # on the fly too: its tasks share the one CPU and float(plain) > 0
         assert float(ratio) == pytest.approx(float(pipeline) / float(plain), rel=0.02, abs=0.006)  # 2 decimals

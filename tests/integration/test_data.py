@@ -43,6 +43,19 @@ def test_examples_from_features_are_cropped_padded_and_normalised(feature_store)
         np.testing.assert_allclose(example, expected.numpy(), rtol=1e-6)
 
 
+def test_examples_keep_the_columns_asked_for(feature_store):
+    """The examples step itself drops the other columns (a ``select_columns`` after it, fused into the read
+    task, held the task's output back until it ended: see ``examples_dataset``)."""
+    _, output = feature_store
+    config = ExamplesConfig(features=str(output), target_length=64, shuffle=False)
+    full = by_uri(examples_dataset(config, S3Config()).take_all())
+    chosen = examples_dataset(config, S3Config(), columns=["uri", "fbank"]).take_all()
+    assert [set(row) for row in chosen] == [{"uri", "fbank"}] * len(GOOD)
+    assert {set(row) == {"fbank", "frames", "label", "uri"} for row in full.values()} == {True}
+    for row in chosen:
+        np.testing.assert_array_equal(row["fbank"], full[row["uri"]]["fbank"])
+
+
 def test_on_the_fly_matches_featurize_and_drops_bad_files(feature_store):
     root, output = feature_store
     stored = by_uri(examples_dataset(ExamplesConfig(features=str(output), target_length=128), S3Config()).take_all())

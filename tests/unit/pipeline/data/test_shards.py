@@ -99,3 +99,16 @@ def test_shards_are_dealt_in_a_seeded_random_order_keeping_member_runs_together(
     positions = {row: index for index, row in enumerate(order)}
     assert [positions[row + 1] - positions[row] for row in range(63)] == [1] * 63  # rows 0-63: one run
     assert deal_shards(files, 32, first_shard=5).keys() == {5, 6, 7, 8}
+
+
+def test_a_feature_shard_stores_its_fbanks_raw_and_the_rest_zstd_compressed(tmp_path):
+    """Fbanks are read every epoch and barely compress: stored without compression or dictionary. The
+    other columns and the quarantine table stay zstd-compressed."""
+    feature_store.destination(resolve(str(tmp_path))).write_shard(0, tables(5))
+    written = pq.ParquetFile(tmp_path / "features" / "part-00000.parquet").metadata.row_group(0)
+    columns = {written.column(i).path_in_schema: written.column(i) for i in range(written.num_columns)}
+    assert columns["fbank"].compression == "UNCOMPRESSED" and not columns["fbank"].has_dictionary_page
+    assert {chunk.compression for name, chunk in columns.items() if name != "fbank"} == {"ZSTD"}
+    quarantine = pq.ParquetFile(tmp_path / "quarantine" / "part-00000.parquet").metadata.row_group(0)
+    assert {quarantine.column(i).compression for i in range(quarantine.num_columns)} == {"ZSTD"}
+    assert pq.read_table(tmp_path / "features").equals(tables(5)[feature_store.FEATURES])
