@@ -72,6 +72,16 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def forget_cluster_record(gcs_port: int) -> None:
+    """``ray start`` and Ray's test ``Cluster`` record their head for later jobs on this machine
+    (``address: auto`` or unset) in the temp folder, and a stopped head does not take the record with
+    it: left behind, every such job would try to join a cluster that is gone (the dead-cluster error).
+    Remove it if it names the head on ``gcs_port``."""
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if record.exists() and record.read_text().strip().endswith(f":{gcs_port}"):
+        record.unlink()
+
+
 @dataclass(frozen=True)
 class S3Server:
     endpoint: str

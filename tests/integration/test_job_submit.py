@@ -19,33 +19,17 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import free_ports
+from conftest import forget_cluster_record, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.timeout(600)
+# Never beside the multinode tests' cluster: with it running, this head's job server never found its
+# agent ("No available agent to submit job", for three minutes), reproduced with the two modules alone.
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("multinode")]
 
 
 def signal_group(process: subprocess.Popen, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):  # the group may be gone already
         os.killpg(process.pid, signum)
-
-
-def wait_for_job_agent(address: str, deadline: float) -> None:
-    """The job server answers before the head's dashboard agent, which runs the jobs, has registered:
-    a submission then fails with "No available agent to submit job, please try again later" (seen on a
-    loaded 2-core machine). A no-op job submitted until one is accepted waits for the agent, as a user
-    would retry."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
-    while True:
-        try:
-            client.submit_job(entrypoint="true")
-            return
-        except RuntimeError as error:
-            if "No available agent" not in str(error) or time.monotonic() > deadline:
-                raise
-            time.sleep(1)
 
 
 @pytest.fixture
@@ -82,19 +66,13 @@ def head_node(s3_server):
                 signal_group(head, signal.SIGKILL)
                 pytest.fail("the Ray head node did not start")
             time.sleep(1)
-    wait_for_job_agent(address, deadline)
     yield address, env
     signal_group(head, signal.SIGTERM)  # the dashboard and agents stop at once ...
     time.sleep(3)
     signal_group(head, signal.SIGKILL)  # ... the GCS and the raylet would take about 30 s more
     head.wait(timeout=60)
     shutil.rmtree(temp_dir, ignore_errors=True)
-    # `ray start` records its cluster for later jobs on this machine (`address: auto` or unset), and a
-    # killed head does not take the record with it: left behind, every such job would try to join a
-    # cluster that is gone (minutes of GCS timeouts, then an error).
-    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    if record.exists() and record.read_text().strip().endswith(f":{gcs}"):
-        record.unlink()
+    forget_cluster_record(gcs)
 
 
 def readme_job_submit(address: str, submitter: Path) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import free_ports
+from conftest import forget_cluster_record, free_ports
 from pipeline.data.storage import resolve
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("multinode")]  # one cluster fixture
@@ -69,10 +69,12 @@ def cluster(s3_server):
             "num_cpus": HEAD_CPUS, "temp_dir": temp_dir, "include_dashboard": True,
             "dashboard_host": "127.0.0.1", "dashboard_port": dashboard})
     yield cluster
+    head_port = int(cluster.head_node.gcs_address.rsplit(":", 1)[1])
     for node in list(cluster.worker_nodes):
         cluster.remove_node(node)
     cluster.remove_node(cluster.head_node)
     shutil.rmtree(temp_dir, ignore_errors=True)
+    forget_cluster_record(head_port)
 
 
 def add_node(cluster) -> None:
