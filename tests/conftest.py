@@ -135,6 +135,9 @@ class WeedServer:
             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
             f"-webdav.port={webdav}", f"-admin.port={admin}", f"-s3.port.iceberg={iceberg}",
             f"-s3.port.lance={lance}", "-admin.ui=false", "-webdav=false",
+            # Each bucket takes a volume of its own. Left alone, mini sizes its volume count by the free
+            # disk, so a machine with little free space ran out after a few buckets and PutObject failed.
+            "-master.volumeSizeLimitMB=64", "-volume.max=200",
         ]
         self.process: subprocess.Popen | None = None
 
