@@ -9,7 +9,9 @@ Two inputs, each read both ways:
 
 Pipeline: ``pipeline.data.examples.examples_dataset`` read with ``pipeline.data.examples.training_batches``, the pretraining
 loop's own call (``iter_torch_batches``, two batches prefetched, the local shuffle buffer), on a local Ray
-started with N CPUs and pinned to N cores, its driver included, for N in ``--cpus``.
+started with N CPUs and pinned to N cores, its driver included, for N in ``--cpus``. The driver reads the
+batches as the Train worker does in pretraining: from 2 CPUs on, Ray Data schedules its tasks on N - 1 of
+them, as it does beside a Train worker that holds one.
 
 Plain loop: one process on one core reads the same shards (or files) in a shuffled order and does the same
 work per clip: pyarrow → ``numpy.frombuffer`` → crop or pad to ``--target-length`` → normalise →
@@ -37,6 +39,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 import soundfile
+from ray.data import ExecutionResources
 import torch
 from synthetic import write_feature_store, write_wav_clips
 
@@ -123,17 +126,24 @@ def plain_on_the_fly(clips: Path, config: ExamplesConfig, batch_size: int) -> It
 
 def pipeline_rate(config: ExamplesConfig, cpus: int, args: argparse.Namespace) -> tuple[float, float]:
     os.sched_setaffinity(0, AVAILABLE[:cpus])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the loop's one CPU, as Ray Train gives its worker (OMP_NUM_THREADS)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)  # never a stray cluster
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        dataset = examples_dataset(config, S3Config(), AudioConfig(), columns=["fbank"])
-        batches = iter(training_batches(dataset, config.local_shuffle_buffer, args.batch_size))
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        # As in pretraining: its Train worker holds a CPU and Ray Data schedules on the rest (with one CPU
+        # in all, the reader and the loop share it).
+        context.execution_options.resource_limits = ExecutionResources.for_limits(cpu=cpus - 1 if cpus > 1 else None)
+        dataset = examples_dataset(config, S3Config(), AudioConfig(), columns=["fbank"], finished=False)
+        batches = training_batches(dataset, config, config.local_shuffle_buffer, args.batch_size)
         try:
             return timed(batches, args.warmup, args.timed)
         finally:
             batches.close()  # stop its prefetch threads before Ray goes: one left running ends the process
     finally:
         ray.shutdown()
+        torch.set_num_threads(threads)
         os.sched_setaffinity(0, AVAILABLE)
 
 

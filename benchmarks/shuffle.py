@@ -33,9 +33,9 @@ from pipeline.data.examples import examples_dataset, training_batches
 
 def epoch_rate(features: Path, shuffle: bool, buffer: int, batch_size: int) -> float:
     config = ExamplesConfig(features=str(features), shuffle=shuffle, shuffle_buffer=buffer)
-    dataset = examples_dataset(config, S3Config(), columns=["fbank"])
+    dataset = examples_dataset(config, S3Config(), columns=["fbank"], finished=False)
     start, count = time.perf_counter(), 0
-    for batch in training_batches(dataset, config.local_shuffle_buffer, batch_size):
+    for batch in training_batches(dataset, config, config.local_shuffle_buffer, batch_size):
         count += batch["fbank"].shape[0]
     return count / (time.perf_counter() - start)
 

@@ -133,12 +133,18 @@ def _with_targets(batch: dict[str, np.ndarray], positives: dict[str, list[int]],
     return {"fbank": batch["fbank"][keep], "target": target}
 
 
+def _examples(config: FinetuneJobConfig, train: bool) -> ExamplesConfig:
+    """The examples of a split: augmented and shuffled for training."""
+    return ExamplesConfig(features=config.features, target_length=config.target_length, norm=config.norm,
+                          augment=config.augment.per_example() if train else AugmentConfig(), shuffle=train)
+
+
 def _subset(config: FinetuneJobConfig, sources: list[AudioSource], classes: list[str], train: bool) -> ray.data.Dataset:
-    examples = ExamplesConfig(features=config.features, target_length=config.target_length, norm=config.norm,
-                              augment=config.augment.per_example() if train else AugmentConfig(), shuffle=train)
+    """One split's examples with their targets; the training split's are left for :func:`training_batches` to
+    finish."""
     index = {name: i for i, name in enumerate(classes)}
     positives = {source.uri: [index[name] for name in source.targets] for source in sources}
-    return examples_dataset(examples, config.storage).map_batches(
+    return examples_dataset(_examples(config, train), config.storage, finished=not train).map_batches(
         _with_targets, fn_kwargs={"positives": positives, "num_classes": len(classes)})
 
 
@@ -186,8 +192,8 @@ def _build(loop: FinetuneLoop, worker: Worker) -> tuple[torch.nn.Module, torch.o
 
 def _train_batches(worker: Worker, config: FinetuneJobConfig):
     """One pass over this worker's share of the training examples, the last batch partial."""
-    return training_batches(worker.dataset("train"), config.shuffle_buffer, config.batch_size, worker.device,
-                            drop_last=False)
+    return training_batches(worker.dataset("train"), _examples(config, train=True), config.shuffle_buffer,
+                            config.batch_size, worker.device, drop_last=False)
 
 
 def _train_epoch(model, optimizer, loop: FinetuneLoop, worker: Worker, epoch: int) -> float:

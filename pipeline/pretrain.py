@@ -408,8 +408,8 @@ def train_loop(train_loop_config: dict) -> None:
     model.train()
     while training.step < max_steps:
         micro = 0
-        batches = training_batches(worker.dataset("train"), config.data.local_shuffle_buffer, config.train.batch_size,
-                                   worker.device)
+        batches = training_batches(worker.dataset("train"), config.data, config.data.local_shuffle_buffer,
+                                   config.train.batch_size, worker.device)
         for micro, batch in enumerate(batches, start=1):
             # Forward and backward; gradients are averaged across workers on the last micro-batch only.
             sync = micro % accum == 0
@@ -513,7 +513,7 @@ def run(config: PretrainJobConfig, callbacks: list[ray.train.UserCallback] | Non
 
 def _launch(config: PretrainJobConfig, storage: Location, callbacks: list[ray.train.UserCallback] | None,
             parent_run_id: str | None, tracking: run_record.TrackingSetup, probe_set: ProbeSet | None) -> ray.train.Result:
-    datasets = {"train": examples_dataset(config.data, config.storage, columns=["fbank"])}
+    datasets = {"train": examples_dataset(config.data, config.storage, columns=["fbank"], finished=False)}
     if config.validation is not None:
         datasets["val"] = examples_dataset(config.validation, config.storage, columns=["fbank"])
     if probe_set is not None:

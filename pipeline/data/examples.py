@@ -16,8 +16,8 @@ of one folder.
 Validation and test inputs use ``shuffle: false`` and keep their order.
 
 Either way rows come out as ``{"fbank": float32 (target_length, mel), "frames": int (before padding),
-"label": str | None, "uri": str}``,
-read in training by :func:`training_batches`.
+"label": str | None, "uri": str}``. Training splits leave ``fbank`` as float16 crops
+(``finished=False``) for :func:`training_batches` to finish on the training device.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 from pipeline.config import AudioConfig, ExamplesConfig, S3Config
 from pipeline.data.audio import AudioError
-from pipeline.data.feature_store import FBANK_COLUMNS, decode_cropped, featurize_source
+from pipeline.data.feature_store import FBANK_COLUMNS, STORED_DTYPE, decode_cropped, featurize_source
 from pipeline.data.reading import SourceReader, read_source
 from pipeline.data.sources import AudioSource, list_sources
 from pipeline.data.storage import Location, resolve
@@ -61,18 +61,33 @@ def read_parquet(location: Location, **options) -> ray.data.Dataset:
     return ray.data.read_parquet(location.path, filesystem=location.filesystem, **options)
 
 
-def to_examples(batch: dict[str, np.ndarray], config: ExamplesConfig) -> dict[str, np.ndarray]:
-    """Stored raw log-mel rows → fixed-length, normalised, augmented float32 examples, a batch at a time:
-    one array for the batch, masks and normalisation applied to all of it (docs/pipeline.md#training-input)."""
-    features = torch.from_numpy(decode_cropped(batch["fbank"], batch["n_frames"], batch["n_mels"], config.target_length))
+def crop_examples(batch: dict[str, np.ndarray], config: ExamplesConfig) -> dict[str, np.ndarray]:
+    """Stored raw log-mel rows → fixed-length examples at stored precision (float16), a batch at a time, not yet
+    finished (:func:`finish_examples`). What training reads: half the bytes of float32 in the object store and
+    the shuffle buffer, and on the way to the device."""
+    fbank = decode_cropped(batch["fbank"], batch["n_frames"], batch["n_mels"], config.target_length, STORED_DTYPE)
+    return {"fbank": fbank, "frames": np.minimum(batch["n_frames"], config.target_length).astype(np.int64),
+            "label": batch["label"], "uri": batch["uri"]}
+
+
+def finish_examples(fbank: torch.Tensor, config: ExamplesConfig) -> torch.Tensor:
+    """A batch of cropped examples → float32, masked, normalised and noised, where it is (on the training
+    device, for the training input): the masks go on the raw values, before normalising, as the official
+    loader does (docs/pipeline.md#training-input)."""
+    features = fbank.float() if fbank.dtype != torch.float32 else fbank.clone()  # a batch this function owns
     augment = config.augment
     if augment.freq_mask or augment.time_mask:
         features = spec_augment(features, augment.freq_mask, augment.time_mask)
-    features = normalize(features, norm_stats(config.norm), in_place=True)  # the batch is this function's own
+    features = normalize(features, norm_stats(config.norm), in_place=True)
     if augment.noise:
         features = torch.stack([add_noise(clip) for clip in features])
-    return {"fbank": features.numpy(), "frames": np.minimum(batch["n_frames"], config.target_length).astype(np.int64),
-            "label": batch["label"], "uri": batch["uri"]}
+    return features
+
+
+def to_examples(batch: dict[str, np.ndarray], config: ExamplesConfig) -> dict[str, np.ndarray]:
+    """Stored raw log-mel rows → finished float32 examples (cropped, masked, normalised, noised)."""
+    examples = crop_examples(batch, config)
+    return {**examples, "fbank": finish_examples(torch.from_numpy(examples["fbank"]), config).numpy()}
 
 
 def labelled_rows(batch: dict[str, np.ndarray], targets: dict[str, Sequence[int]],
@@ -91,14 +106,15 @@ EXAMPLE_COLUMNS = ("fbank", "frames", "label", "uri")  # what to_examples makes
 EXAMPLES_PER_BLOCK = 32  # 16 MB of float32 at 1,024 × 128: the examples step's output blocks
 
 
-def _examples_in_blocks(batch: dict[str, np.ndarray], config: ExamplesConfig,
-                        columns: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
-    """``columns`` of :func:`to_examples` of a whole read block, ``EXAMPLES_PER_BLOCK`` rows at a time. The
-    examples step takes whole blocks (a fixed ``batch_size`` would keep Ray from fusing it with the
-    Parquet read) and converts them a piece at a time; Ray gathers the pieces into output blocks of up
-    to its target block size."""
+def _examples_in_blocks(batch: dict[str, np.ndarray], config: ExamplesConfig, columns: Sequence[str],
+                        finished: bool) -> Iterator[dict[str, np.ndarray]]:
+    """``columns`` of the examples of a whole read block (:func:`to_examples`, or :func:`crop_examples` if
+    not ``finished``), ``EXAMPLES_PER_BLOCK`` rows at a time. The examples step takes whole blocks (a fixed
+    ``batch_size`` would keep Ray from fusing it with the Parquet read) and converts them a piece at a
+    time; Ray gathers the pieces into output blocks of up to its target block size."""
+    make = to_examples if finished else crop_examples
     for start in range(0, len(batch["n_frames"]), EXAMPLES_PER_BLOCK):
-        examples = to_examples({name: column[start:start + EXAMPLES_PER_BLOCK] for name, column in batch.items()}, config)
+        examples = make({name: column[start:start + EXAMPLES_PER_BLOCK] for name, column in batch.items()}, config)
         yield {name: examples[name] for name in columns}
 
 
@@ -126,18 +142,27 @@ def featurize_on_the_fly(batch: dict[str, np.ndarray], storage: S3Config, audio:
     return {name: [row[name] for row in rows] for name in columns}
 
 
-def training_batches(examples: ray.data.Dataset | ray.data.DataIterator, buffer_rows: int | None, batch_size: int,
-                     device: torch.device | str = "cpu", drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass over training examples as the training loops read them: torch batches on ``device``, two
-    prefetched, rows mixed across shards in a local buffer of ``buffer_rows`` examples (None or 0: kept
-    in order). benchmarks/ingest.py measures exactly this."""
-    return examples.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, device=device, prefetch_batches=2,
-                                       local_shuffle_buffer_size=buffer_rows or None)
+def training_batches(examples: ray.data.Dataset | ray.data.DataIterator, config: ExamplesConfig, buffer_rows: int | None,
+                     batch_size: int, device: torch.device | str = "cpu",
+                     drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """One pass over training examples (``examples_dataset(..., finished=False)``) as the training loops read
+    them: torch batches on ``device``, two prefetched, rows mixed across shards in a local buffer of
+    ``buffer_rows`` examples (None or 0: kept in order), each batch finished there
+    (:func:`finish_examples`). benchmarks/ingest.py measures exactly this."""
+    batches = iter(examples.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, device=device,
+                                               prefetch_batches=2, local_shuffle_buffer_size=buffer_rows or None))
+    try:
+        for batch in batches:
+            yield {**batch, "fbank": finish_examples(batch["fbank"], config)}
+    finally:
+        batches.close()  # its prefetch threads stop now, not when Ray is gone
 
 
 def examples_dataset(config: ExamplesConfig, storage: S3Config, audio: AudioConfig = AudioConfig(),
-                     columns: Sequence[str] = EXAMPLE_COLUMNS) -> ray.data.Dataset:
-    """A Ray Dataset of training examples (see the module docstring), with ``columns`` of them only.
+                     columns: Sequence[str] = EXAMPLE_COLUMNS, finished: bool = True) -> ray.data.Dataset:
+    """A Ray Dataset of examples (see the module docstring), with ``columns`` of them only. Not ``finished``:
+    float16 crops that :func:`training_batches` finishes on the training device (the training input: the
+    read tasks did two thirds of the work there and moved twice the bytes).
 
     Choose the columns here rather than with ``select_columns`` after it: Ray fuses that projection into
     the read task, which then holds back its output until the task ends, one block of a whole shard (200
@@ -153,5 +178,5 @@ def examples_dataset(config: ExamplesConfig, storage: S3Config, audio: AudioConf
             dataset = dataset.random_shuffle()  # file order; the rows are tiny until featurized
         dataset = dataset.map_batches(featurize_on_the_fly, fn_kwargs={"storage": storage, "audio": audio},
                                       batch_size=8, num_cpus=1)
-    return dataset.map_batches(_examples_in_blocks, fn_kwargs={"config": config, "columns": tuple(columns)},
-                               batch_size=None)
+    return dataset.map_batches(_examples_in_blocks, batch_size=None,
+                               fn_kwargs={"config": config, "columns": tuple(columns), "finished": finished})

@@ -24,7 +24,7 @@ from pipeline.data.storage import Location, S3Config, resolve
 from ssamba.features import FbankConfig, waveform_to_fbank
 
 STORED_PRECISION = "float16"  # half the bytes of float32; fbank values (about -15..25) keep ~3 decimals
-_STORED_DTYPE = getattr(torch, STORED_PRECISION)
+STORED_DTYPE = getattr(torch, STORED_PRECISION)
 
 FEATURE_SCHEMA = pa.schema([
     ("uri", pa.string()), ("label", pa.string()), ("split", pa.string()), ("fold", pa.int32()),
@@ -69,7 +69,7 @@ def recorded_fbank(features: str, storage: S3Config) -> FbankConfig:
 def encode_fbank(features: torch.Tensor) -> dict:
     """The columns of one ``(frames, mels)`` fbank as stored."""
     return {"n_frames": features.shape[0], "n_mels": features.shape[1],
-            "fbank": features.to(_STORED_DTYPE).numpy().tobytes()}
+            "fbank": features.to(STORED_DTYPE).numpy().tobytes()}
 
 
 def _stored_half(data: bytes, frames: int, mels: int) -> torch.Tensor:
@@ -79,7 +79,7 @@ def _stored_half(data: bytes, frames: int, mels: int) -> torch.Tensor:
     most of the training input's time."""
     with warnings.catch_warnings():  # the bytes are read-only, and only ever read here
         warnings.filterwarnings("ignore", "The given buffer is not writable")
-        return torch.frombuffer(data, dtype=_STORED_DTYPE, count=frames * mels).view(frames, mels)
+        return torch.frombuffer(data, dtype=STORED_DTYPE, count=frames * mels).view(frames, mels)
 
 
 def decode_fbank(data: bytes, n_frames: int, n_mels: int) -> torch.Tensor:
@@ -88,14 +88,15 @@ def decode_fbank(data: bytes, n_frames: int, n_mels: int) -> torch.Tensor:
 
 
 def decode_cropped(data: Sequence[bytes], n_frames: Sequence[int], n_mels: Sequence[int],
-                   target_length: int) -> np.ndarray:
-    """Stored fbanks → one float32 ``(batch, target_length, mels)`` array: each clip's first ``target_length``
-    frames, zero-padded at the end (``ssamba.features.crop_or_pad``). Only the kept frames are converted,
-    each straight into its place: no per-clip tensor, no second copy to stack."""
+                   target_length: int, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """Stored fbanks → one ``(batch, target_length, mels)`` array of ``dtype``: each clip's first
+    ``target_length`` frames, zero-padded at the end (``ssamba.features.crop_or_pad``). Only the kept frames
+    are copied (and converted), each straight into its place: no per-clip tensor, no second copy to stack.
+    ``STORED_DTYPE`` keeps the stored values as they are, at half the bytes of float32."""
     mels = {int(count) for count in n_mels}
     if len(mels) > 1:
         raise ValueError(f"one batch of stored fbanks holds several mel-bin counts: {sorted(mels)}")
-    batch = torch.zeros((len(data), target_length, mels.pop() if mels else 0))
+    batch = torch.zeros((len(data), target_length, mels.pop() if mels else 0), dtype=dtype)
     for row, (stored, frames) in enumerate(zip(data, n_frames)):
         kept = min(int(frames), target_length)
         if kept:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import ExamplesConfig
-from pipeline.data.examples import to_examples
+from pipeline.data.examples import crop_examples, finish_examples, to_examples
 from pipeline.data.feature_store import decode_cropped, decode_fbank, encode_fbank
 from ssamba.features import crop_or_pad, norm_stats, normalize
 
@@ -43,6 +43,22 @@ def test_examples_are_the_normalised_crops_with_their_kept_frame_counts():
         expected = normalize(crop_or_pad(decode_fbank(data, frames, mels), 32).double(), stats)
         np.testing.assert_allclose(examples["fbank"][row], expected.numpy(), rtol=1e-6, atol=1e-6)
     assert examples["frames"].tolist() == [30, 5, 32] and list(examples["uri"]) == ["clip0", "clip1", "clip2"]
+
+
+def test_training_crops_keep_the_stored_values_and_finishing_them_gives_the_examples():
+    """The training input carries float16 crops and finishes them on the training device: the stored values
+    exactly, and once finished the same examples, bit for bit, as finishing in the read tasks."""
+    batch = stored_batch([30, 5, 64])
+    config = ExamplesConfig(features="unused", target_length=32, norm="audioset")
+    crops = crop_examples(batch, config)
+    assert crops["fbank"].dtype == np.float16 and crops["frames"].tolist() == [30, 5, 32]
+    for row, (data, frames, mels) in enumerate(zip(batch["fbank"], batch["n_frames"], batch["n_mels"])):
+        expected = crop_or_pad(decode_fbank(data, frames, mels), 32)
+        np.testing.assert_array_equal(crops["fbank"][row].astype(np.float32), expected.numpy())
+    crops_tensor = torch.from_numpy(crops["fbank"])
+    finished = finish_examples(crops_tensor, config)
+    assert finished.dtype == torch.float32 and crops_tensor.dtype == torch.float16  # its input left as it was
+    np.testing.assert_array_equal(finished.numpy(), to_examples(batch, config)["fbank"])
 
 
 def test_a_batch_mixing_mel_bin_counts_is_refused():
