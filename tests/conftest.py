@@ -34,7 +34,7 @@ LONGEST_FIRST = ("test_commands", "test_pretrain", "test_run_faults", "test_fine
                  "test_multinode", "test_job_submit", "test_featurize_faults")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Everything under tests/integration is an integration test (``-m "not integration"`` skips them);
     the longest modules go first, then the other integration tests, then the unit tests."""
     for item in items:
@@ -47,6 +47,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return len(LONGEST_FIRST) + ("integration" not in item.path.parts)
 
     items.sort(key=rank)  # stable: a module's tests keep their order
+    if getattr(config.option, "loadgroup", False):
+        _name_xdist_groups(items)
+
+
+def _name_xdist_groups(items: list[pytest.Item]) -> None:
+    """Append ``@group`` to the node id of each ``xdist_group`` test, which ``--dist loadgroup`` schedules by.
+    pytest-xdist 3.8 does it by setting ``Item._nodeid``, which pytest 9.2 no longer reads (node ids are
+    ``NodeId`` objects now): without this every grouped test went to whichever worker was free, and the
+    job-submit test ran beside the multinode cluster it must not meet."""
+    import dataclasses
+
+    for item in items:
+        mark = item.get_closest_marker("xdist_group")
+        node_id = getattr(item, "_id", None)
+        if mark is None or "@" in item.nodeid or not dataclasses.is_dataclass(node_id) or not node_id.names:
+            continue
+        group = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+        item._id = dataclasses.replace(node_id, names=(*node_id.names[:-1], f"{node_id.names[-1]}@{group}"))
 
 
 def _port_pair_free(port: int) -> bool:
