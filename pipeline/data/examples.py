@@ -103,7 +103,7 @@ def labelled_rows(batch: dict[str, np.ndarray], targets: dict[str, Sequence[int]
 
 
 EXAMPLE_COLUMNS = ("fbank", "frames", "label", "uri")  # what to_examples makes
-EXAMPLES_PER_BLOCK = 32  # 16 MB of float32 at 1,024 × 128: the examples step's output blocks
+EXAMPLES_PER_BLOCK = 32  # 16 MB of float32 (8 MB of float16 crops) at 1,024 × 128: the examples step's pieces
 
 
 def _examples_in_blocks(batch: dict[str, np.ndarray], config: ExamplesConfig, columns: Sequence[str],
